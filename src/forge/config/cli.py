@@ -1,0 +1,76 @@
+"""Command-line parsing: `--config x.yaml` plus overrides in every form torchforge users type.
+
+Accepted forms (they can be mixed):  `a.b=v`, `--a.b v`, `--a.b=v`, `~a.b` (delete a key),
+`+a.b=v` (add a key, Hydra style). A bare flag `--a.b` followed by another flag or nothing
+means `true`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from forge.config.errors import ConfigError
+
+
+@dataclass
+class ParsedArgs:
+    config_paths: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)  # "a.b=v" dotlist entries
+    deletions: list[str] = field(default_factory=list)  # "a.b"
+    flags: dict[str, bool] = field(default_factory=dict)  # --resume and similar
+
+
+def parse_cli(argv: list[str], flags: tuple[str, ...] = ("resume",)) -> ParsedArgs:
+    out = ParsedArgs()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--config", "-c", "--config-path"):
+            if i + 1 >= len(argv):
+                raise ConfigError(f"'{arg}' needs a YAML path after it")
+            out.config_paths.append(argv[i + 1])
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            out.config_paths.append(arg.split("=", 1)[1])
+            i += 1
+            continue
+        if arg.startswith("~"):
+            out.deletions.append(arg[1:])
+            i += 1
+            continue
+        if arg.startswith("--"):
+            body = arg[2:]
+            if body.replace("-", "_") in flags and "=" not in body:
+                out.flags[body.replace("-", "_")] = True
+                i += 1
+                continue
+            if "=" in body:
+                out.overrides.append(body)
+                i += 1
+                continue
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is None or (nxt.startswith("--") and not _is_number(nxt)):
+                out.overrides.append(f"{body}=true")
+                i += 1
+            else:
+                out.overrides.append(f"{body}={nxt}")
+                i += 2
+            continue
+        if "=" in arg:
+            out.overrides.append(arg.lstrip("+"))
+            i += 1
+            continue
+        raise ConfigError(
+            f"cannot read command-line argument '{arg}': expected --config PATH, "
+            "key=value, --key value, --key=value or ~key"
+        )
+    return out
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False

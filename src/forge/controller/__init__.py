@@ -1,0 +1,31 @@
+"""The actor runtime: `ForgeActor`, `endpoint`, services, provisioners (local | monarch)."""
+
+from forge.controller.actor import ActorOptions, ForgeActor, endpoint
+from forge.controller.errors import (
+    ActorError,
+    AdverbError,
+    CallTimeoutError,
+    ForgeRuntimeError,
+    NoHealthyReplicaError,
+    ReplicaDeadError,
+)
+from forge.controller.provisioner import get_provisioner, init_provisioner, shutdown
+from forge.controller.service import ActorHandle, Service, ServiceHandle
+
+__all__ = [
+    "ActorError",
+    "ActorHandle",
+    "ActorOptions",
+    "AdverbError",
+    "CallTimeoutError",
+    "ForgeActor",
+    "ForgeRuntimeError",
+    "NoHealthyReplicaError",
+    "ReplicaDeadError",
+    "Service",
+    "ServiceHandle",
+    "endpoint",
+    "get_provisioner",
+    "init_provisioner",
+    "shutdown",
+]

@@ -1,0 +1,140 @@
+"""`ForgeActor` and `@endpoint`: what a service author writes.
+
+    class Counter(ForgeActor):
+        def __init__(self, start: int = 0):
+            self.value = start
+
+        @endpoint
+        async def incr(self, by: int = 1) -> int:
+            self.value += by
+            return self.value
+
+    counter = await Counter.options(num_replicas=2).as_service(start=5)
+    await counter.incr.route(3)
+
+The class knows nothing of processes: the provisioner (local or monarch) places its replicas.
+While an actor runs, `self.rank`, `self.world_size` (procs of its replica), `self.replica_id`
+and `self.device` are set before `__init__`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+import torch
+
+if TYPE_CHECKING:
+    from forge.controller.service import ActorHandle, ServiceHandle
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def endpoint(fn: F) -> F:
+    """Mark a method as callable through a service/actor handle."""
+    fn._forge_endpoint = True  # type: ignore[attr-defined]
+    return fn
+
+
+def endpoint_names(cls: type) -> list[str]:
+    return [
+        name
+        for name, member in inspect.getmembers(cls)
+        if callable(member) and getattr(member, "_forge_endpoint", False)
+    ]
+
+
+@dataclass(frozen=True)
+class ActorOptions:
+    procs: int = 1
+    num_replicas: int = 1
+    with_gpus: bool = False
+    mesh_name: str | None = None
+    hosts: int | None = None
+    timeout_s: float = 1800.0  # per call; a generous bound so nothing ever hangs forever
+    max_retries: int = 2  # retries on a *dead* replica; user exceptions are never retried
+    restart_on_death: bool = True
+
+    def validate(self, who: str) -> None:
+        if self.procs < 1:
+            raise ValueError(f"{who}: procs must be >= 1, got {self.procs}")
+        if self.num_replicas < 1:
+            raise ValueError(f"{who}: num_replicas must be >= 1, got {self.num_replicas}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"{who}: timeout_s must be > 0, got {self.timeout_s}")
+
+
+class ForgeActor:
+    _forge_options: ActorOptions = ActorOptions()
+
+    # runtime context, set by the provisioner before __init__ runs
+    rank: int = 0
+    world_size: int = 1
+    replica_id: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @classmethod
+    def options(cls, **kwargs: Any) -> type["ForgeActor"]:
+        """A new subclass carrying these placement options (two services never share them)."""
+        valid = {f.name for f in fields(ActorOptions)}
+        unknown = set(kwargs) - valid
+        if unknown:
+            raise TypeError(
+                f"{cls.__name__}.options(): unknown option(s) {sorted(unknown)}; valid: {sorted(valid)}"
+            )
+        opts = replace(cls._forge_options, **{k: v for k, v in kwargs.items() if v is not None})
+        opts.validate(cls.__name__)
+        return type(cls.__name__, (cls,), {"_forge_options": opts, "__module__": cls.__module__,
+                                            "__qualname__": cls.__qualname__, "_forge_base": _base_of(cls)})
+
+    @classmethod
+    async def as_service(cls, **init_kwargs: Any) -> "ServiceHandle":
+        from forge.controller.provisioner import get_provisioner
+        from forge.controller.service import Service, ServiceHandle
+
+        service = Service(cls, init_kwargs, cls._forge_options, get_provisioner())
+        await service.start()
+        return ServiceHandle(service)
+
+    @classmethod
+    async def as_actor(cls, **init_kwargs: Any) -> "ActorHandle":
+        from forge.controller.provisioner import get_provisioner
+        from forge.controller.service import ActorHandle, Service
+
+        opts = replace(cls._forge_options, num_replicas=1)
+        service = Service(cls, init_kwargs, opts, get_provisioner())
+        await service.start()
+        return ActorHandle(service)
+
+    @classmethod
+    async def shutdown(cls, handle: Any) -> None:
+        await handle.shutdown()
+
+    async def setup(self) -> None:
+        """Called once after `__init__` on every proc (and again after a restart)."""
+
+    async def teardown(self) -> None:
+        """Called on shutdown."""
+
+
+def _base_of(cls: type) -> type:
+    """The user's class under any number of `.options()` subclasses (what remote procs import)."""
+    return cls.__dict__.get("_forge_base") or cls
+
+
+def construct_actor(
+    cls: type[ForgeActor], init_kwargs: dict[str, Any], *, rank: int, world_size: int,
+    replica_id: int, device: torch.device,
+) -> ForgeActor:
+    """Instantiate with the runtime context already in place when `__init__` runs."""
+    inst = cls.__new__(cls)
+    inst.rank, inst.world_size, inst.replica_id, inst.device = rank, world_size, replica_id, device
+    inst.__init__(**init_kwargs)
+    return inst
+
+
+async def maybe_await(x: Any) -> Any:
+    if inspect.isawaitable(x):
+        return await x
+    return x

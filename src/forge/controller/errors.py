@@ -1,0 +1,29 @@
+"""Errors the runtime raises in the caller. Each names the actor, endpoint and replica."""
+
+
+class ForgeRuntimeError(RuntimeError):
+    pass
+
+
+class ActorError(ForgeRuntimeError):
+    """An endpoint raised. The original exception is the `__cause__` (and `.original`)."""
+
+    def __init__(self, message: str, original: BaseException | None = None):
+        super().__init__(message)
+        self.original = original
+
+
+class ReplicaDeadError(ForgeRuntimeError):
+    """The replica's process died (or was killed) while serving or before a call."""
+
+
+class NoHealthyReplicaError(ForgeRuntimeError):
+    pass
+
+
+class CallTimeoutError(ForgeRuntimeError, TimeoutError):
+    pass
+
+
+class AdverbError(ForgeRuntimeError, TypeError):
+    """A service adverb used on an actor handle or the other way round."""

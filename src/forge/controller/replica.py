@@ -1,0 +1,50 @@
+"""What a backend provides: a `Replica` — `procs` copies of one actor class that answer together.
+
+The `Service` (routing, sessions, retries, timeouts) is backend-agnostic and only talks to
+this interface; `forge.controller.local` and `forge.controller.monarch` implement it.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+from forge.controller.actor import ActorOptions
+
+
+class Replica(abc.ABC):
+    def __init__(self, actor_cls: type, init_kwargs: dict[str, Any], options: ActorOptions, replica_id: int):
+        self.actor_cls = actor_cls
+        self.init_kwargs = init_kwargs
+        self.options = options
+        self.replica_id = replica_id
+        self.healthy = False
+        self.inflight = 0
+        self.restarts = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.actor_cls.__name__}[replica {self.replica_id}]"
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Create the procs, construct the actor on each, run `setup()`; then `healthy=True`."""
+
+    @abc.abstractmethod
+    async def call(self, endpoint: str, args: tuple, kwargs: dict, rank: int | None) -> list[Any]:
+        """Run `endpoint` on one rank (`rank=int`) or all (`None`); results in rank order.
+
+        Raises `ActorError` if the endpoint raised, `ReplicaDeadError` if the process died.
+        """
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Tear down the procs (best effort, never raises)."""
+
+    @abc.abstractmethod
+    async def kill(self) -> None:
+        """Kill the replica abruptly (what a crash looks like); used by failure tests."""
+
+    async def drain_metrics(self) -> list[Any]:
+        """Metric records recorded inside this replica's procs since the last drain."""
+        return []

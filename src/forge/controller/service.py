@@ -1,0 +1,328 @@
+"""`Service`: replicas of one actor behind `.route()` / `.fanout()`, with sessions, bounded
+retries on dead replicas, restarts and per-call timeouts. `ServiceHandle` / `ActorHandle` are
+what `as_service()` / `as_actor()` return.
+
+Failure policy (where forge differs from torchforge on purpose):
+- an endpoint that raises -> `ActorError` raised in the caller, naming endpoint and replica;
+  the replica keeps its state and is *not* restarted;
+- a replica whose process died -> marked unhealthy, restarted in the background (re-running
+  `setup()`), and the call retried on a healthy replica up to `max_retries` times;
+- every call has a timeout (`options(timeout_s=...)`); nothing waits forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import itertools
+import logging
+import random
+import uuid
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+from forge.controller.actor import ActorOptions, endpoint_names
+from forge.controller.errors import (
+    AdverbError,
+    CallTimeoutError,
+    NoHealthyReplicaError,
+    ReplicaDeadError,
+)
+
+if TYPE_CHECKING:
+    from forge.controller.provisioner import Provisioner
+    from forge.controller.replica import Replica
+
+log = logging.getLogger(__name__)
+
+_current_session: contextvars.ContextVar[str | None] = contextvars.ContextVar("forge_session", default=None)
+
+
+class Service:
+    def __init__(self, actor_cls: type, init_kwargs: dict[str, Any], options: ActorOptions, provisioner: "Provisioner"):
+        self.actor_cls = actor_cls
+        self.init_kwargs = init_kwargs
+        self.options = options
+        self.provisioner = provisioner
+        self.replicas: list[Replica] = []
+        self.sessions: dict[str, int] = {}
+        self.endpoints = set(endpoint_names(actor_cls))
+        self._restarting: dict[int, asyncio.Task] = {}
+        self._rr = itertools.count()
+        self._closed = False
+
+    @property
+    def name(self) -> str:
+        return self.actor_cls.__name__
+
+    async def start(self) -> None:
+        self.replicas = [
+            self.provisioner.create_replica(self.actor_cls, self.init_kwargs, self.options, i)
+            for i in range(self.options.num_replicas)
+        ]
+        try:
+            await asyncio.gather(*(r.start() for r in self.replicas))
+        except BaseException:
+            await self.shutdown()
+            raise
+        self.provisioner.register(self)
+
+    # ---- replica choice -------------------------------------------------------------------
+    def _healthy(self) -> list["Replica"]:
+        return [r for r in self.replicas if r.healthy]
+
+    def _pick(self, sess_id: str | None, exclude: set[int]) -> "Replica":
+        healthy = [r for r in self._healthy() if r.replica_id not in exclude]
+        if not healthy:
+            raise NoHealthyReplicaError(
+                f"{self.name}: no healthy replica (of {len(self.replicas)}) is available"
+            )
+        if sess_id is not None:
+            rid = self.sessions.get(sess_id)
+            for r in healthy:
+                if r.replica_id == rid:
+                    return r
+        # least-loaded; ties broken round-robin so idle replicas share the work
+        low = min(r.inflight for r in healthy)
+        ties = [r for r in healthy if r.inflight == low]
+        chosen = ties[next(self._rr) % len(ties)]
+        if sess_id is not None:
+            self.sessions[sess_id] = chosen.replica_id  # new or moved (its replica failed)
+        return chosen
+
+    async def _wait_for_any_healthy(self) -> None:
+        if self._healthy() or not self._restarting:
+            return
+        await asyncio.wait(list(self._restarting.values()), return_when=asyncio.FIRST_COMPLETED)
+
+    def _on_dead(self, replica: "Replica") -> None:
+        replica.healthy = False
+        if self._closed or not self.options.restart_on_death:
+            return
+        if replica.replica_id not in self._restarting:
+            self._restarting[replica.replica_id] = asyncio.ensure_future(self._restart(replica))
+
+    async def _restart(self, replica: "Replica") -> None:
+        try:
+            log.warning("%s died; restarting it", replica.name)
+            await replica.stop()
+            await replica.start()
+            replica.restarts += 1
+        except Exception:
+            log.exception("%s failed to restart", replica.name)
+        finally:
+            self._restarting.pop(replica.replica_id, None)
+
+    # ---- calls ----------------------------------------------------------------------------
+    async def _call_replica(self, replica: "Replica", endpoint: str, args: tuple, kwargs: dict, rank: int | None) -> list[Any]:
+        replica.inflight += 1
+        try:
+            return await asyncio.wait_for(replica.call(endpoint, args, kwargs, rank), self.options.timeout_s)
+        except asyncio.TimeoutError:
+            raise CallTimeoutError(
+                f"{self.name}.{endpoint} on replica {replica.replica_id} did not answer within "
+                f"{self.options.timeout_s:.0f}s (options(timeout_s=...) sets the bound)"
+            ) from None
+        finally:
+            replica.inflight -= 1
+
+    async def route(self, endpoint: str, args: tuple, kwargs: dict, sess_id: str | None = None, rank: int | None = None, all_ranks: bool = False) -> Any:
+        """One replica (sticky for a session, else least loaded); retried if it dies."""
+        self._check_endpoint(endpoint)
+        sess_id = sess_id if sess_id is not None else _current_session.get()
+        tried: set[int] = set()
+        last: Exception | None = None
+        for _ in range(self.options.max_retries + 1):
+            await self._wait_for_any_healthy()
+            try:
+                replica = self._pick(sess_id, tried)
+            except NoHealthyReplicaError as e:
+                if last is not None:
+                    raise NoHealthyReplicaError(f"{e}; last failure: {last}") from last
+                raise
+            try:
+                results = await self._call_replica(replica, endpoint, args, kwargs, rank)
+                return results if all_ranks else results[0]
+            except ReplicaDeadError as e:
+                last = e
+                tried.add(replica.replica_id)
+                self._on_dead(replica)
+                if len(tried) >= len(self.replicas):
+                    tried.clear()  # all tried: wait for a restart and try again
+                    await self._wait_for_restart()
+        raise ReplicaDeadError(
+            f"{self.name}.{endpoint}: gave up after {self.options.max_retries + 1} attempts; last failure: {last}"
+        ) from last
+
+    async def _wait_for_restart(self) -> None:
+        if self._restarting:
+            await asyncio.wait(list(self._restarting.values()))
+
+    async def fanout(self, endpoint: str, args: tuple, kwargs: dict) -> list[Any]:
+        """Every healthy replica; results in replica order."""
+        self._check_endpoint(endpoint)
+        await self._wait_for_any_healthy()
+        healthy = self._healthy()
+        if not healthy:
+            raise NoHealthyReplicaError(f"{self.name}: no healthy replica for fanout of '{endpoint}'")
+
+        async def one(r: "Replica") -> Any:
+            try:
+                return (await self._call_replica(r, endpoint, args, kwargs, None))[0]
+            except ReplicaDeadError:
+                self._on_dead(r)
+                raise
+
+        return list(await asyncio.gather(*(one(r) for r in healthy)))
+
+    def _check_endpoint(self, endpoint: str) -> None:
+        if endpoint not in self.endpoints:
+            raise AttributeError(
+                f"{self.name} has no endpoint '{endpoint}' (endpoints: {sorted(self.endpoints)}); "
+                "did you forget @endpoint?"
+            )
+
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[str]:
+        sess_id = uuid.uuid4().hex
+        token = _current_session.set(sess_id)
+        try:
+            yield sess_id
+        finally:
+            _current_session.reset(token)
+            self.sessions.pop(sess_id, None)
+
+    async def drain_metrics(self) -> list[Any]:
+        out: list[Any] = []
+        for r in self._healthy():
+            try:
+                out.extend(await r.drain_metrics())
+            except Exception:  # metrics never take a run down
+                log.debug("metric drain failed on %s", r.name, exc_info=True)
+        return out
+
+    async def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for t in list(self._restarting.values()):
+            t.cancel()
+        await asyncio.gather(*(r.stop() for r in self.replicas), return_exceptions=True)
+        self.provisioner.unregister(self)
+
+
+# ---- handles --------------------------------------------------------------------------------
+
+
+class _ServiceEndpoint:
+    def __init__(self, service: Service, name: str):
+        self._service, self._name = service, name
+
+    async def route(self, *args: Any, sess_id: str | None = None, **kwargs: Any) -> Any:
+        return await self._service.route(self._name, args, kwargs, sess_id=sess_id)
+
+    async def fanout(self, *args: Any, **kwargs: Any) -> list[Any]:
+        return await self._service.fanout(self._name, args, kwargs)
+
+    def _wrong(self, adverb: str) -> AdverbError:
+        return AdverbError(
+            f"{self._service.name}.{self._name}.{adverb}(): {self._service.name} runs as a service "
+            "(as_service); use .route() for one replica or .fanout() for all"
+        )
+
+    async def call_one(self, *a: Any, **k: Any) -> Any:
+        raise self._wrong("call_one")
+
+    async def call(self, *a: Any, **k: Any) -> Any:
+        raise self._wrong("call")
+
+    async def choose(self, *a: Any, **k: Any) -> Any:
+        raise self._wrong("choose")
+
+    async def broadcast(self, *a: Any, **k: Any) -> Any:
+        raise self._wrong("broadcast")
+
+
+class ServiceHandle:
+    """What `as_service()` returns: `handle.<endpoint>.route(...)` / `.fanout(...)`."""
+
+    def __init__(self, service: Service):
+        self._service = service
+
+    def __getattr__(self, name: str) -> _ServiceEndpoint:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        self._service._check_endpoint(name)
+        return _ServiceEndpoint(self._service, name)
+
+    def session(self) -> contextlib.AbstractAsyncContextManager[str]:
+        return self._service.session()
+
+    async def shutdown(self) -> None:
+        await self._service.shutdown()
+
+    @property
+    def num_replicas(self) -> int:
+        return len(self._service.replicas)
+
+    async def kill_replica(self, replica_id: int) -> None:
+        """Kill a replica as a crash would (failure tests, chaos runs)."""
+        await self._service.replicas[replica_id].kill()
+
+
+class _ActorEndpoint:
+    def __init__(self, service: Service, name: str):
+        self._service, self._name = service, name
+
+    async def call_one(self, *args: Any, **kwargs: Any) -> Any:
+        procs = self._service.options.procs
+        if procs != 1:
+            raise AdverbError(
+                f"{self._service.name}.{self._name}.call_one(): the actor has {procs} procs; "
+                "use .call() for all of them or .choose() for one"
+            )
+        return await self._service.route(self._name, args, kwargs)
+
+    async def call(self, *args: Any, **kwargs: Any) -> list[Any]:
+        return await self._service.route(self._name, args, kwargs, all_ranks=True)
+
+    async def choose(self, *args: Any, **kwargs: Any) -> Any:
+        rank = random.randrange(self._service.options.procs)
+        return await self._service.route(self._name, args, kwargs, rank=rank)
+
+    async def broadcast(self, *args: Any, **kwargs: Any) -> None:
+        """Fire and forget on all procs; errors are logged, not raised."""
+        task = asyncio.ensure_future(self._service.route(self._name, args, kwargs, all_ranks=True))
+        task.add_done_callback(lambda t: t.cancelled() or (t.exception() and log.error(
+            "broadcast %s.%s failed: %s", self._service.name, self._name, t.exception())))
+
+    def _wrong(self, adverb: str) -> AdverbError:
+        return AdverbError(
+            f"{self._service.name}.{self._name}.{adverb}(): {self._service.name} runs as an actor "
+            "(as_actor); use .call_one(), .call(), .choose() or .broadcast()"
+        )
+
+    async def route(self, *a: Any, **k: Any) -> Any:
+        raise self._wrong("route")
+
+    async def fanout(self, *a: Any, **k: Any) -> Any:
+        raise self._wrong("fanout")
+
+
+class ActorHandle:
+    """What `as_actor()` returns: one replica of `procs` procs."""
+
+    def __init__(self, service: Service):
+        self._service = service
+
+    def __getattr__(self, name: str) -> _ActorEndpoint:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        self._service._check_endpoint(name)
+        return _ActorEndpoint(self._service, name)
+
+    async def shutdown(self) -> None:
+        await self._service.shutdown()
+
+    async def kill_replica(self, replica_id: int = 0) -> None:
+        await self._service.replicas[replica_id].kill()

@@ -1,0 +1,25 @@
+"""Metrics: `record_metric` from anywhere, reduced per step, written to console/JSONL/TB/W&B."""
+
+from forge.observability.loggers import (
+    ConsoleBackend,
+    JsonlBackend,
+    MetricLogger,
+    TensorBoardBackend,
+    WandbBackend,
+    build_backends,
+)
+from forge.observability.metrics import MetricRecord, Reduce, drain, record_metric, reduce_records
+
+__all__ = [
+    "ConsoleBackend",
+    "JsonlBackend",
+    "MetricLogger",
+    "MetricRecord",
+    "Reduce",
+    "TensorBoardBackend",
+    "WandbBackend",
+    "build_backends",
+    "drain",
+    "record_metric",
+    "reduce_records",
+]

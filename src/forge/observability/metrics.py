@@ -1,0 +1,75 @@
+"""`record_metric` — callable from any actor, in any process — and per-step reduction.
+
+Each process keeps its records in a buffer; the controller-side `MetricLogger` drains the
+local buffer and, through the provisioner, the buffers of remote procs, then reduces every
+key over all records of the step with the key's `Reduce`.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from enum import Enum
+from typing import Iterable
+
+import torch
+
+
+class Reduce(str, Enum):
+    MEAN = "mean"
+    SUM = "sum"
+    MAX = "max"
+    MIN = "min"
+    STD = "std"
+
+
+@dataclass(frozen=True)
+class MetricRecord:
+    key: str
+    value: float
+    reduce: Reduce
+
+
+_lock = threading.Lock()
+_buffer: list[MetricRecord] = []
+
+
+def record_metric(key: str, value: float | int | torch.Tensor, reduce: Reduce = Reduce.MEAN) -> None:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().float().item()
+    value = float(value)
+    with _lock:
+        _buffer.append(MetricRecord(key, value, Reduce(reduce)))
+
+
+def drain() -> list[MetricRecord]:
+    """Take every record of this process since the last drain."""
+    global _buffer
+    with _lock:
+        out, _buffer = _buffer, []
+    return out
+
+
+def reduce_records(records: Iterable[MetricRecord]) -> dict[str, float]:
+    grouped: dict[str, tuple[Reduce, list[float]]] = {}
+    for r in records:
+        red, vals = grouped.setdefault(r.key, (r.reduce, []))
+        if red != r.reduce:
+            raise ValueError(f"metric '{r.key}' recorded with both {red.value} and {r.reduce.value}")
+        vals.append(r.value)
+    out: dict[str, float] = {}
+    for key, (red, vals) in grouped.items():
+        finite = [v for v in vals if math.isfinite(v)] or vals
+        if red is Reduce.MEAN:
+            out[key] = sum(finite) / len(finite)
+        elif red is Reduce.SUM:
+            out[key] = sum(finite)
+        elif red is Reduce.MAX:
+            out[key] = max(finite)
+        elif red is Reduce.MIN:
+            out[key] = min(finite)
+        else:
+            m = sum(finite) / len(finite)
+            out[key] = math.sqrt(sum((v - m) ** 2 for v in finite) / len(finite))
+    return out

@@ -1,0 +1,114 @@
+"""Core records that travel between services: `Completion`, `Episode`, `Group`.
+
+Field names follow torchforge so that user code written against it keeps working.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Completion:
+    """One sampled answer to one prompt, as the generator returns it.
+
+    `logprobs[i]` is the log-probability of `token_ids[i]` under the distribution the
+    generator actually sampled from (see `forge.engine.sampling`).
+    """
+
+    prompt: str
+    text: str
+    prompt_ids: torch.Tensor
+    token_ids: torch.Tensor
+    logprobs: torch.Tensor | None = None
+    stop_reason: str = "stop"
+    generator_version: int = 0
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.prompt_ids = _as_long(self.prompt_ids)
+        self.token_ids = _as_long(self.token_ids)
+        if self.logprobs is not None and not isinstance(self.logprobs, torch.Tensor):
+            self.logprobs = torch.tensor(self.logprobs, dtype=torch.float32)
+
+
+def _as_long(x: Any) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.long()
+    return torch.tensor(list(x), dtype=torch.long)
+
+
+@dataclass
+class Episode:
+    """One trajectory (prompt + completion) with everything the trainer needs.
+
+    `request_tensor` is the prompt left-padded to `request_len`, `response_tensor` the
+    completion right-padded to `response_len`; `pad_id` fills both. `loss_mask` (optional,
+    same length as the completion) marks which completion tokens get gradient: multi-turn
+    episodes put environment/tool tokens in the completion with mask 0.
+    """
+
+    episode_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    request: str = ""
+    policy_version: int = 0
+    pad_id: int = 0
+    request_len: int = 0
+    response_len: int = 0
+    target: Any = None
+    completion: Completion | None = None
+    ref_logprobs: torch.Tensor | None = None
+    reward: float | None = None
+    reward_breakdown: dict[str, float] = field(default_factory=dict)
+    advantage: float | None = None
+    loss_mask: torch.Tensor | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prompt_ids(self) -> torch.Tensor:
+        assert self.completion is not None, f"episode {self.episode_id} has no completion"
+        return self.completion.prompt_ids
+
+    @property
+    def response_ids(self) -> torch.Tensor:
+        assert self.completion is not None, f"episode {self.episode_id} has no completion"
+        return self.completion.token_ids
+
+    @property
+    def request_tensor(self) -> torch.Tensor:
+        ids = self.prompt_ids[-self.request_len :] if self.request_len else self.prompt_ids
+        length = self.request_len or len(ids)
+        out = torch.full((length,), self.pad_id, dtype=torch.long)
+        if len(ids):
+            out[length - len(ids) :] = ids
+        return out
+
+    @property
+    def response_tensor(self) -> torch.Tensor:
+        ids = self.response_ids
+        length = self.response_len or len(ids)
+        ids = ids[:length]
+        out = torch.full((length,), self.pad_id, dtype=torch.long)
+        out[: len(ids)] = ids
+        return out
+
+    @property
+    def response_mask(self) -> torch.Tensor:
+        """1.0 on completion tokens that get gradient, 0.0 on padding and env tokens."""
+        n = len(self.response_ids)
+        length = self.response_len or n
+        mask = torch.zeros(length, dtype=torch.float32)
+        mask[: min(n, length)] = 1.0
+        if self.loss_mask is not None:
+            lm = self.loss_mask.float()[: min(n, length)]
+            mask[: len(lm)] *= lm
+        return mask
+
+
+Group = list[Episode]
+"""Episodes that share one prompt (GRPO's unit for advantages)."""
+
+__all__ = ["Completion", "Episode", "Group"]
