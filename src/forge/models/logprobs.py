@@ -1,0 +1,173 @@
+"""Per-token log-probabilities and entropy without materialising [N, V] float32 logits.
+
+The trainer's hot path: `lm_head` is applied chunk by chunk, each chunk's logits go to float32,
+and only per-token results ([N] log-prob, [N] entropy, [N] log-sum-exp) are kept. The backward
+recomputes each chunk's logits instead of storing them, so peak memory is one chunk's
+`[chunk_size, V]` float32 logits in forward and in backward — not the whole batch's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from forge.models.decoder import CausalLM
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    # float32 accumulation for bf16/fp16/fp32; float64 stays float64 (lets gradcheck verify the backward)
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fwd_stats(z: torch.Tensor, tgt: torch.Tensor, temperature: float, acc: torch.dtype):
+    """One chunk's logits (the matmul's dtype) -> log-sum-exp, target log-prob, entropy."""
+    z = z.to(acc) / temperature
+    lse = torch.logsumexp(z, dim=-1)
+    lp = z.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - lse
+    ent = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
+    return lse, lp, ent
+
+
+def _bwd_dz(z, tgt, lse, ent, g_lp, g_ent, temperature: float):
+    """Gradient w.r.t. one chunk's raw logits: d lp/dz = onehot - p, d H/dz = -p (log p + H); / T."""
+    logp = z.to(lse.dtype) / temperature - lse[:, None]
+    p = logp.exp()
+    dz = -p * (g_lp[:, None] + (logp + ent[:, None]) * g_ent[:, None])
+    dz = dz.scatter_add(-1, tgt[:, None], g_lp[:, None])
+    return (dz / temperature).to(z.dtype)
+
+
+_compiled: dict[str, object] = {}
+COMPILE_BACKEND = "inductor"  # tests swap in "aot_eager" to trace the same path without a C++ toolchain
+
+
+def _kernels(use_compile: bool):
+    # On GPU the element-wise work over [chunk, V] (several passes over ~0.6 GB per chunk in eager)
+    # fuses into one or two kernels under torch.compile.
+    if not use_compile:
+        return _fwd_stats, _bwd_dz
+    if not _compiled:
+        _compiled["fwd"] = torch.compile(_fwd_stats, dynamic=True, backend=COMPILE_BACKEND)
+        _compiled["bwd"] = torch.compile(_bwd_dz, dynamic=True, backend=COMPILE_BACKEND)
+    return _compiled["fwd"], _compiled["bwd"]
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature: float, chunk_size: int, recompute: bool, use_compile: bool):
+        fwd, _ = _kernels(use_compile)
+        n, acc = hidden.shape[0], _acc(hidden.dtype)
+        lp = torch.empty(n, dtype=acc, device=hidden.device)
+        ent, lse = torch.empty_like(lp), torch.empty_like(lp)
+        kept: list[torch.Tensor] = []
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            z = hidden[s:e] @ weight.t()
+            lse[s:e], lp[s:e], ent[s:e] = fwd(z, targets[s:e], temperature, acc)
+            if not recompute:
+                kept.append(z)  # in the matmul's dtype (bf16 in training): exactly what recompute gives
+        ctx.save_for_backward(hidden, weight, targets, lse, ent, *kept)
+        ctx.temperature, ctx.chunk_size, ctx.use_compile = temperature, chunk_size, use_compile
+        ctx.set_materialize_grads(False)
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent):
+        hidden, weight, targets, lse, ent, *kept = ctx.saved_tensors
+        _, bwd = _kernels(ctx.use_compile)
+        t, cs = ctx.temperature, ctx.chunk_size
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        g_h = torch.zeros_like(hidden) if need_h else None
+        g_w = torch.zeros(weight.shape, dtype=_acc(weight.dtype), device=weight.device) if need_w else None
+        if g_lp is None and g_ent is None:
+            return g_h, (g_w.to(weight.dtype) if need_w else None), None, None, None, None, None
+        g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.to(lse.dtype)
+        g_ent = torch.zeros_like(lse) if g_ent is None else g_ent.to(lse.dtype)
+        for i, s in enumerate(range(0, hidden.shape[0], cs)):
+            e = min(s + cs, hidden.shape[0])
+            h = hidden[s:e]
+            z = kept[i] if kept else h @ weight.t()
+            dz = bwd(z, targets[s:e], lse[s:e], ent[s:e], g_lp[s:e], g_ent[s:e], t)
+            if need_h:
+                g_h[s:e] = dz @ weight
+            if need_w:
+                g_w += (dz.t() @ h).to(g_w.dtype)
+        return g_h, (g_w.to(weight.dtype) if need_w else None), None, None, None, None, None
+
+
+def logprobs_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    recompute: bool = True,
+    use_compile: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`log_softmax(hidden @ weight.T / temperature)[i, targets[i]]` and the entropy of each row.
+
+    hidden [N, H] (any float dtype), weight [V, H] (the `lm_head` weight), targets [N] long.
+    Returns (logprobs [N], entropy [N]) in float32 (float64 for float64 inputs); differentiable w.r.t.
+    hidden and weight. `recompute=False` keeps each chunk's logits in the matmul dtype for backward
+    (N*V*2 bytes in bf16) instead of recomputing them (one more lm_head matmul). `use_compile`
+    (default: on CUDA) fuses the per-chunk element-wise work with torch.compile.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"logprobs_from_hidden: hidden {tuple(hidden.shape)} must be [N, H] and weight "
+                         f"{tuple(weight.shape)} [V, H] with the same H")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"logprobs_from_hidden: targets {tuple(targets.shape)} must be [N={hidden.shape[0]}]")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if hasattr(weight, "full_tensor"):  # FSDP2 DTensor outside its module's forward
+        weight = weight.full_tensor()
+    if use_compile is None:
+        use_compile = hidden.is_cuda
+    return _ChunkedLogprobs.apply(hidden, weight, targets.long(), float(temperature), int(chunk_size),
+                                  bool(recompute), bool(use_compile))
+
+
+def compute_logprobs(
+    model: CausalLM,
+    tokens: torch.Tensor,
+    *,
+    response_len: int | None = None,
+    response_mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    positions: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+    return_entropy: bool = False,
+    recompute: bool = True,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each token given everything before it, for the tokens that are wanted.
+
+    tokens [B, T]. Which tokens:
+    - `response_len=R`: the last R tokens -> [B, R] (the trainer's prompt+response layout);
+    - `response_mask` [B, T] bool: the marked tokens -> [B, T], 0 where unmarked (token 0 can't be marked);
+    - neither: tokens 1..T-1 -> [B, T-1].
+    Only the needed positions go through `lm_head`. With `return_entropy`, also the entropy of
+    each predicting distribution, same shape.
+    """
+    b, t = tokens.shape
+    hidden = model(tokens, positions=positions, document_ids=document_ids, return_hidden=True)
+    w = model.lm_head.weight
+    if response_mask is not None:
+        if response_mask.shape != tokens.shape:
+            raise ValueError(f"response_mask {tuple(response_mask.shape)} must match tokens {tuple(tokens.shape)}")
+        mask = response_mask.bool()
+        if mask[:, 0].any():
+            raise ValueError("response_mask marks token 0, which has no prefix to predict it from")
+        pred = mask[:, 1:]  # hidden at t predicts token t+1
+        lp, ent = logprobs_from_hidden(hidden[:, :-1][pred], w, tokens[:, 1:][pred], temperature, chunk_size, recompute)
+        out_lp = torch.zeros(b, t, dtype=torch.float32, device=tokens.device)
+        out_ent = torch.zeros_like(out_lp)
+        out_lp[:, 1:][pred] = lp  # index_put keeps autograd
+        out_ent[:, 1:][pred] = ent
+        return (out_lp, out_ent) if return_entropy else out_lp
+    r = t - 1 if response_len is None else int(response_len)
+    if not 0 < r < t:
+        raise ValueError(f"response_len {response_len} must be in [1, {t - 1}] for tokens of length {t}")
+    h = hidden[:, t - r - 1 : t - 1].reshape(b * r, -1)
+    lp, ent = logprobs_from_hidden(h, w, tokens[:, t - r :].reshape(-1), temperature, chunk_size, recompute)
+    lp, ent = lp.view(b, r), ent.view(b, r)
+    return (lp, ent) if return_entropy else lp
