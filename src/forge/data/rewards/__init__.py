@@ -1,0 +1,15 @@
+"""Rewards: `reward(prompt, response, target) -> float` callables, combinable from config."""
+
+from forge.data.rewards.combine import (
+    REWARDS,
+    CombinedReward,
+    TaskReward,
+    build_rewards,
+    load_reward,
+    reward_name,
+)
+from forge.data.rewards.format import FormatReward, LengthPenalty, LengthReward, ThinkingReward
+from forge.data.rewards.math import MathReward, math_equal
+
+__all__ = ["REWARDS", "CombinedReward", "FormatReward", "LengthPenalty", "LengthReward", "MathReward",
+           "TaskReward", "ThinkingReward", "build_rewards", "load_reward", "math_equal", "reward_name"]

@@ -1,0 +1,218 @@
+"""forge.data.rewards and forge.actors.reward: extraction, math-verify equivalence, combos, failures."""
+
+import asyncio
+import random
+import sys
+import time
+import types
+
+import pytest
+from math_verify import parse, verify
+
+from forge.data.rewards import (
+    CombinedReward,
+    FormatReward,
+    LengthPenalty,
+    MathReward,
+    TaskReward,
+    ThinkingReward,
+    build_rewards,
+    load_reward,
+)
+from forge.observability import drain, reduce_records
+
+EQUIVALENT = [("0.5", "1/2"), ("0.5", r"\frac{1}{2}"), (r"\dfrac{1}{2}", "1/2"), ("1,200", "1200"),
+              ("$42$", "42"), ("42.0", "42"), (r"\sqrt{2}/2", r"\frac{\sqrt{2}}{2}"), ("x^2+2x", "2x+x^2"),
+              ("-3", "-3.000")]
+DIFFERENT = [("42", "4"), ("4", "42"), ("0.5", "0.25"), (r"\frac{1}{3}", "0.5"), ("x^2", "x^3"), ("7", "-7"),
+             ("100", "10")]
+
+
+def _mv(pred: str, gold: str) -> bool:
+    return bool(verify(parse(f"${gold}$"), parse(f"${pred}$")))
+
+
+@pytest.mark.parametrize("pred,gold", EQUIVALENT + DIFFERENT)
+def test_math_reward_agrees_with_math_verify(pred, gold):
+    m = MathReward()
+    expected = 1.0 if _mv(pred, gold) else 0.0
+    assert expected == (1.0 if (pred, gold) in EQUIVALENT else 0.0)  # the table itself is right
+    for resp in (f"<answer>{pred}</answer>", rf"so the answer is $\boxed{{{pred}}}$.", f"...\n#### {pred}"):
+        assert m("p", resp, gold) == expected, resp
+
+
+def test_math_reward_random_numbers_exact_no_substring_credit():
+    m = MathReward()
+    rng = random.Random()
+    for _ in range(50):
+        n = rng.randint(10, 10**6)
+        assert m("", f"The total is {n}.", str(n)) == 1.0
+        assert m("", f"<answer>{n}</answer>", str(n)[:-1]) == 0.0  # a prefix is not the answer
+        assert m("", f"<answer>{n}{rng.randint(0, 9)}</answer>", str(n)) == 0.0
+        assert m("", f"<answer>{n:,}</answer>", f"#### {n}") == 1.0  # raw GSM8K target works too
+    assert m("", "no number here", "4") == 0.0
+    assert m("", "<answer>4</answer> but then 42", "4") == 1.0  # the tag wins over the last number
+    assert MathReward(correct_reward=2.0, incorrect_reward=-1.0)("", "<answer>3</answer>", "4") == -1.0
+
+
+def test_thinking_reward():
+    t = ThinkingReward(partial_reward=0.2, full_reward=1.0)
+    assert t("", "<think>let me see</think> 42", "42") == 1.0
+    assert t("", "< THINK >\nhmm\n</ Think > 42", "") == 1.0
+    assert t("", "<think>   </think> 42", "") == 0.2
+    assert t("", "<think> 42", "") == 0.2
+    assert t("", "42 </think>", "") == 0.2
+    assert t("", "42", "") == 0.0 and t("", "", "") == 0.0
+    assert ThinkingReward(0.5, 2.0)("", "<think>x</think>", "") == 2.0
+
+
+def test_format_and_length_rewards():
+    f = FormatReward()
+    assert f("", "x <answer>3</answer>", "") == 1.0 and f("", "3", "") == 0.0
+    strict = FormatReward(pattern=r"<think>.+</think>\s*<answer>.+</answer>", fullmatch=True, penalty=-0.5)
+    assert strict("", "<think>a</think> <answer>b</answer>", "") == 1.0
+    assert strict("", "junk <think>a</think> <answer>b</answer>", "") == -0.5
+    with pytest.raises(ValueError, match="regex"):
+        FormatReward(pattern="(")
+    lp = LengthPenalty(max_length=100, buffer=20, penalty=1.0)
+    assert lp("", "x" * 80, "") == 0.0
+    assert lp("", "x" * 90, "") == pytest.approx(-0.5)
+    assert lp("", "x" * 100, "") == pytest.approx(-1.0) and lp("", "x" * 500, "") == -1.0
+
+
+def _user_reward(prompt, response, target, bonus=1.0):
+    return bonus if target in response else 0.0
+
+
+def test_combined_reward_weights_breakdown_and_build_from_config():
+    mod = types.ModuleType("my_user_rewards")
+    mod.brevity = lambda prompt, response, target: 1.0 if len(response) < 30 else 0.0
+    mod.Scaled = type("Scaled", (), {"__init__": lambda self, k=1.0: setattr(self, "k", k),
+                                     "__call__": lambda self, p, r, t: self.k})
+    sys.modules["my_user_rewards"] = mod
+    try:
+        combo = build_rewards([
+            {"_target_": "MathReward", "weight": 1.0},
+            {"name": "thinking", "weight": 0.5, "partial_reward": 0.1},
+            {"_target_": "my_user_rewards:brevity", "weight": 0.25},
+            {"_target_": "my_user_rewards.Scaled", "k": 3.0, "weight": 2.0, "log_name": "scaled"},
+        ])
+        assert combo.names == ["math", "thinking", "<lambda>", "scaled"]
+        total, parts = combo.score("", "<think>ok</think><answer>7</answer>", "7")
+        assert parts == {"math": 1.0, "thinking": 1.0, "<lambda>": 0.0, "scaled": 3.0}
+        assert total == pytest.approx(1.0 + 0.5 + 0.0 + 6.0)
+        total, parts = combo.score("", "<think></think>7", "8")
+        assert parts == {"math": 0.0, "thinking": 0.1, "<lambda>": 1.0, "scaled": 3.0}
+        assert total == pytest.approx(0.05 + 0.25 + 6.0)
+    finally:
+        del sys.modules["my_user_rewards"]
+    # mapping form, bound kwargs on a plain function, mean (torchforge) aggregation
+    combo = build_rewards({"math": {"weight": 2}, "format": None})
+    assert combo("", "<answer>1</answer>", "1") == 3.0
+    fn = load_reward(f"{__name__}:_user_reward", bonus=0.3)
+    assert fn("", "abc", "b") == 0.3 and CombinedReward([fn]).names == ["_user_reward"]
+    mean = CombinedReward([MathReward(), ThinkingReward()], normalize=True)
+    assert mean("", "<answer>2</answer>", "2") == 0.5
+    with pytest.raises(KeyError, match="unknown reward 'nope'"):
+        build_rewards(["nope"])
+    with pytest.raises(ImportError, match="no_such_module"):
+        build_rewards([{"_target_": "no_such_module:fn"}])
+    with pytest.raises(ValueError, match="_target_"):
+        build_rewards([{"weight": 1.0}])
+
+
+def test_task_reward():
+    r = TaskReward("arithmetic", {"difficulty": 2})
+    s = r.task.sample("test", 0)
+    assert r(s["prompt"], s["completion"], s["target"]) == 1.0
+    assert r(s["prompt"], s["completion"] + "1", s["target"]) == 0.0
+
+
+# ---- RewardActor ---------------------------------------------------------------------------
+def _raises(prompt, response, target):
+    raise RuntimeError("boom")
+
+
+def _hangs(prompt, response, target):
+    time.sleep(30)  # stands in for a reward stuck forever; abandoned by the actor's timeout
+    return 1.0
+
+
+def _reduced() -> dict:
+    return reduce_records(drain())
+
+
+def test_reward_actor_batch_breakdown_and_metrics():
+    from forge.actors.reward import RewardActor
+
+    async def main():
+        drain()
+        svc = await RewardActor.options(num_replicas=2).as_service(
+            rewards=[{"_target_": "math", "weight": 1.0}, {"_target_": "thinking", "weight": 0.5}])
+        rng = random.Random()
+        nums = [rng.randint(0, 999) for _ in range(6)]
+        responses = [f"<think>t</think><answer>{n}</answer>" if i % 2 else f"<answer>{n + 1}</answer>"
+                     for i, n in enumerate(nums)]
+        items = await svc.evaluate.route(["p"] * 6, responses, [str(n) for n in nums])
+        for i, it in enumerate(items):
+            assert it["breakdown"] == ({"math": 1.0, "thinking": 1.0} if i % 2 else {"math": 0.0, "thinking": 0.0})
+            assert it["total"] == (1.5 if i % 2 else 0.0) and it["errors"] == {}
+        assert await svc.evaluate_response.route(prompt="p", response="<answer>3</answer>", target="3") == 1.0
+        m = _reduced()
+        assert m["reward/math/mean"] == pytest.approx(4 / 7) and m["reward/total/max"] == 1.5
+        assert m["reward/thinking/min"] == 0.0 and m["reward/count"] == 7
+        await svc.shutdown()
+
+    asyncio.run(main())
+
+
+def test_reward_actor_survives_raising_and_hanging_rewards():
+    from forge.actors.reward import RewardActor
+
+    async def main():
+        drain()
+        # torchforge's form: a list of callables, total = their mean
+        svc = await RewardActor.as_service(reward_functions=[MathReward(), _raises, _hangs], timeout_s=0.3)
+        t0 = time.monotonic()
+        r = await svc.evaluate_response.route(prompt="p", response="<answer>5</answer>", target="5")
+        assert r == pytest.approx(1.0 / 3) and time.monotonic() - t0 < 5
+        item = await svc.evaluate_response.route(prompt="p", response="<answer>6</answer>", target="6",
+                                                 return_breakdown=True)
+        assert item["breakdown"] == {"math": 1.0, "_raises": 0.0, "_hangs": 0.0}
+        assert "RuntimeError: boom" in item["errors"]["_raises"] and "timeout" in item["errors"]["_hangs"]
+        m = _reduced()
+        assert m["reward/errors/_raises"] == 2 and m["reward/errors/_hangs"] == 2
+        assert m["reward/timeouts/_hangs"] == 2 and "reward/errors/math" not in m
+        await svc.shutdown()
+
+    asyncio.run(main())
+
+
+def test_reward_actor_caps_abandoned_threads():
+    from forge.actors.reward import RewardActor
+
+    async def main():
+        drain()
+        actor = await RewardActor.as_actor(reward_functions=[_hangs], timeout_s=0.1, max_abandoned=2)
+        for _ in range(4):  # 2 time out, then the cap refuses new threads at once
+            assert await actor.evaluate_response.call_one("p", "r", "t") == 0.0
+        m = _reduced()
+        assert m["reward/errors/_hangs"] == 4
+        await actor.shutdown()
+
+    t0 = time.monotonic()
+    asyncio.run(main())
+    assert time.monotonic() - t0 < 2.0  # the last two calls did not wait for a timeout
+
+
+def test_reward_actor_process_isolation_kills_hangs():
+    from forge.actors.reward import RewardActor
+
+    async def main():
+        actor = await RewardActor.as_actor(rewards=["math", f"{__name__}:_hangs"], timeout_s=3.0,
+                                           isolation="process", process_workers=2)
+        item = await actor.evaluate_response.call_one("p", "<answer>2</answer>", "2", return_breakdown=True)
+        assert item["breakdown"]["math"] == 1.0 and "timeout" in item["errors"]["_hangs"]
+        await actor.shutdown()
+
+    asyncio.run(main())
