@@ -9,6 +9,7 @@ Resolvers: `${sum:a,b}` (torchforge's), `${oc.env:USER}` (OmegaConf's), plus nor
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,9 +22,19 @@ from forge.config.errors import ConfigError
 from forge.config.schema import BuildReport, build
 
 T = TypeVar("T")
+log = logging.getLogger("forge.config")
+
+
+
+def _sum(*xs: Any) -> Any:
+    for x in xs:
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            raise ValueError(f"${{sum:...}} adds numbers, got {x!r}")
+    return sum(xs)
+
 
 if not OmegaConf.has_resolver("sum"):
-    OmegaConf.register_new_resolver("sum", lambda *xs: sum(xs))
+    OmegaConf.register_new_resolver("sum", _sum)
 if not OmegaConf.has_resolver("mul"):
     OmegaConf.register_new_resolver("mul", lambda a, b: a * b)
 
@@ -52,7 +63,9 @@ def compose(parsed: ParsedArgs, default_yaml: str | os.PathLike | None = None) -
     for item in parsed.overrides:
         key, _, value = item.partition("=")
         try:
-            parsed_value = OmegaConf.from_dotlist([f"_v={value}"])["_v"] if value != "" else ""
+            # to_container(resolve=False): an override like `a.b=${c.d}` stays an
+            # interpolation, resolved against the whole config later, not against itself
+            parsed_value = OmegaConf.to_container(OmegaConf.from_dotlist([f"_v={value}"]), resolve=False)["_v"] if value != "" else ""
             OmegaConf.update(cfg, key, parsed_value, merge=True, force_add=True)
         except OmegaConfBaseException as e:
             raise ConfigError(f"cannot apply override '{item}': {e}") from e
@@ -88,6 +101,8 @@ def load_config(
     data = to_container(compose(parsed, default_yaml))
     report = BuildReport()
     cfg = build(schema, data, report=report)
+    if report.unused:
+        log.warning("%s", report.describe())
     return cfg, report, parsed
 
 

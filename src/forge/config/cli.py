@@ -7,6 +7,7 @@ means `true`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from forge.config.errors import ConfigError
@@ -50,7 +51,7 @@ def parse_cli(argv: list[str], flags: tuple[str, ...] = ("resume",)) -> ParsedAr
                 i += 1
                 continue
             nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if nxt is None or (nxt.startswith("--") and not _is_number(nxt)):
+            if nxt is None or _is_next_arg(nxt):
                 out.overrides.append(f"{body}=true")
                 i += 1
             else:
@@ -66,6 +67,18 @@ def parse_cli(argv: list[str], flags: tuple[str, ...] = ("resume",)) -> ParsedAr
             "key=value, --key value, --key=value or ~key"
         )
     return out
+
+
+# `a.b=v` / `+a.b=v` and `~a.b`: after a bare `--flag` these start the next argument, they
+# are not its value (write `--name=x=y` for a value that itself looks like an override)
+_OVERRIDE = re.compile(r"^\+?[A-Za-z_][\w-]*(\.[\w-]+)*=")
+_DELETION = re.compile(r"^~[A-Za-z_][\w-]*(\.[\w-]+)*$")
+
+
+def _is_next_arg(s: str) -> bool:
+    if s.startswith("--"):
+        return not _is_number(s)
+    return bool(_OVERRIDE.match(s) or _DELETION.match(s))
 
 
 def _is_number(s: str) -> bool:

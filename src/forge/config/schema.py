@@ -24,6 +24,12 @@ T = TypeVar("T")
 class BuildReport:
     unused: list[str] = field(default_factory=list)
 
+    def describe(self) -> str:
+        """One line naming every key that was accepted but is not used (empty if none)."""
+        if not self.unused:
+            return ""
+        return f"config keys accepted for compatibility but not used by forge: {', '.join(self.unused)}"
+
 
 def build(schema: type[T], data: Any, path: str = "", report: BuildReport | None = None) -> T:
     """Validate `data` against dataclass `schema` and instantiate it (recursively)."""
@@ -55,7 +61,7 @@ def _build_dataclass(schema: type, data: Any, path: str, report: BuildReport) ->
             if key in ignored:
                 report.unused.append(full)
                 continue
-            close = difflib.get_close_matches(key, list(fields) + list(ignored), n=1, cutoff=0.6)
+            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
             hint = f" — did you mean '{_join(path, close[0])}'?" if close else ""
             valid = ", ".join(sorted(fields))
             raise ConfigError(f"unknown key '{full}'{hint} (valid keys here: {valid})")
@@ -91,6 +97,8 @@ def _coerce(tp: Any, value: Any, path: str, report: BuildReport) -> Any:
                 return _coerce(arg, value, path, report)
             except ConfigError as e:
                 errors.append(str(e))
+        if len(errors) == 1:  # Optional[X]: X's own, precise message
+            raise ConfigError(f"{errors[0]} (or null)")
         names = " or ".join(_type_name(a) for a in args)
         raise ConfigError(f"'{path}' must be {names}, got {_describe(value)}")
     if origin is typing.Literal:
@@ -150,4 +158,6 @@ def _coerce(tp: Any, value: Any, path: str, report: BuildReport) -> Any:
 def _type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
+    if get_origin(tp) is typing.Literal:
+        return f"one of {list(get_args(tp))}"
     return getattr(tp, "__name__", str(tp))

@@ -8,6 +8,7 @@ from forge.controller.errors import (
     ForgeRuntimeError,
     NoHealthyReplicaError,
     ReplicaDeadError,
+    ResourceError,
 )
 from forge.controller.provisioner import get_provisioner, init_provisioner, shutdown
 from forge.controller.service import ActorHandle, Service, ServiceHandle
@@ -22,6 +23,7 @@ __all__ = [
     "ForgeRuntimeError",
     "NoHealthyReplicaError",
     "ReplicaDeadError",
+    "ResourceError",
     "Service",
     "ServiceHandle",
     "endpoint",

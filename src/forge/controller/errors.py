@@ -27,3 +27,7 @@ class CallTimeoutError(ForgeRuntimeError, TimeoutError):
 
 class AdverbError(ForgeRuntimeError, TypeError):
     """A service adverb used on an actor handle or the other way round."""
+
+
+class ResourceError(ForgeRuntimeError):
+    """A placement asks for more than the host has (GPUs, ...)."""

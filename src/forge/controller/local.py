@@ -79,3 +79,4 @@ class LocalReplica(Replica):
         for t in list(self._tasks):
             t.cancel()
         self.instances = []
+        self.notify_dead()

@@ -7,7 +7,7 @@ this interface; `forge.controller.local` and `forge.controller.monarch` implemen
 from __future__ import annotations
 
 import abc
-from typing import Any
+from typing import Any, Callable
 
 from forge.controller.actor import ActorOptions
 
@@ -21,6 +21,12 @@ class Replica(abc.ABC):
         self.healthy = False
         self.inflight = 0
         self.restarts = 0
+        # Bumped by the Service on every restart, so that a late failure report from an old
+        # incarnation never triggers a second restart of the new one.
+        self.generation = 0
+        # Set by the Service: called when the backend notices on its own (a watchdog, a kill)
+        # that this replica died, so an idle dead replica is restarted too.
+        self.on_death: Callable[["Replica"], None] | None = None
 
     @property
     def name(self) -> str:
@@ -44,6 +50,12 @@ class Replica(abc.ABC):
     @abc.abstractmethod
     async def kill(self) -> None:
         """Kill the replica abruptly (what a crash looks like); used by failure tests."""
+
+    def notify_dead(self) -> None:
+        """Mark unhealthy and tell the owning Service (which restarts it)."""
+        self.healthy = False
+        if self.on_death is not None:
+            self.on_death(self)
 
     async def drain_metrics(self) -> list[Any]:
         """Metric records recorded inside this replica's procs since the last drain."""

@@ -56,12 +56,19 @@ class Service:
         return self.actor_cls.__name__
 
     async def start(self) -> None:
-        self.replicas = [
-            self.provisioner.create_replica(self.actor_cls, self.init_kwargs, self.options, i)
-            for i in range(self.options.num_replicas)
-        ]
+        self.replicas = []
         try:
-            await asyncio.gather(*(r.start() for r in self.replicas))
+            # created one by one inside the try: a replica that cannot be placed (e.g. not
+            # enough GPUs) releases what the earlier ones took
+            for i in range(self.options.num_replicas):
+                r = self.provisioner.create_replica(self.actor_cls, self.init_kwargs, self.options, i)
+                r.on_death = self._on_dead
+                self.replicas.append(r)
+            # every start finishes (or fails) before cleanup, so none is left half-started
+            results = await asyncio.gather(*(r.start() for r in self.replicas), return_exceptions=True)
+            for res in results:
+                if isinstance(res, BaseException):
+                    raise res
         except BaseException:
             await self.shutdown()
             raise
@@ -95,7 +102,9 @@ class Service:
             return
         await asyncio.wait(list(self._restarting.values()), return_when=asyncio.FIRST_COMPLETED)
 
-    def _on_dead(self, replica: "Replica") -> None:
+    def _on_dead(self, replica: "Replica", generation: int | None = None) -> None:
+        if generation is not None and generation != replica.generation:
+            return  # a late report about an incarnation that was already replaced
         replica.healthy = False
         if self._closed or not self.options.restart_on_death:
             return
@@ -105,6 +114,7 @@ class Service:
     async def _restart(self, replica: "Replica") -> None:
         try:
             log.warning("%s died; restarting it", replica.name)
+            replica.generation += 1
             await replica.stop()
             await replica.start()
             replica.restarts += 1
@@ -121,7 +131,7 @@ class Service:
         except asyncio.TimeoutError:
             raise CallTimeoutError(
                 f"{self.name}.{endpoint} on replica {replica.replica_id} did not answer within "
-                f"{self.options.timeout_s:.0f}s (options(timeout_s=...) sets the bound)"
+                f"{self.options.timeout_s:g}s (options(timeout_s=...) sets the bound)"
             ) from None
         finally:
             replica.inflight -= 1
@@ -140,13 +150,14 @@ class Service:
                 if last is not None:
                     raise NoHealthyReplicaError(f"{e}; last failure: {last}") from last
                 raise
+            gen = replica.generation
             try:
                 results = await self._call_replica(replica, endpoint, args, kwargs, rank)
                 return results if all_ranks else results[0]
             except ReplicaDeadError as e:
                 last = e
                 tried.add(replica.replica_id)
-                self._on_dead(replica)
+                self._on_dead(replica, gen)
                 if len(tried) >= len(self.replicas):
                     tried.clear()  # all tried: wait for a restart and try again
                     await self._wait_for_restart()
@@ -167,10 +178,11 @@ class Service:
             raise NoHealthyReplicaError(f"{self.name}: no healthy replica for fanout of '{endpoint}'")
 
         async def one(r: "Replica") -> Any:
+            gen = r.generation
             try:
                 return (await self._call_replica(r, endpoint, args, kwargs, None))[0]
             except ReplicaDeadError:
-                self._on_dead(r)
+                self._on_dead(r, gen)
                 raise
 
         return list(await asyncio.gather(*(one(r) for r in healthy)))

@@ -35,12 +35,24 @@ _lock = threading.Lock()
 _buffer: list[MetricRecord] = []
 
 
-def record_metric(key: str, value: float | int | torch.Tensor, reduce: Reduce = Reduce.MEAN) -> None:
-    if isinstance(value, torch.Tensor):
-        value = value.detach().float().item()
-    value = float(value)
+def record_metric(key: str, value: float | int | torch.Tensor, reduce: Reduce | str = Reduce.MEAN) -> None:
+    """Record one value of `key` in this process; reduced with `reduce` at the next flush."""
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"record_metric: key must be a non-empty string, got {key!r}")
+    try:
+        red = Reduce(reduce)
+    except ValueError:
+        raise ValueError(
+            f"record_metric('{key}'): reduce must be one of {[r.value for r in Reduce]}, got {reduce!r}"
+        ) from None
+    try:
+        if isinstance(value, torch.Tensor):
+            value = value.detach().float().item()  # a one-element tensor only
+        value = float(value)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"record_metric('{key}'): value must be a number or a one-element tensor: {e}") from None
     with _lock:
-        _buffer.append(MetricRecord(key, value, Reduce(reduce)))
+        _buffer.append(MetricRecord(key, value, red))
 
 
 def drain() -> list[MetricRecord]:

@@ -1,0 +1,310 @@
+"""`Generator`: the rollout service, forge's built-in engine behind torchforge's Policy API.
+
+    generator = await Generator.options(with_gpus=True).as_service(
+        model="/ckpt/Qwen2.5-0.5B", engine={"max_num_seqs": 256}, sampling={"temperature": 1.0})
+    completions = await generator.generate.route("2+2=", n=8)        # list[Completion]
+    await generator.update_weights.fanout(step, state_dict)          # in place, version recorded
+
+One worker thread drives the `LLMEngine`; every `generate` call (from any number of concurrent
+callers) becomes a request of that engine, so concurrent calls batch together (continuous
+batching across service calls). torchforge's `engine_args` / `sampling_params` (vLLM names)
+are accepted too.
+
+Weight updates never mix versions within one completion: an update waits in the command
+queue, admission of requests queued after it pauses, requests already in flight finish on the
+old weights (the engine keeps decoding them), then the new weights are copied in place
+(`copy_` under no_grad into the existing parameters, no re-allocation; the KV cache and CUDA
+graphs stay valid) and admission resumes. Every `Completion.generator_version` is the version
+that produced all of its tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from forge.controller import ForgeActor, endpoint
+from forge.engine import EngineConfig, LLMEngine, RequestOutput, SamplingParams
+from forge.models.decoder import CausalLM
+from forge.observability import Reduce, record_metric
+from forge.types import Completion
+
+log = logging.getLogger(__name__)
+
+# vLLM engine_args -> EngineConfig (torchforge YAML: policy.engine_args)
+_VLLM_ENGINE = {"gpu_memory_utilization": "gpu_memory_fraction", "max_num_seqs": "max_num_seqs",
+                "max_model_len": "max_model_len", "max_num_batched_tokens": "max_num_batched_tokens",
+                "block_size": "block_size", "dtype": "dtype", "seed": "seed"}
+
+
+class Generator(ForgeActor):
+    def __init__(self, model: str | Path | CausalLM | None = None, engine: dict | EngineConfig | None = None,
+                 sampling: dict | SamplingParams | None = None, tokenizer: Any = None, version: int = 0,
+                 engine_args: dict | None = None, sampling_params: dict | None = None):
+        cfg = _engine_config(engine, engine_args)
+        if model is None and engine_args and "model" in engine_args:
+            model = engine_args["model"]
+        if model is None:
+            raise ValueError("Generator needs `model`: a local checkpoint directory or a CausalLM")
+        if cfg.device is None and self.device.type == "cuda":
+            cfg.device = self.device
+        if isinstance(model, CausalLM):
+            net = model
+        else:
+            from forge.models.hf_io import load_model
+
+            net = load_model(model, device=cfg.device or self.device)
+            tokenizer = model if tokenizer is None else tokenizer
+        self.tokenizer = _load_tokenizer(tokenizer)
+        self.defaults = _sampling_params(sampling, sampling_params)
+        eos = set(net.args.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(int(self.tokenizer.eos_token_id))
+        self.engine = LLMEngine(net, cfg, eos_token_ids=sorted(eos), tokenizer=self.tokenizer)
+        self.version = int(version)
+        self._commands: deque = deque()
+        self._cv = threading.Condition()
+        self._futures: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future, int]] = {}
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="forge-generator", daemon=True)
+        self._thread.start()
+
+    # ---- endpoints --------------------------------------------------------------------------
+    @endpoint
+    async def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None,
+                       token_ids: Iterable[int] | torch.Tensor | None = None, n: int = 1,
+                       sampling: dict | SamplingParams | None = None) -> list[Completion]:
+        """Exactly one of `prompt` (text, tokenized as is), `messages` (chat, rendered with the
+        tokenizer's template plus the generation prompt) or `token_ids`. Returns n Completions."""
+        given = [x is not None for x in (prompt, messages, token_ids)]
+        if sum(given) != 1:
+            raise ValueError("generate: pass exactly one of prompt=, messages=, token_ids=")
+        text, ids = self._encode(prompt, messages, token_ids)
+        over = sampling.__dict__ if isinstance(sampling, SamplingParams) else dict(sampling or {})
+        params = self.defaults.replace(**{**over, "n": n})
+        t0 = time.perf_counter()
+        out, version = await self._submit("add", (ids, params))
+        dt = time.perf_counter() - t0
+        comps = [
+            Completion(prompt=text, text=s.text or "", prompt_ids=torch.tensor(out.prompt_ids),
+                       token_ids=torch.tensor(s.token_ids, dtype=torch.long),
+                       logprobs=torch.tensor(s.logprobs, dtype=torch.float32), stop_reason=s.stop_reason,
+                       generator_version=version,
+                       metadata={"request_id": out.request_id, "sample_index": s.index, **out.metadata})
+            for s in out.outputs
+        ]
+        ntok = sum(len(c.token_ids) for c in comps)
+        record_metric("generator/generate/sum_tokens_generated", ntok, Reduce.SUM)
+        record_metric("generator/num_requests", 1, Reduce.SUM)
+        record_metric("generator/generate/avg_latency_s", dt, Reduce.MEAN)
+        record_metric("generator/generate/avg_response_len", ntok / max(1, len(comps)), Reduce.MEAN)
+        return comps
+
+    @endpoint
+    async def update_weights(self, version: int, state_dict: Any = None) -> int:
+        """Copy new weights into the model in place and record `version`.
+
+        `state_dict`: a mapping name -> tensor (HF names, a subset is fine), or an iterable of
+        (name, tensor) pairs (streamed), or None to fetch through
+        `forge.weight_sync.get_weights(version)` when that exists.
+        """
+        if state_dict is None:
+            try:
+                from forge.weight_sync import get_weights  # type: ignore[attr-defined]
+            except ImportError as e:
+                raise ValueError("update_weights: no state_dict given and forge.weight_sync has no get_weights") from e
+            state_dict = get_weights(version)
+        await self._submit("update", (int(version), state_dict))
+        return self.version
+
+    @endpoint
+    async def get_version(self) -> int:
+        return self.version
+
+    @endpoint
+    async def get_model_state_dict_keys(self) -> list[str]:
+        return list(self.engine.model.state_dict().keys())
+
+    async def teardown(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        await asyncio.to_thread(self._thread.join, 10.0)
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def _encode(self, prompt, messages, token_ids) -> tuple[str, list[int]]:
+        tok = self.tokenizer
+        if token_ids is not None:
+            ids = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else [int(t) for t in token_ids]
+            return (tok.decode(ids) if tok is not None else ""), ids
+        if tok is None:
+            raise ValueError("generate: text prompts / messages need a tokenizer (Generator(tokenizer=path)); "
+                             "or pass token_ids=")
+        if messages is not None:
+            from forge.models.tokenizer import apply_chat_template
+
+            prompt = apply_chat_template(tok, messages, add_generation_prompt=True)
+            return prompt, tok.encode(prompt, add_special_tokens=False)
+        return prompt, tok.encode(prompt)
+
+    async def _submit(self, kind: str, payload: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        with self._cv:
+            if not self._thread.is_alive():
+                raise RuntimeError("generator engine thread is not running")
+            self._commands.append((kind, payload, loop, fut))
+            self._cv.notify()
+        return await fut
+
+    def _loop(self) -> None:
+        """The engine thread: admit requests, step, deliver results; updates only when drained."""
+        eng = self.engine
+        while True:
+            with self._cv:
+                while not self._stop and not self._commands and not eng.has_unfinished():
+                    self._cv.wait()
+                if self._stop:
+                    break
+                ready = []
+                while self._commands and self._commands[0][0] == "add":
+                    ready.append(self._commands.popleft())
+                update = self._commands[0] if self._commands and not eng.has_unfinished() and not ready else None
+                if update is not None:
+                    self._commands.popleft()
+            for _, (ids, params), loop, fut in ready:
+                try:
+                    rid = eng.add_request(ids, params)
+                    self._futures[rid] = (loop, fut, self.version)
+                except Exception as e:  # a bad request fails its caller, never the engine
+                    loop.call_soon_threadsafe(_set, fut, None, e)
+            if update is not None:
+                _, (version, sd), loop, fut = update
+                try:
+                    t0 = time.perf_counter()
+                    n = load_weights_in_place(eng.model, sd)
+                    self.version = version
+                    record_metric("generator/update_weights/time_s", time.perf_counter() - t0, Reduce.MEAN)
+                    loop.call_soon_threadsafe(_set, fut, n, None)
+                except Exception as e:
+                    loop.call_soon_threadsafe(_set, fut, None, e)
+                continue
+            if not eng.has_unfinished():
+                continue
+            try:
+                t0, before = time.perf_counter(), eng.stats["decode_tokens"] + eng.stats["prefill_tokens"]
+                outs = eng.step()
+                self._record_step(time.perf_counter() - t0, before)
+            except Exception as e:  # engine failure: fail every caller in flight, keep the thread alive
+                log.exception("generator engine step failed")
+                self._fail_all(e)
+                continue
+            for out in outs:
+                self._deliver(out)
+
+    def _record_step(self, dt: float, before: int) -> None:
+        s = self.engine.stats
+        if s["steps"] % 32 == 0 and dt > 0:
+            record_metric("generator/tokens_per_s", (s["decode_tokens"] + s["prefill_tokens"] - before) / dt, Reduce.MEAN)
+            record_metric("generator/num_running", len(self.engine.scheduler.running), Reduce.MEAN)
+            record_metric("generator/num_waiting", len(self.engine.scheduler.waiting), Reduce.MEAN)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        loop, fut, version = self._futures.pop(out.request_id)
+        loop.call_soon_threadsafe(_set, fut, (out, version), None)
+
+    def _fail_all(self, e: Exception) -> None:
+        for rid in list(self._futures):
+            loop, fut, _ = self._futures.pop(rid)
+            loop.call_soon_threadsafe(_set, fut, None, e)
+        eng = self.engine
+        for seq in list(eng.scheduler.running) + list(eng.scheduler.waiting):
+            eng.scheduler.blocks.release(seq)
+        eng.scheduler.running.clear()
+        eng.scheduler.waiting.clear()
+        eng.requests.clear()
+
+
+def _set(fut: asyncio.Future, value: Any, exc: BaseException | None) -> None:
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(value)
+
+
+@torch.no_grad()
+def load_weights_in_place(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor] | Iterable) -> int:
+    """`copy_` each given tensor into the parameter/buffer of that name; returns how many were copied.
+
+    Unknown names and shape mismatches are errors (nothing partial is silently accepted).
+    """
+    params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
+    items = state_dict.items() if isinstance(state_dict, Mapping) else state_dict
+    n = 0
+    for name, t in items:
+        p = params.get(name)
+        if p is None:
+            raise KeyError(f"update_weights: unknown parameter '{name}' (see get_model_state_dict_keys)")
+        if p.shape != t.shape:
+            raise ValueError(f"update_weights: '{name}' has shape {tuple(t.shape)}, model has {tuple(p.shape)}")
+        p.copy_(t, non_blocking=True)
+        n += 1
+    if n and next(model.parameters()).is_cuda:
+        torch.cuda.synchronize()
+    return n
+
+
+def _load_tokenizer(tok: Any) -> Any:
+    if tok is None or not isinstance(tok, (str, Path)):
+        return tok
+    from forge.models.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(tok)
+    except FileNotFoundError:
+        log.warning("no tokenizer at %s: the generator takes token_ids only", tok)
+        return None
+
+
+def _engine_config(engine: Any, engine_args: dict | None) -> EngineConfig:
+    if isinstance(engine, EngineConfig):
+        return engine
+    d = dict(engine or {})
+    unused = []
+    for k, v in (engine_args or {}).items():
+        if k in _VLLM_ENGINE:
+            d.setdefault(_VLLM_ENGINE[k], v)
+        elif k == "enforce_eager":
+            d.setdefault("enable_cuda_graphs", not v)
+        elif k != "model":
+            unused.append(k)
+    if unused:
+        log.warning("Generator: engine_args keys not used by forge's engine: %s", sorted(unused))
+    return EngineConfig.from_dict(d)
+
+
+def _sampling_params(sampling: Any, sampling_params: dict | None) -> SamplingParams:
+    if isinstance(sampling, SamplingParams):
+        return sampling
+    d = dict(sampling or {})
+    for k, v in (sampling_params or {}).items():  # vLLM names
+        if k == "top_k":
+            d.setdefault("top_k", max(0, int(v)))  # vLLM: -1 = off
+        elif k == "logprobs":
+            d.setdefault("logprobs", v is not None and v is not False)
+        elif k in SamplingParams.__dataclass_fields__:
+            d.setdefault(k, v)
+        else:
+            log.warning("Generator: sampling_params key '%s' is not used by forge's engine", k)
+    d.setdefault("n", 1)
+    return SamplingParams.from_dict(d)

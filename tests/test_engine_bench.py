@@ -1,0 +1,23 @@
+"""bench/generate_throughput.py runs end to end (CPU, --smoke) and writes its JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_generate_throughput_smoke(tmp_path):
+    out = tmp_path / "gen.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "generate_throughput.py"), "--smoke", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["forge"]["tokens"] == 8 * 16 and res["forge"]["tokens_per_s"] > 0
+    assert res["hf"]["tokens_per_s"] > 0 and res["bound"]["tokens_per_s"] > 0
+    assert res["forge_over_hf"] > 0 and 0 < res["forge_over_bound"] < 1
+    for line in ("forge LLMEngine", "HF generate", "bandwidth bound", "forge / HF", "forge / bound"):
+        assert line in r.stdout
