@@ -17,3 +17,17 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$venv/bin/python" -c "import forge, torch" || { echo "forge install failed" >&2; exit 1; }
   touch "$stamp"
 fi
+
+# bubblewrap sandboxes untrusted code (forge.envs.sandbox). Best effort: without it forge falls
+# back to unshare + rlimits (with a warning) or refuses under `sandbox: strict`.
+if ! command -v bwrap >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  sudo_=""
+  if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo_="sudo -n"; else sudo_=skip; fi
+  fi
+  if [ "$sudo_" != skip ]; then
+    { $sudo_ apt-get install -y -q bubblewrap >/dev/null 2>&1 \
+      || { $sudo_ apt-get update -q >/dev/null 2>&1 && $sudo_ apt-get install -y -q bubblewrap >/dev/null 2>&1; }; } \
+      || echo "note: could not install bubblewrap; the code sandbox will use its unshare fallback" >&2
+  fi
+fi

@@ -153,13 +153,15 @@ class RewardActor(ForgeActor):
 
     @endpoint
     async def evaluate(self, prompts: Sequence[str], responses: Sequence[str],
-                       targets: Sequence[Any]) -> list[dict[str, Any]]:
-        """Score a batch: one `{"total", "breakdown": {name: value}, "errors": {name: msg}}` per item."""
+                       targets: Sequence[Any], record: bool = True) -> list[dict[str, Any]]:
+        """Score a batch: one `{"total", "breakdown": {name: value}, "errors": {name: msg}}` per item.
+        `record=False` keeps the scores out of the step's reward metrics (held-out evaluation)."""
         if not len(prompts) == len(responses) == len(targets):
             raise ValueError(f"evaluate: {len(prompts)} prompts, {len(responses)} responses, "
                              f"{len(targets)} targets; they must be the same length")
         items = list(await asyncio.gather(*(self._score(p, r, t) for p, r, t in zip(prompts, responses, targets))))
-        self._record(items)
+        if record:
+            self._record(items)
         return items
 
     @endpoint

@@ -1,0 +1,26 @@
+"""`ComputeAdvantages`: rewards of a group -> one advantage per episode (forge.advantages)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from forge.advantages import compute_advantages
+from forge.controller import ForgeActor, endpoint
+from forge.types import Episode
+
+
+class ComputeAdvantages(ForgeActor):
+    def __init__(self, method: str = "grpo", **options: Any):
+        compute_advantages([0.0, 1.0], method=method, log_metrics=False, **options)  # fail at start on a bad method/option
+        self.method, self.options = method, options
+
+    @endpoint
+    async def compute(self, group: Sequence[Episode] | Sequence[float], lengths: Sequence[int] | None = None) -> list[float]:
+        """Advantages for one group: episodes (their `.reward`) or plain rewards."""
+        rewards = [float(e.reward) if isinstance(e, Episode) else float(e) for e in group]  # type: ignore[arg-type]
+        if lengths is None and group and isinstance(group[0], Episode):
+            lengths = [len(e.completion.token_ids) if e.completion is not None else 0 for e in group]  # type: ignore[union-attr]
+        kw = dict(self.options)
+        if self.method in ("opo",) and lengths is not None:
+            kw["lengths"] = list(lengths)
+        return compute_advantages(rewards, method=self.method, **kw).tolist()
