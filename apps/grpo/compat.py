@@ -76,6 +76,9 @@ def normalize_skill_schema(raw: dict[str, Any]) -> tuple[dict[str, Any], list[st
             continue
         _setdefault_path(cfg, mapping[k], v, moved, f"training.{k}")
 
+    if isinstance(cfg.get("loss"), dict) and not any(k in cfg["loss"] for k in ("name", "_target_")):
+        cfg["loss"]["name"] = "grpo"  # the skill schema's grpo block means forge's GRPOLoss
+
     if "parallelism" in cfg:
         _setdefault_path(cfg, "trainer.parallelism", cfg.pop("parallelism"), moved, "parallelism")
 

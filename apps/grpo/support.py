@@ -1,0 +1,221 @@
+"""The GRPO app's plumbing, kept out of main.py so that the loop reads top to bottom."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from apps.grpo.config import GRPOConfig, Placement, episodes_per_step
+from forge.actors import ComputeAdvantages, DatasetActor, Generator, ReferenceModel, ReplayBuffer, RewardActor, Trainer
+from forge.engine.config import EngineConfig
+from forge.losses import build_loss
+from forge.observability import Reduce, record_metric
+
+log = logging.getLogger("forge.grpo")
+
+
+def resolve_model(cfg: GRPOConfig) -> str:
+    """The model directory: `tiny-sft` runs (or reuses) the SFT warm-up of the embedded default."""
+    if cfg.model == "tiny-sft":
+        from apps.sft.warmup import ensure_warmup_checkpoint
+
+        w = cfg.warmup
+        ds = cfg.dataset
+        path = ensure_warmup_checkpoint(
+            task=ds.get("task") or "arithmetic", task_kwargs=ds.get("task_kwargs") or {}, steps=w.steps, lr=w.lr,
+            batch_size=w.batch_size, family=w.family, hidden_size=w.hidden_size,
+            num_hidden_layers=w.num_hidden_layers, seed=cfg.seed, cache_dir=w.cache_dir)
+        return str(path)
+    from forge.models.hf_io import resolve_model_path
+
+    return str(resolve_model_path(cfg.model))
+
+
+def _opts(p: Placement) -> dict[str, Any]:
+    return dataclasses.asdict(p)
+
+
+@dataclass
+class Services:
+    dataloader: Any
+    policy: Any
+    trainer: Any
+    replay_buffer: Any
+    compute_advantages: Any
+    reward_actor: Any
+    ref_model: Any | None
+    pad_id: int
+    correct_key: str | None
+    eval_prompts: list[dict[str, Any]]
+
+
+async def build_services(cfg: GRPOConfig, model_path: str, run_dir: Path) -> Services:
+    from forge.models.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(model_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    loss_spec = cfg.trainer.loss if cfg.trainer.loss is not None else cfg.loss
+    needs_ref = bool(getattr(build_loss(loss_spec), "needs_ref", False))
+    sampling = {"max_tokens": cfg.max_res_tokens, **cfg.policy.sampling_params}
+    sampling.pop("n", None)  # the group size is passed per call
+    temperature = float(sampling.get("temperature", 1.0))
+    own_engine = {f.name for f in dataclasses.fields(EngineConfig)}
+    engine = {k: v for k, v in cfg.policy.engine_args.items() if k in own_engine}
+    engine.setdefault("max_model_len", cfg.max_req_tokens + cfg.max_res_tokens)
+    engine.setdefault("long_prompt", "truncate")  # an over-long prompt never crashes the rollout
+    local = (cfg.provisioner if isinstance(cfg.provisioner, str) else cfg.provisioner.get("kind")) == "local"
+    sync = dict(cfg.trainer.weight_sync) or {"transport": "inproc" if local else "shm"}
+
+    trainer_kw = dict(
+        model={"path": model_path},
+        loss=loss_spec,
+        optimizer=dataclasses.asdict(cfg.trainer.optimizer),
+        lr_scheduler=dataclasses.asdict(cfg.trainer.lr_scheduler),
+        training={**dataclasses.asdict(cfg.trainer.training), "temperature": temperature, "pad_id": pad_id},
+        checkpoint={**dataclasses.asdict(cfg.trainer.checkpoint), "dir": str(run_dir / "checkpoints")},
+        parallelism=cfg.trainer.parallelism, compile=cfg.trainer.compile,
+        activation_checkpoint=cfg.trainer.activation_checkpoint, weight_sync=sync,
+    )
+    trainer_kw["checkpoint"]["resume"] = False  # the app resumes explicitly (it also restores data)
+    rb = cfg.replay_buffer
+    batch_size = episodes_per_step(cfg)
+    rewards = cfg.rewards
+
+    coros = [
+        DatasetActor.options(**_opts(cfg.actors.dataset)).as_actor(model=model_path, **cfg.dataset),
+        Generator.options(**_opts(cfg.services.policy)).as_service(
+            model=model_path, engine=engine, sampling=sampling),
+        Trainer.options(**_opts(cfg.actors.trainer)).as_actor(**trainer_kw),
+        ReplayBuffer.options(**_opts(cfg.actors.replay_buffer)).as_actor(
+            batch_size=batch_size, dp_size=rb.dp_size,
+            max_policy_age=max(rb.max_policy_age if rb.max_policy_age is not None else cfg.off_by_n, cfg.sync_interval - 1),
+            max_buffer_size=rb.max_buffer_size, max_resample_count=rb.max_resample_count,
+            group_size=cfg.group_size, seed=rb.seed if rb.seed is not None else cfg.seed),
+        ComputeAdvantages.options(**_opts(cfg.actors.compute_advantages)).as_actor(
+            method=cfg.advantage.method, **cfg.advantage.options),
+        RewardActor.options(**_opts(cfg.services.reward_actor)).as_service(rewards=rewards),
+    ]
+    if needs_ref:  # skipped entirely when the loss has no KL term
+        coros.append(ReferenceModel.options(**_opts(cfg.services.ref_model)).as_service(
+            model=cfg.ref_model.model or {"path": model_path},
+            training={**cfg.ref_model.training, "temperature": temperature, "pad_id": pad_id}))
+    handles = await asyncio.gather(*coros)
+    dataloader, policy, trainer, buffer, adv, reward_actor = handles[:6]
+    names = await reward_actor.reward_names.route()
+    correct_key = cfg.eval.correct_reward or (names[0] if names else None)
+    cfg_eval = dict(cfg.dataset, split=cfg.eval.split, shuffle=False, max_epochs=1)
+    if "task" in cfg_eval and cfg_eval.get("task"):
+        cfg_eval["num_samples"] = cfg.eval.num_samples
+    eval_prompts = _eval_prompts(cfg_eval, model_path, cfg.eval.num_samples)
+    return Services(dataloader, policy, trainer, buffer, adv, reward_actor, handles[6] if needs_ref else None,
+                    pad_id, correct_key, eval_prompts)
+
+
+def _eval_prompts(ds_cfg: dict[str, Any], model_path: str, n: int) -> list[dict[str, Any]]:
+    from forge.data.datasets import PromptDataset
+
+    if n <= 0:
+        return []
+    try:
+        ds = PromptDataset(ds_cfg, tokenizer=model_path)
+    except Exception as e:  # e.g. a file dataset without a test split
+        log.warning("no held-out evaluation: cannot load split '%s' (%s)", ds_cfg.get("split"), e)
+        return []
+    out = []
+    for item in ds:
+        out.append(item)
+        if len(out) >= n:
+            break
+    return out
+
+
+async def evaluate(cfg: GRPOConfig, s: Services, step: int) -> dict[str, float]:
+    """Greedy held-out accuracy: the fraction of prompts whose `correct_key` reward is 1."""
+    if not s.eval_prompts or s.correct_key is None:
+        return {"eval/accuracy": float("nan")}
+    sampling = {"temperature": cfg.eval.temperature, "max_tokens": cfg.max_res_tokens}
+
+    async def one(item: dict[str, Any]) -> tuple[str, str, Any]:
+        c = (await s.policy.generate.route(item["request"], n=1, sampling=sampling))[0]
+        return item["request"], c.text, item["target"]
+
+    results = await asyncio.gather(*(one(it) for it in s.eval_prompts))
+    prompts, responses, targets = map(list, zip(*results))
+    scores = await s.reward_actor.evaluate.route(prompts, responses, targets, record=False)
+    correct = [float(sc["breakdown"].get(s.correct_key, 0.0) >= 1.0 - 1e-6) for sc in scores]
+    acc = sum(correct) / len(correct)
+    record_metric("eval/num_samples", len(correct), Reduce.MAX)
+    return {"eval/accuracy": acc, "eval/reward_mean": sum(sc["total"] for sc in scores) / len(scores)}
+
+
+class RolloutBudget:
+    """How many groups rollouts may start before the trainer finishes another step.
+
+    On-policy (`ahead=0`): exactly one step's worth of groups per version, generated after the
+    new weights are in the generator. Async (`ahead=k`): up to k more steps' worth may be
+    generated while the trainer works; the replay buffer evicts what grows too old.
+    """
+
+    def __init__(self, groups_per_step: int, ahead: int):
+        self.available = groups_per_step * (ahead + 1)
+        self.groups_per_step = groups_per_step
+        self.cond = asyncio.Condition()
+
+    async def acquire(self, stop: asyncio.Event) -> bool:
+        async with self.cond:
+            await self.cond.wait_for(lambda: self.available > 0 or stop.is_set())
+            if stop.is_set():
+                return False
+            self.available -= 1
+            return True
+
+    def refund(self) -> None:
+        self.available += 1
+        self._notify()
+
+    def release_step(self) -> None:
+        self.available += self.groups_per_step
+        self._notify()
+
+    def wake(self) -> None:
+        self._notify()
+
+    def _notify(self) -> None:
+        async def go() -> None:
+            async with self.cond:
+                self.cond.notify_all()
+
+        asyncio.ensure_future(go())
+
+
+def write_learning_curve(history: list[dict[str, float]], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib missing: no learning curve PNG")
+        return None
+    series = {
+        "train reward (mean)": [(h["step"], h[k]) for h in history for k in ("reward/total/mean",) if k in h],
+        "train accuracy": [(h["step"], h["rollout/accuracy"]) for h in history if "rollout/accuracy" in h],
+        "held-out accuracy": [(h["step"], h["eval/accuracy"]) for h in history if "eval/accuracy" in h],
+    }
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, pts in series.items():
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o" if label.startswith("held") else None, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward / accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

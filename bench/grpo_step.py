@@ -1,0 +1,152 @@
+"""Seconds per GRPO step and its split by phase, sync (off_by_n 0) vs async (off_by_n 1), in one run.
+
+    python bench/grpo_step.py --out grpo_step.json                 # one GPU, Qwen2.5-0.5B shape
+    python bench/grpo_step.py --smoke                              # CPU, tiny shape, seconds
+
+Runs the real GRPO app (apps/grpo/main.py) on a random-weight checkpoint of the given shape
+with the built-in arithmetic prompts; every response is exactly --tokens tokens long (EOS
+ignored), so the work per step is fixed: --prompts prompts x --group samples x --tokens tokens.
+The reward is the app's math reward (≈0 on random weights; timing does not depend on it).
+Per mode: wall seconds per training step (steady state: the first --warmup steps dropped) and
+the mean per-phase times the app records (generate = one group's generation latency, train,
+weight sync, waiting for a batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+SHAPES = {
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, attention_bias=True,
+                         rope_theta=1000000.0, max_position_embeddings=4096),
+    "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True, attention_bias=True,
+                 max_position_embeddings=1024),
+}
+
+
+def write_checkpoint(shape: str, path: Path, dtype: torch.dtype) -> Path:
+    from forge.models.args import ModelArgs
+    from forge.models.decoder import CausalLM
+    from forge.models.hf_io import save_model
+    from forge.models.tokenizer import load_tokenizer, tiny_tokenizer_path
+
+    args = ModelArgs(family="qwen2", eos_token_id=2, pad_token_id=0, **SHAPES[shape])
+    model = CausalLM(args)
+    model.init_weights(std=0.02, seed=0)
+    return save_model(model, path, dtype=dtype, tokenizer=load_tokenizer(tiny_tokenizer_path()))
+
+
+def app_config(model: str, mode: str, a: argparse.Namespace, run_dir: Path, gpu: bool) -> dict:
+    off_by_n = {"sync": 0, "async": 1}[mode]
+    place = {"with_gpus": gpu}
+    return {
+        "model": model, "seed": 0, "provisioner": "monarch" if a.separate_processes else "local",
+        "group_size": a.group, "local_batch_size": a.prompts * a.group,
+        "max_req_tokens": 32, "max_res_tokens": a.tokens, "off_by_n": off_by_n,
+        "rollout_threads": a.prompts if off_by_n else a.prompts, "steps": a.steps, "output_dir": str(run_dir),
+        "samples_every": 0, "loss": {"name": "grpo", "beta": 0.0, "clip_low": 0.2, "clip_high": 0.28},
+        "rewards": [{"name": "math"}], "dataset": {"task": "arithmetic", "task_kwargs": {"difficulty": 3}},
+        "policy": {"engine_args": {"max_num_seqs": a.prompts * a.group, "kv_cache_tokens": a.prompts * a.group * (a.tokens + 64),
+                                   "block_size": 16},
+                   "sampling_params": {"temperature": 1.0, "ignore_eos": True, "max_tokens": a.tokens}},
+        "trainer": {"optimizer": {"lr": 1e-6}, "training": {"max_tokens_per_microbatch": a.microbatch_tokens,
+                                                            "dtype": "bfloat16", "max_norm": 1.0}},
+        "eval": {"num_samples": 0},
+        "metric_logging": {"jsonl": {}},
+        "services": {"policy": place, "ref_model": place, "reward_actor": {}},
+        "actors": {"trainer": place},
+    }
+
+
+def summarize(run_dir: Path, warmup: int) -> dict:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "time/step_s" in r][warmup:]
+    if not steps:
+        raise RuntimeError(f"no steady-state steps recorded in {run_dir}")
+    t = [r["time"] for r in steps]
+    wall = (t[-1] - t[0]) / max(1, len(t) - 1) if len(t) > 1 else steps[0]["time/step_s"]
+
+    def mean(key: str) -> float:
+        vals = [r[key] for r in steps if key in r]
+        return statistics.fmean(vals) if vals else float("nan")
+
+    return {
+        "s_per_step": wall,
+        "generate_group_s": mean("time/generate_s"),
+        "train_s": mean("time/train_s"),
+        "weight_sync_s": mean("time/weight_sync_s"),
+        "wait_for_batch_s": mean("time/wait_for_batch_s"),
+        "policy_age": mean("buffer/sample/avg_sampled_policy_age"),
+        "gen_tokens_per_s": mean("generator/tokens_per_s"),
+        "steps_measured": len(steps),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--shape", default="qwen2.5-0.5b", choices=sorted(SHAPES))
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--group", type=int, default=8)
+    p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--modes", default="sync,async")
+    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--separate-processes", action="store_true", help="monarch provisioner: one process per service")
+    p.add_argument("--microbatch-tokens", type=int, default=16384)
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    if a.smoke:
+        a.shape, a.prompts, a.group, a.tokens, a.steps, a.warmup = "tiny", 2, 4, 8, 4, 1
+    gpu = torch.cuda.is_available()
+    if a.gpus > 1:
+        raise SystemExit("--gpus > 1 needs a multi-GPU host (services on their own GPUs): not lent here")
+
+    from apps.grpo.config import load_grpo_config
+    from apps.grpo.main import main as grpo_main
+
+    results: dict = {"shape": a.shape, "prompts": a.prompts, "group": a.group, "tokens": a.tokens,
+                     "device": torch.cuda.get_device_name(0) if gpu else "cpu",
+                     "separate_processes": a.separate_processes, "modes": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = write_checkpoint(a.shape, Path(tmp) / "model", torch.bfloat16 if gpu else torch.float32)
+        for mode in a.modes.split(","):
+            run_dir = Path(tmp) / f"run_{mode}"
+            cfg, _ = load_grpo_config(app_config(str(ckpt), mode, a, run_dir, gpu))
+            t0 = time.perf_counter()
+            asyncio.run(grpo_main(cfg))
+            res = summarize(run_dir, a.warmup)
+            res["total_s"] = time.perf_counter() - t0
+            results["modes"][mode] = res
+
+    print(f"\nGRPO step: {a.shape}, {a.prompts} prompts x {a.group} samples x {a.tokens} tokens, "
+          f"device {results['device']}, {'separate processes' if a.separate_processes else 'one process'}")
+    print(f"{'mode':<7}{'s/step':>9}{'gen/group s':>13}{'train s':>9}{'sync s':>9}{'wait s':>9}{'age':>6}")
+    for mode, r in results["modes"].items():
+        print(f"{mode:<7}{r['s_per_step']:>9.3f}{r['generate_group_s']:>13.3f}{r['train_s']:>9.3f}"
+              f"{r['weight_sync_s']:>9.3f}{r['wait_for_batch_s']:>9.3f}{r['policy_age']:>6.2f}")
+    if {"sync", "async"} <= set(results["modes"]):
+        sp = results["modes"]["sync"]["s_per_step"] / results["modes"]["async"]["s_per_step"]
+        results["async_speedup"] = sp
+        print(f"async speed-up: {sp:.2f}x")
+    if a.out:
+        Path(a.out).write_text(json.dumps(results, indent=2))
+        print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+from pathlib import Path
+
+import pytest
+
+from apps.grpo.config import episodes_per_step, load_grpo_config
+from forge.config import ConfigError, compose, parse_cli, to_container
+
+APPS = Path(__file__).resolve().parents[1] / "apps" / "grpo"
+
+
+def load(*argv: str):
+    return load_grpo_config(to_container(compose(parse_cli(list(argv)), APPS / "default.yaml")))
+
+
+def test_default_config_is_the_embedded_default():
+    cfg, report = load()
+    assert cfg.model == "tiny-sft" and cfg.provisioner == "local"
+    assert cfg.dataset["task"] == "arithmetic"
+    assert episodes_per_step(cfg) % cfg.group_size == 0
+    assert report.unused == []
+
+
+def test_torchforge_layout_parses_and_reports_unused_keys_once():
+    cfg, report = load("--config", str(APPS / "qwen3_1_7b.yaml"), "--model", "/models/q3", "--trainer.optimizer.lr", "2e-6")
+    assert cfg.group_size == 8 and cfg.off_by_n == 1
+    assert cfg.trainer.optimizer.lr == pytest.approx(2e-6)
+    # ${model} interpolation reaches the nested blocks
+    assert cfg.policy.engine_args["model"] == "/models/q3"
+    assert cfg.dataset["split"] == "train" and cfg.dataset["name"] == "main"
+    assert "policy.engine_args.tensor_parallel_size" in report.unused
+    assert "trainer.training.gc_freq" in report.unused
+    assert len(report.unused) == len(set(report.unused))
+    assert cfg.steps == 1000000  # trainer.training.steps (torchforge) -> forge's steps
+
+
+def test_skill_schema_is_accepted_as_written():
+    cfg, report = load("--config", str(APPS / "skill_schema.yaml"))
+    assert cfg.group_size == 4  # grpo.n_samples
+    assert cfg.loss["name"] == "grpo" and cfg.loss["beta"] == 0.1 and cfg.loss["entropy_coef"] == 0.01
+    assert cfg.policy.sampling_params["temperature"] == 0.7
+    assert cfg.sync_interval == 10
+    assert cfg.services.ref_model.with_gpus is False  # ref_model.with_gpus: false remedy
+    assert cfg.actors.trainer.with_gpus is True  # services.trainer -> actors.trainer
+    assert episodes_per_step(cfg) == 16  # training.batch_size prompts x n_samples
+    assert any("grpo.n_samples -> group_size" in u for u in report.unused)
+
+
+def test_gsm8k_with_three_gpu_overlay():
+    cfg, _ = load("--config", str(APPS / "gsm8k.yaml"), "--config", str(APPS / "three_gpus.yaml"))
+    assert cfg.provisioner == "monarch"
+    assert cfg.trainer.weight_sync == {"transport": "shm"}
+    assert cfg.dataset["target_format"] == "gsm8k"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (("--grpo_bta", "1"), "unknown key 'grpo_bta'"),
+        (("--trainer.optimizer.lrr", "1"), "did you mean 'trainer.optimizer.lr'"),
+        (("--policy.sampling_params.temprature", "1"), "did you mean 'policy.sampling_params.temperature'"),
+        (("--dataset.colums", "{}"), "did you mean 'dataset.columns'"),
+        (("--services.policy.procs", "two"), "'services.policy.procs' must be an integer"),
+        (("--eval.every", "true"), "'eval.every' must be an integer"),
+        (("--local_batch_size", "12"), "multiple of group_size"),
+    ],
+)
+def test_bad_config_fails_at_start_with_the_dotted_path(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load(*override)
+
+
+def test_skill_schema_unknown_key_is_named():
+    with pytest.raises(ConfigError, match="grpo.n_sample"):
+        load("--config", str(APPS / "skill_schema.yaml"), "--grpo.n_sample", "3")
