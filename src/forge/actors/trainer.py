@@ -1,0 +1,130 @@
+"""The RL `Trainer` service: a thin actor over `forge.trainer.engine.TrainEngine`.
+
+    trainer = await Trainer.options(procs=2, with_gpus=True).as_actor(
+        model={"path": "/ckpt/Qwen2.5-0.5B"}, loss={"name": "grpo", "beta": 0.0},
+        optimizer={"lr": 1e-6}, training={"max_tokens_per_microbatch": 8192, "temperature": 1.0})
+    loss = await trainer.train_step.call(inputs, targets)    # same full batch to every rank
+    await trainer.push_weights.call(version)
+
+Every endpoint runs on every proc of the replica (`.call()`); with procs > 1 the procs form an
+FSDP2 group from the RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT the monarch backend sets.
+Heavy work runs in a thread so other services on a shared event loop keep going.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import torch
+
+from forge.controller import ForgeActor, endpoint
+from forge.trainer.config import TrainerConfig
+
+
+class Trainer(ForgeActor):
+    def __init__(
+        self,
+        model: dict[str, Any] | str | None = None,
+        loss: Any = "grpo",
+        optimizer: dict[str, Any] | None = None,
+        lr_scheduler: dict[str, Any] | None = None,
+        training: dict[str, Any] | None = None,
+        checkpoint: dict[str, Any] | None = None,
+        parallelism: dict[str, Any] | None = None,
+        compile: Any = None,
+        activation_checkpoint: Any = None,
+        weight_sync: dict[str, Any] | None = None,
+        **unused: Any,
+    ):
+        raw = {"model": model or {"tiny": "qwen2", "seed": 0}, "loss": loss, "optimizer": optimizer or {},
+               "lr_scheduler": lr_scheduler or {}, "training": training or {}, "checkpoint": checkpoint or {},
+               "parallelism": parallelism or {}, **unused}
+        if compile is not None:
+            raw["compile"] = compile
+        if activation_checkpoint is not None:
+            raw["activation_checkpoint"] = activation_checkpoint
+        self.cfg = TrainerConfig.from_dict(raw)  # fail on bad config at construction, before any weights load
+        self.weight_sync_cfg = dict(weight_sync or {"transport": "inproc"})
+        self.engine: Any = None
+        self._publisher: Any = None
+
+    async def setup(self) -> None:
+        from forge.trainer.engine import TrainEngine
+
+        self.engine = await asyncio.to_thread(TrainEngine, self.cfg, self.device, self.rank, self.world_size)
+        if self.cfg.checkpoint.resume and self.cfg.checkpoint.dir:
+            await asyncio.to_thread(self.engine.load)
+
+    # ------------------------------------------------------------------ training
+    @endpoint
+    async def train_step(self, inputs: list[dict], targets: list[dict]) -> float:
+        loss = await asyncio.to_thread(self.engine.train_step, inputs, targets)
+        await asyncio.to_thread(self.engine.maybe_save)
+        return loss
+
+    @endpoint
+    async def sft_step(self, batch: dict[str, torch.Tensor]) -> float:
+        return await asyncio.to_thread(self.engine.sft_step, batch)
+
+    @endpoint
+    async def forward_logprobs(self, inputs: list[dict], targets: list[dict]) -> torch.Tensor:
+        """The trainer's logprobs of the batch's response tokens `[B, R]` (CPU), e.g. to measure
+        the train/inference mismatch against `generator_logprobs`."""
+        out = await asyncio.to_thread(self.engine.forward_logprobs, inputs, targets)
+        return out.cpu()
+
+    @endpoint
+    async def get_step(self) -> int:
+        return self.engine.step
+
+    # ------------------------------------------------------------------ checkpoints
+    @endpoint
+    async def save(self, step: int | None = None, extra: dict[str, Any] | None = None) -> str:
+        return str(await asyncio.to_thread(self.engine.save, step, extra))
+
+    @endpoint
+    async def load(self, path: str | None = None) -> dict[str, Any] | None:
+        return await asyncio.to_thread(self.engine.load, path)
+
+    @endpoint
+    async def export_hf(self, path: str, dtype: str | None = None) -> str | None:
+        out = await asyncio.to_thread(self.engine.export_hf, path, dtype)
+        return None if out is None else str(out)
+
+    # ------------------------------------------------------------------ weight sync
+    def _get_publisher(self) -> Any:
+        if self._publisher is None:
+            from forge.weight_sync import WeightPublisher
+
+            kw = dict(self.weight_sync_cfg)
+            transport = kw.pop("transport", "inproc")
+            self._publisher = WeightPublisher(self.engine.module, transport, **kw)
+        return self._publisher
+
+    @endpoint
+    async def push_weights(self, version: int) -> int:
+        """Publish the current weights as `version` (Generator.update_weights(version) applies them)."""
+        pub = self._get_publisher()
+        return await asyncio.to_thread(pub.publish, int(version))
+
+    @endpoint
+    async def get_state_dict(self, dtype: str | None = None) -> dict[str, torch.Tensor]:
+        """Full (gathered) weights on CPU with HF names — the simple path for
+        `Generator.update_weights(version, state_dict=...)`; collective under FSDP."""
+        from forge.models.hf_io import to_dtype
+        from forge.weight_sync import iter_full_params
+
+        dt = to_dtype(dtype)
+
+        def gather() -> dict[str, torch.Tensor]:
+            return {n: t.detach().to("cpu", dtype=dt or t.dtype).clone() for n, t in iter_full_params(self.engine.module)}
+
+        return await asyncio.to_thread(gather)
+
+    async def teardown(self) -> None:
+        if self._publisher is not None and hasattr(self._publisher, "close"):
+            try:
+                self._publisher.close()
+            except Exception:
+                pass

@@ -1,0 +1,182 @@
+"""Trainer configuration: typed blocks, built from torchforge's `trainer:` YAML layout.
+
+    trainer:
+      model: {path: /ckpt/Qwen2.5-0.5B}          # or {tiny: qwen2, seed: 0}, or a bare path string
+      loss: grpo                                  # anything forge.losses.build_loss accepts
+      optimizer: {name: AdamW, lr: 1e-5, betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.0}
+      lr_scheduler: {warmup_steps: 10, decay: cosine, total_steps: 1000, min_lr_ratio: 0.1}
+      training: {max_tokens_per_microbatch: 8192, max_norm: 1.0, dtype: bfloat16, temperature: 1.0}
+      checkpoint: {dir: ./ckpt, interval: 100, keep_last_n: 3, resume: true}
+      compile: {enable: false}
+      activation_checkpoint: {mode: none}          # none | full
+
+Unknown keys are collected in `TrainerConfig.unused` so the caller can report them once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "AdamW"
+    lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+    def validate(self) -> None:
+        if self.name.lower() != "adamw":
+            raise ValueError(f"optimizer.name: only AdamW is supported, got {self.name!r}")
+        if self.lr <= 0:
+            raise ValueError(f"optimizer.lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optimizer.betas must be two numbers in [0, 1), got {self.betas}")
+
+
+@dataclass
+class LRSchedulerConfig:
+    warmup_steps: int = 0
+    decay: str = "constant"  # constant | linear | cosine
+    total_steps: int | None = None  # needed by linear / cosine
+    min_lr_ratio: float = 0.0
+
+    def validate(self) -> None:
+        if self.decay not in ("constant", "linear", "cosine"):
+            raise ValueError(f"lr_scheduler.decay must be constant|linear|cosine, got {self.decay!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"lr_scheduler.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.decay != "constant" and not self.total_steps:
+            raise ValueError(f"lr_scheduler.decay={self.decay} needs lr_scheduler.total_steps")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"lr_scheduler.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class TrainingConfig:
+    max_tokens_per_microbatch: int = 8192  # packing budget: real tokens per micro-batch row
+    max_norm: float | None = 1.0  # grad-norm clip (None or <= 0: off, norm still reported)
+    dtype: str = "bfloat16"  # autocast dtype on GPU; CPU always trains in float32
+    temperature: float = 1.0  # the generator's sampling temperature: logprobs are taken at it
+    compile: bool = False
+    activation_checkpoint: bool = False
+    logprob_chunk_size: int = 1024  # tokens per lm_head chunk (bounds the [N, V] logits)
+    pad_id: int | None = None  # to find left padding when a batch carries no prompt_mask
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.max_tokens_per_microbatch < 2:
+            raise ValueError(f"training.max_tokens_per_microbatch must be >= 2, got {self.max_tokens_per_microbatch}")
+        if self.temperature <= 0:
+            raise ValueError(f"training.temperature must be > 0, got {self.temperature}")
+        if self.dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"training.dtype must be bfloat16|float16|float32, got {self.dtype!r}")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None
+    interval: int = 0  # save every k steps (0: only when asked)
+    keep_last_n: int | None = None
+    resume: bool = False  # resume from the newest complete checkpoint in `dir` at setup
+
+
+@dataclass
+class TrainerConfig:
+    model: dict[str, Any] = field(default_factory=lambda: {"tiny": "qwen2", "seed": 0})
+    loss: Any = "grpo"
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr_scheduler: LRSchedulerConfig = field(default_factory=LRSchedulerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    unused: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        self.optimizer.validate()
+        self.lr_scheduler.validate()
+        self.training.validate()
+        if not ("path" in self.model or "tiny" in self.model):
+            raise ValueError(f"trainer.model needs `path` (HF directory) or `tiny` (family), got {self.model}")
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any] | None) -> "TrainerConfig":
+        """Accept forge's and torchforge's trainer blocks (`trainer.{model,optimizer,lr_scheduler,
+        training,parallelism,checkpoint,activation_checkpoint,compile}`)."""
+        cfg = dict(_plain(cfg or {}))
+        unused: list[str] = []
+        out = cls()
+        model = cfg.pop("model", None)
+        if isinstance(model, str):
+            out.model = {"path": model}
+        elif isinstance(model, dict):
+            out.model = dict(model)
+            if "hf_assets_path" in out.model and "path" not in out.model:  # torchforge/torchtitan name
+                out.model["path"] = out.model.pop("hf_assets_path")
+        if "loss" in cfg:
+            out.loss = cfg.pop("loss")
+        out.optimizer = _fill(OptimizerConfig, cfg.pop("optimizer", {}), "optimizer", unused)
+        out.optimizer.betas = tuple(out.optimizer.betas)  # type: ignore[assignment]
+        sched = dict(cfg.pop("lr_scheduler", {}) or {})
+        if "warmup_steps" not in sched and "warmup_ratio" in sched and sched.get("total_steps"):
+            sched["warmup_steps"] = int(sched.pop("warmup_ratio") * sched["total_steps"])
+        if "decay_type" in sched:  # torchtitan's name
+            sched["decay"] = sched.pop("decay_type")
+        out.lr_scheduler = _fill(LRSchedulerConfig, sched, "lr_scheduler", unused)
+        training = dict(cfg.pop("training", {}) or {})
+        if "mixed_precision_param" in training:  # torchtitan's name
+            training.setdefault("dtype", training.pop("mixed_precision_param"))
+        if "max_norm" not in training and "max_grad_norm" in training:
+            training["max_norm"] = training.pop("max_grad_norm")
+        out.training = _fill(TrainingConfig, training, "training", unused)
+        compile_ = cfg.pop("compile", None)
+        if isinstance(compile_, dict):
+            out.training.compile = bool(compile_.get("enable", False))
+        elif compile_ is not None:
+            out.training.compile = bool(compile_)
+        ac = cfg.pop("activation_checkpoint", None)
+        if isinstance(ac, dict):
+            out.training.activation_checkpoint = ac.get("mode", "none") not in ("none", None, False)
+        elif ac is not None:
+            out.training.activation_checkpoint = bool(ac)
+        ck = dict(cfg.pop("checkpoint", {}) or {})
+        if "folder" in ck and "dir" not in ck:  # torchtitan's name
+            ck["dir"] = ck.pop("folder")
+        if "keep_latest_k" in ck:
+            ck["keep_last_n"] = ck.pop("keep_latest_k")
+        if "enable" in ck:
+            if not ck.pop("enable"):
+                ck.pop("dir", None)
+        if "initial_load_path" in ck:
+            unused.append("checkpoint.initial_load_path")
+            ck.pop("initial_load_path")
+        out.checkpoint = _fill(CheckpointConfig, ck, "checkpoint", unused)
+        cfg.pop("parallelism", None)  # FSDP degree = the trainer's procs; nothing else to read
+        unused.extend(sorted(cfg))
+        out.unused = unused
+        out.validate()
+        return out
+
+
+def _plain(x: Any) -> Any:
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(x, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(x, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return x
+
+
+def _fill(cls: type, values: Any, block: str, unused: list[str]) -> Any:
+    if values is None:
+        return cls()
+    if isinstance(values, cls):
+        return values
+    if not isinstance(values, dict):
+        raise ValueError(f"trainer.{block} must be a mapping, got {type(values).__name__}")
+    names = {f.name for f in fields(cls)}
+    unused.extend(f"{block}.{k}" for k in values if k not in names)
+    return cls(**{k: v for k, v in values.items() if k in names})

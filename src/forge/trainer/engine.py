@@ -1,0 +1,351 @@
+"""`TrainEngine`: model + optimizer + schedule + checkpoints, no actor runtime in it.
+
+The RL `Trainer` actor and the SFT app both drive one of these. A step:
+
+1. take this rank's rows of the batch (every rank gets the whole batch and slices it);
+2. strip padding and pack the real tokens into micro-batches (`forge.trainer.packing`);
+3. forward + backward each micro-batch with its loss weighted so that the accumulated gradient
+   is the full batch's (see `forge.trainer.step`);
+4. clip the gradient norm (reported before clipping), AdamW step, LR schedule step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from forge.models.decoder import CausalLM
+from forge.models.parallel import enable_activation_checkpointing, maybe_compile
+from forge.observability import Reduce, record_metric
+from forge.trainer import checkpoint as ckpt
+from forge.trainer.config import TrainerConfig
+from forge.trainer.optim import build_lr_scheduler, build_optimizer
+from forge.trainer.packing import (
+    MicroBatch,
+    PackedSeq,
+    dummy_microbatch,
+    pack,
+    sequences_from_rl_batch,
+    sequences_from_sft_batch,
+)
+from forge.trainer.parallel import all_reduce_max, all_reduce_sum, apply_fsdp, init_distributed
+from forge.trainer.step import (
+    LogprobModel,
+    SFTLoss,
+    agg_mode,
+    microbatch_weight,
+    normaliser_counts,
+    run_microbatch,
+)
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# dense bf16 peak FLOP/s by GPU name, for MFU
+_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12, "L40S": 362e12}
+
+
+def build_model(spec: dict[str, Any], device: torch.device) -> CausalLM:
+    """`{"path": dir}` (HF directory) or `{"tiny": family, "seed": s, **overrides}`."""
+    if "path" in spec:
+        from forge.models.hf_io import load_model
+
+        model = load_model(spec["path"], dtype=torch.float32, device=device)
+    else:
+        from forge.models.tiny import build_tiny_model
+
+        kw = {k: v for k, v in spec.items() if k not in ("tiny", "seed")}
+        model = build_tiny_model(spec["tiny"], int(spec.get("seed", 0)), **kw).to(device)
+    return model
+
+
+def merge_batch(parts: list[dict[str, Any]], rank: int, world: int, who: str) -> dict[str, Any]:
+    """torchforge sends one dict per data-parallel rank; forge sends one dict to every rank."""
+    if not isinstance(parts, (list, tuple)) or not parts or not all(isinstance(p, dict) for p in parts):
+        raise TypeError(f"{who} must be a non-empty list of dicts (DESIGN.md trainer batch), got {type(parts).__name__}")
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) == world:
+        return {"__local__": True, **parts[rank]}
+    raise ValueError(f"{who} has {len(parts)} parts; expected 1 (whole batch) or {world} (one per rank)")
+
+
+def rank_rows(n: int, rank: int, world: int) -> Tensor:
+    return torch.tensor_split(torch.arange(n), world)[rank]
+
+
+class TrainEngine:
+    def __init__(self, cfg: TrainerConfig | dict[str, Any], device: torch.device | str = "cpu", rank: int = 0,
+                 world_size: int = 1, loss: nn.Module | None = None, model: CausalLM | None = None):
+        self.cfg = cfg if isinstance(cfg, TrainerConfig) else TrainerConfig.from_dict(cfg)
+        self.cfg.validate()
+        if self.cfg.unused:
+            log.warning("trainer config keys not used by forge: %s", ", ".join(self.cfg.unused))
+        self.device = torch.device(device)
+        self.rank, self.world_size = rank, world_size
+        self.distributed = init_distributed(self.device, world_size, rank)
+        tc = self.cfg.training
+        torch.manual_seed(tc.seed)
+        self.model = model.to(self.device) if model is not None else build_model(self.cfg.model, self.device)
+        self.model.float()  # fp32 master weights; bf16 only inside autocast / FSDP mixed precision
+        self.model.train()
+        enable_activation_checkpointing(self.model, tc.activation_checkpoint)
+        maybe_compile(self.model, tc.compile)
+        self.module = LogprobModel(self.model, tc.temperature, tc.logprob_chunk_size)
+        on_gpu = self.device.type == "cuda"
+        self.compute_dtype = _DTYPES[tc.dtype] if on_gpu else torch.float32
+        if self.distributed:
+            apply_fsdp(self.module, self.model.model.layers,
+                       param_dtype=self.compute_dtype if self.compute_dtype != torch.float32 else None)
+        self.autocast = (torch.autocast("cuda", dtype=self.compute_dtype)
+                         if on_gpu and self.compute_dtype != torch.float32 and not self.distributed else nullcontext())
+        self.pad_to_multiple = 128 if on_gpu else 1  # FlexAttention block size; CPU: no padding at all
+        if loss is None:
+            from forge.losses import build_loss
+
+            loss = build_loss(self.cfg.loss)
+        self.loss_fn = loss
+        self.optimizer = build_optimizer(self.module.parameters(), self.cfg.optimizer, self.device)
+        self.scheduler = build_lr_scheduler(self.optimizer, self.cfg.lr_scheduler)
+        self.step = 0
+        self.extra: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ batch preparation
+    def _rl_sequences(self, inputs: list[dict], targets: list[dict], score_key: str = "padding_mask"
+                      ) -> tuple[list[PackedSeq], dict[str, Any], int, Tensor]:
+        inp = merge_batch(inputs, self.rank, self.world_size, "inputs")
+        tgt = merge_batch(targets, self.rank, self.world_size, "targets")
+        for k in ("tokens",):
+            if k not in inp:
+                raise KeyError(f"inputs lack '{k}' (have {sorted(inp)})")
+        for k in ("response", "padding_mask"):
+            if k not in tgt:
+                raise KeyError(f"targets lack '{k}' (have {sorted(tgt)})")
+        tokens, response = inp["tokens"], tgt["response"]
+        b, r = response.shape
+        if tokens.shape[0] != b:
+            raise ValueError(f"inputs tokens have {tokens.shape[0]} rows but targets response {b}")
+        rows = torch.arange(b) if (inp.get("__local__") or not self.distributed) else rank_rows(b, self.rank, self.world_size)
+        score = tgt.get(score_key, tgt["padding_mask"])
+        pm = inp.get("prompt_mask")
+        seqs = sequences_from_rl_batch(tokens[rows], r, score[rows], None if pm is None else pm[rows],
+                                       self.cfg.training.pad_id)
+        local = {k: (v[rows] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == b else v)
+                 for k, v in tgt.items()}
+        return seqs, local, r, rows
+
+    def _microbatches(self, seqs: list[PackedSeq]) -> list[MicroBatch | None]:
+        mbs: list[MicroBatch | None] = list(pack(seqs, self.cfg.training.max_tokens_per_microbatch, self.pad_to_multiple))
+        if self.distributed:  # every rank must run the same number of FSDP forwards/backwards
+            n = all_reduce_max(len(mbs), self.device)
+            mbs += [None] * (n - len(mbs))
+        return mbs
+
+    # ------------------------------------------------------------------ training
+    def train_step(self, inputs: list[dict], targets: list[dict]) -> float:
+        """One optimizer step on an RL batch. Returns the batch loss (global, not summed over ranks)."""
+        seqs, tgt, width, _ = self._rl_sequences(inputs, targets)
+        return self._step(seqs, tgt, width, self.loss_fn, prefix="rl_trainer")
+
+    def sft_step(self, batch: dict[str, Tensor]) -> float:
+        """One optimizer step of SFT: `batch = {"tokens": [B,T], "loss_mask": [B,T]}` (right-padded;
+        loss_mask 1 on tokens to learn), cross-entropy on those tokens only."""
+        tokens, mask = batch["tokens"], batch["loss_mask"]
+        b = tokens.shape[0]
+        rows = rank_rows(b, self.rank, self.world_size) if self.distributed else torch.arange(b)
+        seqs = sequences_from_sft_batch(tokens[rows], mask[rows], batch.get("lengths"))
+        tgt = {"padding_mask": mask[rows][:, 1:]}
+        return self._step(seqs, tgt, tokens.shape[1] - 1, SFTLoss(), prefix="sft_trainer")
+
+    def _step(self, seqs: list[PackedSeq], tgt: dict[str, Any], width: int, loss_fn: nn.Module, prefix: str) -> float:
+        t0 = time.perf_counter()
+        self.module.train()
+        mode = agg_mode(loss_fn)
+        pmask = tgt["padding_mask"]
+        local_counts = normaliser_counts(pmask)
+        n_real = sum(s.tokens.numel() for s in seqs)
+        total = all_reduce_sum([*local_counts, float(n_real)], self.device)
+        mbs = self._microbatches(seqs)
+        scale = float(self.world_size) if self.distributed else 1.0  # undo FSDP's gradient averaging
+        loss_acc = torch.zeros((), dtype=torch.float64)
+        for mb in mbs:
+            if mb is None:
+                with self.autocast:
+                    lp, _ = self.module(*_args(dummy_microbatch().to(self.device)))
+                (lp.sum() * 0.0).backward()
+                continue
+            mb = mb.to(self.device)
+            with self.autocast:
+                lp, ent = run_microbatch(self.module, mb, width)
+            sub = {k: (v[mb.rows.cpu()].to(self.device) if isinstance(v, Tensor) and v.dim() > 0 else v)
+                   for k, v in tgt.items()}
+            loss = _call_loss(loss_fn, lp, ent, sub)
+            w = microbatch_weight(mode, normaliser_counts(sub["padding_mask"]), (total[0], total[1]))
+            (loss * (w * scale)).backward()
+            loss_acc += loss.detach().double().cpu() * w
+        loss_value = all_reduce_sum([float(loss_acc)], self.device)[0]
+        grad_norm = self._clip_and_step()
+        dt = time.perf_counter() - t0
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.step += 1
+        if self.rank == 0:
+            record_metric(f"{prefix}/avg_loss", loss_value, Reduce.MEAN)
+            record_metric(f"{prefix}/grad_norm", grad_norm, Reduce.MEAN)
+            record_metric(f"{prefix}/lr", lr, Reduce.MEAN)
+            record_metric(f"{prefix}/tokens_per_s", total[2] / dt, Reduce.MEAN)
+            record_metric(f"{prefix}/num_microbatches", len(mbs), Reduce.MEAN)
+            record_metric(f"{prefix}/step_time_s", dt, Reduce.MEAN)
+            mfu = self._mfu(total[2], dt, seqs)
+            if mfu is not None:
+                record_metric(f"{prefix}/mfu", mfu, Reduce.MEAN)
+        self.last_grad_norm = grad_norm
+        return loss_value
+
+    def _clip_and_step(self) -> float:
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        max_norm = self.cfg.training.max_norm
+        clip = max_norm if max_norm and max_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        norm_f = float(norm)
+        if math.isfinite(norm_f):
+            self.optimizer.step()
+        else:  # a non-finite gradient would poison the weights: drop this update
+            log.warning("step %d: non-finite grad norm %s, optimizer step skipped", self.step, norm_f)
+            record_metric("rl_trainer/skipped_steps", 1, Reduce.SUM)
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm_f
+
+    def _mfu(self, tokens: float, dt: float, seqs: list[PackedSeq]) -> float | None:
+        if self.device.type != "cuda" or not seqs:
+            return None
+        name = torch.cuda.get_device_name(self.device)
+        peak = next((v for k, v in _PEAK_FLOPS.items() if k in name), None)
+        if peak is None:
+            return None
+        mean_len = sum(s.tokens.numel() for s in seqs) / len(seqs)
+        flops = self.model.args.flops_per_token(int(mean_len)) * tokens
+        return flops / (dt * peak * self.world_size)
+
+    # ------------------------------------------------------------------ inference-only
+    @torch.no_grad()
+    def forward_logprobs(self, inputs: list[dict], targets: list[dict], score_key: str = "padding_mask") -> Tensor:
+        """The trainer's logprobs `[B, R]` of the given response tokens (0 where not scored), at the
+        training temperature. Every rank returns the whole batch's."""
+        was_training = self.module.training
+        self.module.eval()
+        seqs, _, width, rows = self._rl_sequences(inputs, targets, score_key)
+        b = targets[0]["response"].shape[0] if len(targets) == 1 else None
+        out = torch.zeros(b if b is not None else rows.numel(), width, dtype=torch.float32, device=self.device)
+        for mb in self._microbatches(seqs):
+            if mb is None:
+                with self.autocast:
+                    self.module(*_args(dummy_microbatch().to(self.device)))
+                continue
+            mb = mb.to(self.device)
+            with self.autocast:
+                lp, _ = run_microbatch(self.module, mb, width)
+            target_rows = rows.to(self.device)[mb.rows.to(self.device)] if b is not None else mb.rows.to(self.device)
+            out[target_rows] = lp.float()
+        if self.distributed and b is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(out)  # rows are disjoint across ranks: the sum assembles the batch
+        if self.distributed:
+            reshard(self.module)
+        self.module.train(was_training)
+        return out
+
+    # ------------------------------------------------------------------ checkpoints / export
+    def save(self, step: int | None = None, extra: dict[str, Any] | None = None) -> Path:
+        c = self.cfg.checkpoint
+        if not c.dir:
+            raise ValueError("checkpoint.dir is not set: nowhere to save")
+        if extra is not None:
+            self.extra = dict(extra)
+        return ckpt.save_checkpoint(c.dir, self.step if step is None else step, self.module, self.optimizer,
+                                    self.scheduler, {"extra": self.extra, "trainer_step": self.step}, c.keep_last_n)
+
+    def load(self, path: str | Path | None = None) -> dict[str, Any] | None:
+        """Load `path`, or resume from the newest good checkpoint of `checkpoint.dir`."""
+        if path is not None:
+            out = ckpt.load_checkpoint(path, self.module, self.optimizer, self.scheduler)
+            out["path"] = Path(path)
+        else:
+            if not self.cfg.checkpoint.dir:
+                raise ValueError("checkpoint.dir is not set: nowhere to resume from")
+            out = ckpt.resume_latest(self.cfg.checkpoint.dir, self.module, self.optimizer, self.scheduler)
+            if out is None:
+                return None
+        saved = out["extra"]
+        self.step = int(saved.get("trainer_step", out["step"]))
+        self.extra = dict(saved.get("extra", {}))
+        return {"step": out["step"], "extra": self.extra, "path": str(out["path"])}
+
+    def maybe_save(self, extra: dict[str, Any] | None = None) -> Path | None:
+        c = self.cfg.checkpoint
+        if c.dir and c.interval and self.step % c.interval == 0:
+            return self.save(extra=extra)
+        return None
+
+    def export_hf(self, path: str | Path, dtype: str | torch.dtype | None = None) -> Path | None:
+        """HF safetensors directory (collective under FSDP; rank 0 writes)."""
+        from forge.models.hf_io import save_model
+
+        if not self.distributed:
+            return save_model(self.model, path, dtype=dtype)
+        # gather one parameter at a time into a CPU copy on rank 0
+        with torch.device("meta"):
+            host = CausalLM(self.model.args)
+        host.to_empty(device="cpu")
+        host.tie_weights()
+        host_sd = host.state_dict()
+        for name, t in self.model.state_dict().items():
+            full = t.full_tensor() if hasattr(t, "full_tensor") else t
+            if self.rank == 0:
+                host_sd[name].copy_(full.detach().cpu())
+            del full
+        out = save_model(host, path, dtype=dtype) if self.rank == 0 else None
+        import torch.distributed as dist
+
+        dist.barrier()
+        return out
+
+    def named_parameters(self):
+        """(HF name, parameter) — DTensor shards under FSDP; weight sync gathers them one by one."""
+        return self.model.named_parameters()
+
+
+def reshard(module: nn.Module) -> None:
+    """Return FSDP units left gathered by a forward with no backward (the root and the last
+    layer keep their parameters after forward) to their sharded state."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def _args(mb: MicroBatch) -> tuple:
+    return (mb.tokens, mb.positions, mb.document_ids, mb.gather_idx, mb.targets)
+
+
+def _call_loss(loss_fn: nn.Module, lp: Tensor, ent: Tensor, t: dict[str, Any]) -> Tensor:
+    kw = {"entropy": ent}
+    for k in ("generator_logprobs", "old_logprobs"):
+        if t.get(k) is not None:
+            kw[k] = t[k].float()
+    ref = t.get("ref_logprobs")
+    adv = t.get("advantages")
+    if adv is None and not isinstance(loss_fn, SFTLoss):
+        raise KeyError("targets lack 'advantages'")
+    return loss_fn(lp, None if ref is None else ref.float(), adv, t["padding_mask"], **kw)

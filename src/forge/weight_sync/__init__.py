@@ -1,0 +1,93 @@
+"""Moving the trainer's weights to the generators, with the version number attached.
+
+    pub = WeightPublisher(trainer_model, transport="inproc")        # trainer side
+    pub.publish(version)
+    sub = WeightSubscriber(generator_model, transport="inproc")     # generator side
+    applied = sub.fetch(version)                                    # between requests
+
+Transports: `inproc` (one process, tensors stay on device; see inproc.py for the staged /
+direct / share modes), `shm` (processes on one host, /dev/shm), `broadcast` (torch.distributed
+broadcast in buckets, NCCL across GPUs / gloo on CPU). FSDP shards are gathered one parameter
+at a time on the publishing side, never a whole second copy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from forge.weight_sync.common import WeightSyncError, iter_full_params, manifest
+from forge.weight_sync.inproc import clear_registry, register_model
+
+TRANSPORTS = ("inproc", "shm", "broadcast")
+
+
+def WeightPublisher(model: nn.Module, transport: str = "inproc", **kw: Any):
+    if transport == "inproc":
+        from forge.weight_sync.inproc import InprocPublisher
+
+        return InprocPublisher(model, **kw)
+    if transport == "shm":
+        from forge.weight_sync.shm import ShmPublisher
+
+        return ShmPublisher(model, **kw)
+    if transport == "broadcast":
+        from forge.weight_sync.broadcast import BroadcastPublisher
+
+        return BroadcastPublisher(model, **kw)
+    raise ValueError(f"weight sync transport must be one of {TRANSPORTS}, got {transport!r}")
+
+
+def WeightSubscriber(model: nn.Module, transport: str = "inproc", **kw: Any):
+    if transport == "inproc":
+        from forge.weight_sync.inproc import InprocSubscriber
+
+        return InprocSubscriber(model, **kw)
+    if transport == "shm":
+        from forge.weight_sync.shm import ShmSubscriber
+
+        return ShmSubscriber(model, **kw)
+    if transport == "broadcast":
+        from forge.weight_sync.broadcast import BroadcastSubscriber
+
+        return BroadcastSubscriber(model, **kw)
+    raise ValueError(f"weight sync transport must be one of {TRANSPORTS}, got {transport!r}")
+
+
+def get_weights(version: int, name: str = "policy", transport: str | None = None,
+                directory: str | None = None) -> dict:
+    """name -> tensor of the published `version`, for `Generator.update_weights(version)`.
+
+    transport None: `FORGE_WEIGHT_SYNC` if set, else in-process when this process has a staged
+    publish under `name`, else shared memory. Raises if that exact version is not available,
+    so a generator never labels weights with the wrong version.
+    """
+    import os
+
+    from forge.weight_sync.inproc import published_version, staged_weights
+
+    transport = transport or os.environ.get("FORGE_WEIGHT_SYNC") or (
+        "inproc" if published_version(name) is not None else "shm")
+    if transport == "inproc":
+        return staged_weights(name, version)
+    if transport == "shm":
+        from forge.weight_sync.shm import read_weights, version_path
+
+        path = version_path(name, version, directory)
+        if not path.is_file():
+            raise WeightSyncError(f"weight sync '{name}': version {version} not found at '{path}'")
+        return read_weights(path, version)
+    raise ValueError(f"get_weights supports transports inproc and shm (broadcast needs a WeightSubscriber), "
+                     f"got {transport!r}")
+
+
+def should_sync(step: int, sync_interval: int = 1) -> bool:
+    """Push weights after `step` (1-based count of finished train steps) every `sync_interval`."""
+    if sync_interval < 1:
+        raise ValueError(f"sync_interval must be >= 1, got {sync_interval}")
+    return step % sync_interval == 0
+
+
+__all__ = ["TRANSPORTS", "WeightPublisher", "WeightSubscriber", "WeightSyncError", "clear_registry", "get_weights",
+           "iter_full_params", "manifest", "register_model", "should_sync"]
