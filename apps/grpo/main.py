@@ -16,6 +16,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any, Awaitable, Callable
 
 import torch
 
@@ -37,7 +38,10 @@ log = logging.getLogger("forge.grpo")
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 
 
-async def main(cfg: GRPOConfig, resume: bool = False) -> dict:
+async def main(cfg: GRPOConfig, resume: bool = False,
+               on_step: Callable[[int, Any], Awaitable[None]] | None = None) -> dict:
+    """Run GRPO. `on_step(step, services)` (optional) runs after each training step: a hook for
+    tests and experiments (fault injection, custom evaluation)."""
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -51,10 +55,11 @@ async def main(cfg: GRPOConfig, resume: bool = False) -> dict:
 
     step = 0
     if resume:  # the trainer restores model/optimizer/RNG; we restore the data position and step
-        extra = (await s.trainer.load.call())[0]
-        if extra is None:
+        loaded = (await s.trainer.load.call())[0]
+        if loaded is None:
             log.warning("--resume: no checkpoint in %s; starting from scratch", run_dir / "checkpoints")
         else:
+            extra = loaded["extra"]
             step = int(extra["step"])
             await s.dataloader.load_state_dict.call_one(extra["dataset"])
             await s.trainer.push_weights.call(step)
@@ -65,6 +70,8 @@ async def main(cfg: GRPOConfig, resume: bool = False) -> dict:
     print(f"held-out accuracy before training: {before['eval/accuracy']:.3f}")
     await logger.flush(step, extra=before)
 
+    # the app saves (with the data position); torchforge configs put the interval under trainer
+    checkpoint_interval = cfg.checkpoint_interval or cfg.trainer.checkpoint.interval
     budget = RolloutBudget(groups_per_step, ahead=cfg.off_by_n)
     stop = asyncio.Event()
     recent: list[list[Episode]] = []
@@ -142,8 +149,10 @@ async def main(cfg: GRPOConfig, resume: bool = False) -> dict:
             await logger.flush(step, extra=extra)
             if cfg.samples_every and step % cfg.samples_every == 0:
                 write_samples(run_dir / "samples.jsonl", step, recent)
-            if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0:
+            if checkpoint_interval and step % checkpoint_interval == 0:
                 await save_checkpoint(s, step)
+            if on_step is not None:
+                await on_step(step, s)
         stop.set()
 
     t_start = time.perf_counter()

@@ -80,7 +80,8 @@ async def build_services(cfg: GRPOConfig, model_path: str, run_dir: Path) -> Ser
         parallelism=cfg.trainer.parallelism, compile=cfg.trainer.compile,
         activation_checkpoint=cfg.trainer.activation_checkpoint, weight_sync=sync,
     )
-    trainer_kw["checkpoint"]["resume"] = False  # the app resumes explicitly (it also restores data)
+    # the app resumes and saves explicitly (it also restores/saves the data position)
+    trainer_kw["checkpoint"].update(resume=False, interval=0)
     rb = cfg.replay_buffer
     batch_size = episodes_per_step(cfg)
     rewards = cfg.rewards
