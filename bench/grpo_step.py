@@ -53,17 +53,20 @@ def app_config(model: str, mode: str, a: argparse.Namespace, run_dir: Path, gpu:
     off_by_n = {"sync": 0, "async": 1}[mode]
     place = {"with_gpus": gpu}
     return {
-        "model": model, "seed": 0, "provisioner": "monarch" if a.separate_processes else "local",
+        "model": model, "seed": 0,
+        # separate processes on one GPU: generator and trainer processes share it
+        "provisioner": {"kind": "monarch", "share_gpus": True} if a.separate_processes else "local",
         "group_size": a.group, "local_batch_size": a.prompts * a.group,
         "max_req_tokens": 32, "max_res_tokens": a.tokens, "off_by_n": off_by_n,
-        "rollout_threads": a.prompts if off_by_n else a.prompts, "steps": a.steps, "output_dir": str(run_dir),
+        "rollout_threads": a.prompts, "steps": a.steps, "output_dir": str(run_dir),
         "samples_every": 0, "loss": {"name": "grpo", "beta": 0.0, "clip_low": 0.2, "clip_high": 0.28},
         "rewards": [{"name": "math"}], "dataset": {"task": "arithmetic", "task_kwargs": {"difficulty": 3}},
         "policy": {"engine_args": {"max_num_seqs": a.prompts * a.group, "kv_cache_tokens": a.prompts * a.group * (a.tokens + 64),
                                    "block_size": 16},
                    "sampling_params": {"temperature": 1.0, "ignore_eos": True, "max_tokens": a.tokens}},
         "trainer": {"optimizer": {"lr": 1e-6}, "training": {"max_tokens_per_microbatch": a.microbatch_tokens,
-                                                            "dtype": "bfloat16", "max_norm": 1.0}},
+                                                            "dtype": "bfloat16", "max_norm": 1.0},
+                    "weight_sync": {"transport": "shm" if a.separate_processes else "inproc"}},
         "eval": {"num_samples": 0},
         "metric_logging": {"jsonl": {}},
         "services": {"policy": place, "ref_model": place, "reward_actor": {}},

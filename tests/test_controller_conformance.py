@@ -345,3 +345,22 @@ def test_monarch_proc_env_and_gpu_mapping(rt: Runtime) -> None:
             await Worker.options(with_gpus=True).as_service()
 
     rt.run(main())
+
+
+def test_gpu_sharing_places_extra_procs_on_the_least_loaded_gpu():
+    from forge.controller.errors import ResourceError
+    from forge.controller.placement import GpuAllocator
+
+    strict = GpuAllocator.with_count(1)
+    assert strict.allocate(1, "generator") == ["0"]
+    with pytest.raises(ResourceError, match="trainer needs 1 GPU"):
+        strict.allocate(1, "trainer")
+    shared = GpuAllocator.with_count(2, share=True)
+    assert shared.allocate(1, "generator") == ["0"]
+    assert shared.allocate(1, "trainer") == ["1"]
+    assert shared.allocate(1, "ref") == ["0"]  # both taken: shares the least-loaded one
+    with pytest.raises(ResourceError):
+        shared.allocate(3, "too-big")
+    shared.release(["0"])
+    shared.release(["0"])
+    assert "0" in shared.free

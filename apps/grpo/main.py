@@ -45,7 +45,11 @@ async def main(cfg: GRPOConfig, resume: bool = False,
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    init_provisioner(cfg.provisioner if isinstance(cfg.provisioner, str) else cfg.provisioner.get("kind", "local"))
+    if isinstance(cfg.provisioner, str):
+        init_provisioner(cfg.provisioner)
+    else:  # {kind: monarch, share_gpus: true, ...}
+        opts = dict(cfg.provisioner)
+        init_provisioner(opts.pop("kind", "local"), **opts)
     model_path = resolve_model(cfg)
     max_steps = cfg.steps or 100
     logger = MetricLogger(build_backends(cfg.metric_logging, total_steps=max_steps, run_dir=run_dir))

@@ -461,16 +461,19 @@ class MonarchReplica(Replica):
 class MonarchProvisioner(Provisioner):
     """Places each replica on its own proc mesh on this host (host meshes / SLURM later).
 
-    `gpu_count` overrides the number of GPUs the host is taken to have (tests, dry runs).
+    `gpu_count` overrides the number of GPUs the host is taken to have (tests, dry runs);
+    `share_gpus` lets processes of different services share a GPU once all are taken.
     """
 
     kind = "monarch"
 
     def __init__(self, gpu_count: int | None = None, poll_s: float = 0.2, boot_timeout_s: float = 120.0,
-                 stop_timeout_s: float = 10.0):
+                 stop_timeout_s: float = 10.0, share_gpus: bool = False):
         global _active_provisioners
         super().__init__()
-        self.gpus = GpuAllocator.with_count(gpu_count) if gpu_count is not None else GpuAllocator(visible_gpu_ids())
+        # share_gpus: several services' processes on one GPU (e.g. generator + trainer, 1-GPU host)
+        self.gpus = (GpuAllocator.with_count(gpu_count, share=share_gpus) if gpu_count is not None
+                     else GpuAllocator(visible_gpu_ids(), share=share_gpus))
         self.poll_s, self.boot_timeout_s, self.stop_timeout_s = poll_s, boot_timeout_s, stop_timeout_s
         _install_fault_hook()
         _active_provisioners += 1

@@ -24,19 +24,23 @@ def visible_gpu_ids() -> list[str]:
 
 
 class GpuAllocator:
-    """Hands out distinct GPUs (one per proc) to replicas; no GPU is ever given twice."""
+    """Hands out distinct GPUs (one per proc) to replicas; no GPU is ever given twice, unless
+    `share=True`: then, once every GPU is taken, further procs share the least-loaded GPUs
+    (several processes on one GPU: generator + trainer on a single-GPU host)."""
 
-    def __init__(self, gpu_ids: list[str]):
+    def __init__(self, gpu_ids: list[str], share: bool = False):
         if len(set(gpu_ids)) != len(gpu_ids):
             raise ValueError(f"GPU ids must be distinct, got {gpu_ids}")
         self.gpu_ids = list(gpu_ids)
-        self._owner: dict[str, str] = {}  # gpu id -> who holds it
+        self.share = share
+        self._owner: dict[str, str] = {}  # gpu id -> who holds it (first holder)
+        self._load: dict[str, int] = {g: 0 for g in self.gpu_ids}
 
     @classmethod
-    def with_count(cls, count: int) -> "GpuAllocator":
+    def with_count(cls, count: int, share: bool = False) -> "GpuAllocator":
         if count < 0:
             raise ValueError(f"gpu count must be >= 0, got {count}")
-        return cls([str(i) for i in range(count)])
+        return cls([str(i) for i in range(count)], share=share)
 
     @property
     def total(self) -> int:
@@ -48,6 +52,14 @@ class GpuAllocator:
 
     def allocate(self, n: int, who: str) -> list[str]:
         free = self.free
+        if self.share and self.total and n > len(free):
+            if n > self.total:
+                raise ResourceError(f"{who} needs {n} GPU(s) (one per proc) but the host has {self.total}")
+            got = sorted(self.gpu_ids, key=lambda g: (self._load[g], self.gpu_ids.index(g)))[:n]
+            for g in got:
+                self._owner.setdefault(g, who)
+                self._load[g] += 1
+            return got
         if n > len(free):
             held = sorted(set(self._owner.values()))
             raise ResourceError(
@@ -58,11 +70,14 @@ class GpuAllocator:
         got = free[:n]
         for g in got:
             self._owner[g] = who
+            self._load[g] += 1
         return got
 
     def release(self, gpu_ids: list[str]) -> None:
         for g in gpu_ids:
-            self._owner.pop(g, None)
+            self._load[g] = max(0, self._load.get(g, 0) - 1)
+            if self._load[g] == 0:
+                self._owner.pop(g, None)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
