@@ -7,6 +7,12 @@ chunked log-prob helper (no [N, V] float32 logits); HF runs its standard `labels
     python bench/train_throughput.py --out bench_train.json                 # H100
     python bench/train_throughput.py --packed --precision bf16,amp          # packed docs, both precisions
     python bench/train_throughput.py --smoke                                # CPU, tiny shape, 2 steps
+    python bench/train_throughput.py --micro --out micro.json               # pieces: SDPA backends, log-probs, GEMMs, flex
+    python bench/train_throughput.py --variants forge-compile-sdpa --profile prof/   # kernels by device time, host ops
+
+Variants: hf-eager-sdpa, forge-eager-sdpa, forge-compile-sdpa (per-block torch.compile), *-cg (the same with
+CUDA graphs, mode="reduce-overhead"), *-flex (FlexAttention; with --packed a document block mask),
+forge-compilefull-* (whole forward as one graph). Results and measurements: bench/NOTES_train.md.
 
 MFU = tokens/s * ModelArgs.flops_per_token(seq) / peak (6 * matmul params incl. lm_head + causal
 attention; the embedding gather is not counted). `mfu_incl_emb` also counts the embedding table as
@@ -30,7 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from forge.models import CausalLM, ModelArgs, enable_activation_checkpointing, logprobs_from_hidden, maybe_compile  # noqa: E402
 from forge.models.attention import make_training_attention  # noqa: E402
 
-VARIANTS = ["hf-eager-sdpa", "forge-eager-sdpa", "forge-compile-sdpa", "forge-compile-flex"]
+# *-cg: per-block compile with CUDA graphs (mode="reduce-overhead"): fixed shapes, one GPU (not with FSDP)
+# forge-compilefull-*: the whole CausalLM.forward as one graph (no faster here; kept to compare)
+VARIANTS = ["hf-eager-sdpa", "forge-eager-sdpa", "forge-compile-sdpa", "forge-compile-sdpa-cg", "forge-compile-flex",
+            "forge-compile-flex-cg"]
+ALL_VARIANTS = VARIANTS + ["forge-compilefull-sdpa", "forge-compilefull-flex"]
+COMPILE_MODE: str | None = None  # --compile-mode
 
 
 def qwen25_05b() -> ModelArgs:
@@ -57,6 +68,12 @@ class Result:
     peak_mem_gib: float
     loss: float
     error: str = ""
+    fwd_ms: float = 0.0  # forward + loss (device time between events, median step)
+    bwd_ms: float = 0.0
+    opt_ms: float = 0.0
+    cpu_ms: float = 0.0  # host time to enqueue the whole step (no sync inside); ~step_ms means CPU-bound
+    graphs: int = 0  # torch.compile graphs made while running this variant (recompiles show up here)
+    settings: str = ""
 
 
 def make_batch(args: ModelArgs, b: int, t: int, packed: bool, device, seed: int):
@@ -92,11 +109,12 @@ def build(variant: str, args: ModelArgs, dtype: torch.dtype, device, ac: bool):
     model.to(dtype)
     enable_activation_checkpointing(model, ac)
     if "compile" in variant:
-        maybe_compile(model)
+        mode = "reduce-overhead" if variant.endswith("-cg") else COMPILE_MODE
+        maybe_compile(model, whole_model="compilefull" in variant, **({"mode": mode} if mode else {}))
     return model
 
 
-def loss_fn(variant: str, model, tokens, positions, docs, use_flex: bool, recompute: bool):
+def loss_fn(variant: str, model, tokens, positions, docs, use_flex: bool, recompute: bool, chunk_size: int = 2048):
     if variant.startswith("hf"):
         # HF has no packed-document masking under sdpa: it always runs plain causal rows
         return model(input_ids=tokens, labels=tokens).loss
@@ -104,7 +122,7 @@ def loss_fn(variant: str, model, tokens, positions, docs, use_flex: bool, recomp
                                    tokens.shape[1], use_flex=use_flex)
     hidden = model(tokens, positions, docs, attention=attn, return_hidden=True)
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    lp, _ = logprobs_from_hidden(h, model.lm_head.weight, tokens[:, 1:].reshape(-1), chunk_size=2048, recompute=recompute)
+    lp, _ = logprobs_from_hidden(h, model.lm_head.weight, tokens[:, 1:].reshape(-1), chunk_size=chunk_size, recompute=recompute)
     return -lp.mean()
 
 
@@ -119,19 +137,46 @@ def run_variant(variant: str, precision: str, a, args: ModelArgs, device) -> Res
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times, loss = [], float("nan")
+    times, parts, loss = [], [], float("nan")
+    cuda = device.type == "cuda"
+    from torch._dynamo.utils import counters
+
+    graphs0 = counters["stats"]["unique_graphs"]
+
+    cpu_end: list[float] = []
+    cpu_times: list[float] = []
+
+    def step_once(record: bool):
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)] if cuda else []
+        if ev:
+            ev[0].record()
+        with autocast:
+            l = loss_fn(variant, model, tokens, positions, docs, use_flex, not a.no_recompute, a.chunk_size)
+        if ev:
+            ev[1].record()
+        l.backward()
+        if ev:
+            ev[2].record()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ev:
+            ev[3].record()
+        cpu_end.append(time.perf_counter())
+        return l, ev
+
     for step in range(a.warmup + a.steps):
         sync()
         t0 = time.perf_counter()
-        with autocast:
-            l = loss_fn(variant, model, tokens, positions, docs, use_flex, not a.no_recompute)
-        l.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        l, ev = step_once(step >= a.warmup)
         sync()
         if step >= a.warmup:
             times.append(time.perf_counter() - t0)
+            cpu_times.append(cpu_end[-1] - t0)
+            if ev:
+                parts.append([ev[i].elapsed_time(ev[i + 1]) for i in range(3)])
         loss = l.item()
+    if a.profile and cuda:
+        profile_steps(step_once, sync, a.profile / f"{variant}-{precision}{'-packed' if a.packed else ''}.txt")
     step_s = sorted(times)[len(times) // 2]  # median: robust to a stray slow step
     tps = a.batch * a.seq / step_s
     # packed: a token in a document of length n attends over ~n/2 tokens, so the token-weighted
@@ -144,8 +189,230 @@ def run_variant(variant: str, precision: str, a, args: ModelArgs, device) -> Res
     peak = a.peak_tflops * 1e12
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
     del model, opt
+    med = [sorted(p[i] for p in parts)[len(parts) // 2] for i in range(3)] if parts else [0.0] * 3
     return Result(variant, precision, a.packed, tps, step_s * 1e3, tps * flops / peak,
-                  tps * (flops + 6 * args.vocab_size * args.hidden_size) / peak, mem, loss)
+                  tps * (flops + 6 * args.vocab_size * args.hidden_size) / peak, mem, loss, "", *med,
+                  sorted(cpu_times)[len(cpu_times) // 2] * 1e3 if cpu_times else 0.0,
+                  counters["stats"]["unique_graphs"] - graphs0, settings(a))
+
+
+def settings(a) -> str:
+    from forge.models import attention as A
+
+    import forge.models.logprobs as LP
+
+    return (f"chunk={a.chunk_size} recompute={not a.no_recompute} gqa={A.SDPA_GQA} sdpa={A.SDPA_BACKEND} "
+            f"flex_opts={A.FLEX_KERNEL_OPTIONS} lp_kernels={LP.CUDA_KERNELS} compile_mode={COMPILE_MODE}")
+
+
+KERNEL_KINDS = [  # (kind, substrings of the kernel name), first match wins
+    ("attention", ("flash", "fmha", "attention", "flex", "cudnn")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "matmul", "splitk", "gemv")),
+    ("optimizer", ("multi_tensor", "adam", "foreach")),
+    ("embedding", ("embedding", "indexing_backward", "index_put", "scatter", "gather", "sort", "radix")),
+    ("triton (fused)", ("triton",)),
+    ("reduce", ("reduce",)),
+    ("elementwise", ("elementwise", "vectorized", "copy", "fill", "cat")),
+]
+
+
+def profile_steps(step_once, sync, path: Path, n: int = 2) -> None:
+    """torch.profiler over n steps: kernels by device time, grouped by kind, and how busy the GPU was."""
+    from torch.profiler import ProfilerActivity, profile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step_once(False)
+        sync()
+        wall = (time.perf_counter() - t0) / n * 1e3
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels.sort(key=lambda e: e.time_range.start)
+    busy, end = 0.0, None  # union of kernel intervals (us)
+    for e in kernels:
+        s_, e_ = e.time_range.start, e.time_range.end
+        if end is None or s_ >= end:
+            busy += e_ - s_
+            end = e_
+        elif e_ > end:
+            busy += e_ - end
+            end = e_
+    by_kind: dict[str, float] = {}
+    by_name: dict[str, list] = {}
+    for e in kernels:
+        name = e.name
+        low = name.lower()
+        kind = next((k for k, subs in KERNEL_KINDS if any(x in low for x in subs)), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + e.time_range.elapsed_us()
+        r = by_name.setdefault(name, [0.0, 0, kind])
+        r[0] += e.time_range.elapsed_us()
+        r[1] += 1
+    lines = [f"wall {wall:.1f} ms/step, GPU busy {busy / n / 1e3:.1f} ms/step ({busy / n / 1e3 / wall:.0%}), "
+             f"{len(kernels) / n:.0f} kernels/step"]
+    for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {k:<16}{v / n / 1e3:8.2f} ms")
+    lines.append(f"{'ms/step':>8} {'calls':>6}  kind             kernel")
+    for name, (us, c, kind) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:45]:
+        lines.append(f"{us / n / 1e3:8.2f} {c // n:>6}  {kind:<16} {name[:150]}")
+    lines.append("host (CPU) side, top ops by self CPU time per step:")
+    ka = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:25]
+    for e in ka:
+        lines.append(f"{e.self_cpu_time_total / n / 1e3:8.2f} ms self {e.cpu_time_total / n / 1e3:8.2f} ms total "
+                     f"{e.count // n:>6}  {e.key[:110]}")
+    path.write_text("\n".join(lines) + "\n")
+    print(f"[profile] {path.name}: " + " | ".join(lines[: 1 + len(by_kind)]), flush=True)
+
+
+def _bench_ms(fn, iters: int = 10, warmup: int = 3) -> float:
+    """Median device time of fn() in ms (events around each call)."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    if not torch.cuda.is_available():  # CPU smoke of the micro path
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+        return sorted(ts)[len(ts) // 2]
+    for _ in range(iters):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        fn()
+        e1.record()
+        torch.cuda.synchronize()
+        ts.append(e0.elapsed_time(e1))
+    return sorted(ts)[len(ts) // 2]
+
+
+def lp_check(args: ModelArgs, a, device) -> None:
+    """Log-prob kernels (Triton / torch.compile / eager torch) against a float64 reference: values and grads."""
+    import forge.models.logprobs as LP
+
+    g = torch.Generator(device=device).manual_seed(123)
+    n, hd, vocab = 1000, args.hidden_size, args.vocab_size
+    h = (torch.randn(n, hd, device=device, generator=g)).bfloat16()
+    w = (torch.randn(vocab, hd, device=device, generator=g) * 0.05).bfloat16()
+    tgt = torch.randint(0, vocab, (n,), device=device, generator=g)
+    ca, cb = torch.randn(n, device=device, generator=g), torch.randn(n, device=device, generator=g)
+    hr, wr = h.double().requires_grad_(), w.double().requires_grad_()
+    for temp in (1.0, 0.7):
+        logp = ((hr @ wr.t()) / temp).log_softmax(-1)
+        rlp, rent = logp.gather(-1, tgt[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
+        rgh, rgw = torch.autograd.grad((rlp * ca + rent * cb).sum(), (hr, wr))
+        for kern in ("triton", "compile", "eager"):
+            LP.CUDA_KERNELS = kern if kern != "eager" else "triton"
+            for cs, rc in ((256, True), (4096, False)):
+                h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+                lp, ent = logprobs_from_hidden(h1, w1, tgt, temp, chunk_size=cs, recompute=rc, use_compile=kern != "eager")
+                gh, gw = torch.autograd.grad((lp * ca + ent * cb).sum(), (h1, w1))
+                rel = lambda x, y: float((x.double() - y).norm() / y.norm())
+                print(f"[lp-check] T={temp} {kern:<8} chunk={cs:<5} recompute={rc!s:<5} rel err lp {rel(lp, rlp):.1e} "
+                      f"ent {rel(ent, rent):.1e} dh {rel(gh, rgh):.1e} dw {rel(gw, rgw):.1e}", flush=True)
+    LP.CUDA_KERNELS = "triton"
+
+
+def micro(args: ModelArgs, a, device) -> None:
+    """Pieces of the step in isolation: which SDPA backend wins for GQA, log-prob chunking, GEMM rates."""
+    parts = set(a.micro_parts.split(","))
+    if "lpcheck" in parts:
+        lp_check(args, a, device)
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from forge.models import attention as A
+
+    out: dict[str, float | str] = {}
+
+    def rec(key: str, fn, flops: float = 0.0):
+        try:
+            ms = _bench_ms(fn)
+            out[key] = ms
+            print(f"[micro] {key:<58}{ms:9.3f} ms" + (f"  {flops / ms / 1e9:7.0f} TFLOP/s" if flops else ""), flush=True)
+        except Exception as e:  # unsupported backend etc.
+            out[key] = f"{type(e).__name__}: {str(e)[:160]}"
+            print(f"[micro] {key:<58}  FAILED {out[key]}", flush=True)
+        torch.cuda.empty_cache()
+
+    b, t, hq, hkv, d = a.batch, a.seq, args.num_attention_heads, args.num_key_value_heads, args.head_dim
+    g = torch.Generator(device=device).manual_seed(0)
+    mk = lambda *shape: torch.randn(*shape, device=device, dtype=torch.bfloat16, generator=g).requires_grad_()
+    q, k, v = mk(b, hq, t, d), mk(b, hkv, t, d), mk(b, hkv, t, d)
+    go = torch.randn(b, hq, t, d, device=device, dtype=torch.bfloat16, generator=g)
+    if device.type != "cuda":
+        torch.cuda.reset_peak_memory_stats = torch.cuda.max_memory_allocated = lambda *a, **k: 0
+    attn_flops = 3.5 * 4 * b * hq * t * t * d / 2  # causal fwd+bwd
+    ke, ve = (x.detach().repeat_interleave(hq // hkv, 1).requires_grad_() for x in (k, v))
+
+    def sdpa_step(kk, vv, gqa, backend):
+        def f():
+            ctx = sdpa_kernel([backend]) if backend is not None else torch.enable_grad()
+            with ctx:
+                o = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=gqa)
+            o.backward(go)
+        return f
+
+    for name, be in [] if "attn" not in parts else [("default", None), ("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                     ("efficient", SDPBackend.EFFICIENT_ATTENTION), ("math", SDPBackend.MATH)]:
+        rec(f"sdpa fwd+bwd gqa-native {name}", sdpa_step(k, v, True, be), attn_flops)
+        rec(f"sdpa fwd+bwd gqa-expanded {name}", sdpa_step(ke, ve, False, be), attn_flops)
+    # which backend does the default pick?
+    from torch.profiler import ProfilerActivity, profile
+
+    for name, kk, vv, gqa in [("native", k, v, True), ("expanded", ke, ve, False)] if device.type == "cuda" and "attn" in parts else []:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            sdpa_step(kk, vv, gqa, None)()
+            torch.cuda.synchronize()
+        names = sorted({e.name[:90] for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA})
+        out[f"sdpa default kernels {name}"] = " ; ".join(names)
+        print(f"[micro] sdpa default kernels ({name}): {names}", flush=True)
+
+    # log-probs: lm_head + log-softmax fwd+bwd over the batch's tokens
+    n, hd, vocab = b * t - b, args.hidden_size, args.vocab_size
+    h0 = torch.randn(n, hd, device=device, dtype=torch.bfloat16, generator=g)
+    w0 = torch.randn(vocab, hd, device=device, dtype=torch.bfloat16, generator=g) * 0.02
+    tgt = torch.randint(0, vocab, (n,), device=device, generator=g)
+    lp_flops = 2 * n * hd * vocab
+    for prec in ("bf16", "amp") if "lp" in parts else ():
+        dt = torch.bfloat16 if prec == "bf16" else torch.float32
+        h1, w1 = h0.to(dt).requires_grad_(), w0.to(dt).requires_grad_()
+        for cs in (1024, 2048, 4096, 8192):
+            for recompute in (True, False):
+                def f(cs=cs, recompute=recompute, h1=h1, w1=w1, prec=prec):
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=prec == "amp"):
+                        lp, _ = logprobs_from_hidden(h1, w1, tgt, chunk_size=cs, recompute=recompute)
+                    (-lp.mean()).backward()
+                    h1.grad = w1.grad = None
+                torch.cuda.reset_peak_memory_stats()
+                rec(f"logprobs {prec} chunk={cs} recompute={recompute}", f, lp_flops * (4 if recompute else 3))
+                out[f"logprobs {prec} chunk={cs} recompute={recompute} peak GiB"] = torch.cuda.max_memory_allocated() / 2**30
+
+    # GEMM rates at the layer's shapes (m = tokens)
+    m, i_ = b * t, args.intermediate_size
+    for (mm_, kk_, nn_) in [(m, hd, i_), (m, i_, hd), (i_, m, hd), (m, hd, hd), (m, hd, 128), (hd, m, 128),
+                            (m, hd, 2 * i_), (2048, hd, vocab), (8192, hd, vocab), (8192, vocab, hd), (vocab, 8192, hd)
+                            ] if "gemm" in parts else []:
+        x = torch.randn(mm_, kk_, device=device, dtype=torch.bfloat16, generator=g)
+        y = torch.randn(kk_, nn_, device=device, dtype=torch.bfloat16, generator=g)
+        rec(f"gemm {mm_}x{kk_} @ {kk_}x{nn_}", lambda x=x, y=y: x @ y, 2 * mm_ * kk_ * nn_)
+    # FlexAttention: causal (one document) and packed documents, default and a few kernel options
+    _, _, docs = make_batch(args, b, t, True, device, seed=1)
+    qf, kf, vf = (x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in (q, k, v))
+    flex = A._compiled_flex()
+    for label, dd in [("causal", torch.zeros_like(docs)), ("packed", docs)] if device.type == "cuda" and "flex" in parts else []:
+        mm = lambda bi, h, qi, ki, dd=dd: (qi >= ki) & (dd[bi, qi] == dd[bi, ki])
+        bm = A.document_block_mask(dd, mm)
+        rec(f"flex block mask build ({label})", lambda dd=dd, mm=mm: A.document_block_mask(dd, mm))
+        for opts in [None, {"BLOCK_M": 64, "BLOCK_N": 128}, {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_M1": 64, "BLOCK_N1": 128,
+                                                                 "BLOCK_M2": 128, "BLOCK_N2": 64}]:
+            def f(bm=bm, opts=opts):
+                o = flex(qf, kf, vf, block_mask=bm, enable_gqa=True, kernel_options=opts)
+                o.backward(go)
+            rec(f"flex fwd+bwd {label} {json.dumps(opts) if opts else 'default'}", f, attn_flops if label == "causal" else 0)
+
+    if a.out:
+        a.out.write_text(json.dumps(out, indent=1))
 
 
 def main(argv: list[str] | None = None) -> list[Result]:
@@ -160,15 +427,25 @@ def main(argv: list[str] | None = None) -> list[Result]:
     p.add_argument("--packed", action="store_true", help="several documents per row (forge variants mask across docs)")
     p.add_argument("--ac", action="store_true", help="activation checkpointing on every layer")
     p.add_argument("--no-recompute", action="store_true", help="keep chunk logits (bf16) for backward instead of recomputing")
+    p.add_argument("--chunk-size", type=int, default=8192,
+                   help="lm_head/log-softmax chunk (tokens); >= batch tokens = one chunk, logits kept for backward")
+    p.add_argument("--gqa", choices=["native", "expand"], default=None, help="SDPA grouped-query handling on CUDA")
+    p.add_argument("--sdpa-backend", choices=["flash", "cudnn", "efficient", "math"], default=None)
+    p.add_argument("--lp-kernels", choices=["triton", "compile"], default=None, help="log-prob element-wise kernels")
+    p.add_argument("--flex-opts", default=None, help="FlexAttention kernel_options as JSON")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode for the compiled variants")
+    p.add_argument("--profile", type=Path, default=None, help="directory: torch.profiler summary per variant")
+    p.add_argument("--micro", action="store_true", help="micro-benchmarks (attention backends, log-prob chunking, GEMMs)")
+    p.add_argument("--micro-parts", default="lpcheck,attn,lp,gemm,flex")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="H100 SXM bf16 dense")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     device = torch.device(a.device)
     variants = [v for v in a.variants.split(",") if v]
-    unknown = set(variants) - set(VARIANTS)
+    unknown = set(variants) - set(ALL_VARIANTS)
     if unknown:
-        p.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+        p.error(f"unknown variants {sorted(unknown)}; choose from {ALL_VARIANTS}")
     if a.smoke:
         args = smoke_args()
         a.batch, a.seq, a.steps, a.warmup = 2, 64, 2, 1
@@ -178,30 +455,58 @@ def main(argv: list[str] | None = None) -> list[Result]:
         args = qwen25_05b()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
+    from forge.models import attention as A
+
+    global COMPILE_MODE
+    COMPILE_MODE = a.compile_mode
+    if a.gqa:
+        A.SDPA_GQA = a.gqa
+    if a.sdpa_backend:
+        A.SDPA_BACKEND = a.sdpa_backend
+    if a.lp_kernels:
+        import forge.models.logprobs as LP
+
+        LP.CUDA_KERNELS = a.lp_kernels
+    if a.flex_opts:
+        A.FLEX_KERNEL_OPTIONS = json.loads(a.flex_opts)
+    if a.micro:
+        micro(args, a, device)
+        return []
     results = []
+    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+
+    def write_json():
+        if a.out:  # rewritten after every variant, so a run cut short keeps what it measured
+            a.out.write_text(json.dumps({"device": dev_name, "model_args": asdict(args), "batch": a.batch, "seq": a.seq,
+                                         "steps": a.steps, "peak_tflops": a.peak_tflops, "torch": torch.__version__,
+                                         "results": [asdict(r) for r in results]}, indent=2))
+
     for prec in a.precision.split(","):
         for v in variants:
             try:
                 results.append(run_variant(v, prec, a, args, device))
             except Exception as e:  # one failing variant (e.g. OOM) must not hide the others
                 results.append(Result(v, prec, a.packed, 0, 0, 0, 0, 0, float("nan"), f"{type(e).__name__}: {e}"[:300]))
+            r = results[-1]
+            print(f"[done] {v} {prec}: {r.step_ms:.1f} ms/step {r.mfu_incl_emb:.1%} MFU* {r.error}", flush=True)
+            write_json()
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"\n{args.num_params() / 1e6:.0f}M params, {a.batch}x{a.seq} tokens, {dev_name}, packed={a.packed}, ac={a.ac}")
-    print(f"{'variant':<22}{'prec':<6}{'tok/s':>10}{'step ms':>9}{'MFU':>7}{'MFU*':>7}{'mem GiB':>9}{'loss':>9}")
+    print(f"{'variant':<23}{'prec':<6}{'tok/s':>9}{'step ms':>9}{'MFU':>7}{'MFU*':>7}{'mem GiB':>9}{'loss':>9}"
+          f"{'fwd':>7}{'bwd':>7}{'opt':>6}{'cpu':>7}{'graphs':>7}")
     for r in results:
         if r.error:
-            print(f"{r.variant:<22}{r.precision:<6}  FAILED {r.error}")
+            print(f"{r.variant:<23}{r.precision:<6}  FAILED {r.error}")
         else:
-            print(f"{r.variant:<22}{r.precision:<6}{r.tokens_per_s:>10.0f}{r.step_ms:>9.1f}{r.mfu:>7.1%}"
-                  f"{r.mfu_incl_emb:>7.1%}{r.peak_mem_gib:>9.1f}{r.loss:>9.3f}")
-    print("MFU* counts the embedding table as matmul FLOPs too (6*V*H per token)")
+            print(f"{r.variant:<23}{r.precision:<6}{r.tokens_per_s:>9.0f}{r.step_ms:>9.1f}{r.mfu:>7.1%}"
+                  f"{r.mfu_incl_emb:>7.1%}{r.peak_mem_gib:>9.1f}{r.loss:>9.3f}{r.fwd_ms:>7.1f}{r.bwd_ms:>7.1f}"
+                  f"{r.opt_ms:>6.1f}{r.cpu_ms:>7.1f}{r.graphs:>7}")
+    print("MFU* counts the embedding table as matmul FLOPs too (6*V*H per token); fwd/bwd/opt: device ms between events "
+          "(fwd includes the loss); cpu: host ms to enqueue the step (near step ms = host-bound)")
     if a.out:
-        a.out.write_text(json.dumps({"device": dev_name, "model_args": asdict(args), "batch": a.batch, "seq": a.seq,
-                                     "steps": a.steps, "peak_tflops": a.peak_tflops, "torch": torch.__version__,
-                                     "results": [asdict(r) for r in results]}, indent=2))
+        write_json()
         print(f"wrote {a.out}")
     return results
 

@@ -25,6 +25,21 @@ from forge.models.args import ModelArgs
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class LayerAgnosticAttention:
+    """An `AttentionFn` that is the same for every layer (training attention): `fn(q, k, v)`.
+
+    The decoder does not read `layer_idx` for it, so a compiled `DecoderLayer` has no guard on
+    the layer index and all layers share one graph (otherwise torch.compile specialises on each
+    layer's integer index, recompiles per layer and falls back to eager past its recompile limit).
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]):
+        self.fn = fn
+
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.fn(q, k, v)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -32,7 +47,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
+        if x.dtype == self.weight.dtype:
+            # one fused kernel each way in eager (float32 statistics, one rounding at the end);
+            # torch.compile decomposes it into the same fused reduction
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        dtype = x.dtype  # mixed dtypes (e.g. bf16 activations, fp32 weight under autocast): HF's recipe
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
@@ -88,10 +107,12 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin in float32 (cos/sin are float32), rounded once to x's dtype."""
     d = x.shape[-1] // 2
     x1, x2 = x[..., :d], x[..., d:]
     rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    # type promotion does the upcast inside the multiply (no separate .float() copies)
+    return torch.addcmul(x * cos, rotated, sin).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -121,7 +142,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
         q, k, v = self.project_qkv(x, cos, sin)
-        out = attention(self.layer_idx, q, k, v)
+        if isinstance(attention, LayerAgnosticAttention):
+            out = attention.fn(q, k, v)
+        else:
+            out = attention(self.layer_idx, q, k, v)
         return self.o_proj(out.reshape(x.shape[0], x.shape[1], -1))
 
 

@@ -36,62 +36,131 @@ def _bwd_dz(z, tgt, lse, ent, g_lp, g_ent, temperature: float):
     return (dz / temperature).to(z.dtype)
 
 
+def _bwd_dz_fused(z, tgt, lse, ent, g_lp, g_ent, temperature: float):
+    """`_bwd_dz` written as one element-wise expression (the target's one-hot through `where`, not
+    `scatter_add`), so that torch.compile emits one kernel that writes dz once in z's dtype."""
+    logp = z.to(lse.dtype) / temperature - lse[:, None]
+    p = logp.exp()
+    dz = -p * (g_lp[:, None] + (logp + ent[:, None]) * g_ent[:, None])
+    cols = torch.arange(z.shape[-1], device=z.device)
+    dz = torch.where(cols[None, :] == tgt[:, None], dz + g_lp[:, None], dz)
+    return (dz / temperature).to(z.dtype)
+
+
 _compiled: dict[str, object] = {}
 COMPILE_BACKEND = "inductor"  # tests swap in "aot_eager" to trace the same path without a C++ toolchain
+# On CUDA, the per-chunk element-wise work runs as two hand-written Triton kernels ("triton": one
+# read of the logits for the statistics, one read + one write for the gradient) or through
+# torch.compile ("compile").
+CUDA_KERNELS = "triton"
 
 
-def _kernels(use_compile: bool):
+def _kernels(use_compile: bool, device: torch.device | None = None):
     # On GPU the element-wise work over [chunk, V] (several passes over ~0.6 GB per chunk in eager)
-    # fuses into one or two kernels under torch.compile.
+    # fuses into one or two kernels.
     if not use_compile:
         return _fwd_stats, _bwd_dz
+    if device is not None and device.type == "cuda" and CUDA_KERNELS == "triton":
+        from forge.models import _lp_triton
+
+        if _lp_triton.available():
+            return _lp_triton.fwd_stats, _lp_triton.bwd_dz
     if not _compiled:
         _compiled["fwd"] = torch.compile(_fwd_stats, dynamic=True, backend=COMPILE_BACKEND)
-        _compiled["bwd"] = torch.compile(_bwd_dz, dynamic=True, backend=COMPILE_BACKEND)
+        _compiled["bwd"] = torch.compile(_bwd_dz_fused, dynamic=True, backend=COMPILE_BACKEND)
     return _compiled["fwd"], _compiled["bwd"]
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the lm_head matmuls run in: the autocast dtype for float32 inputs under autocast
+    (what `hidden @ weight.t()` would give there), else the inputs' own dtype. The backward runs
+    in the same dtype, so recompute gives exactly the forward's logits under autocast too."""
+    dev = t.device.type
+    if t.dtype == torch.float32 and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return t.dtype
+
+
+def _mm_acc(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """acc + a @ b in `out_dtype` (float32 for low-precision inputs): on CUDA cuBLAS accumulates into
+    the float32 output directly (no [V, H] temporary, no extra cast/add passes)."""
+    if a.dtype == out_dtype:
+        return a @ b if acc is None else acc.addmm_(a, b)
+    if a.is_cuda and out_dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(a, b, out_dtype=out_dtype) if acc is None else torch.addmm(acc, a, b, out_dtype=out_dtype)
+    return (a @ b).to(out_dtype) if acc is None else acc.add_(a @ b)
 
 
 class _ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature: float, chunk_size: int, recompute: bool, use_compile: bool):
-        fwd, _ = _kernels(use_compile)
-        n, acc = hidden.shape[0], _acc(hidden.dtype)
+        fwd, _ = _kernels(use_compile, hidden.device)
+        if hidden.shape[0] <= chunk_size:
+            # one chunk: its logits are alive at the start of the backward either way (recomputed or
+            # kept), and nothing runs between this forward and its backward, so keeping them costs no
+            # peak memory and saves the recompute matmul
+            recompute = False
+        cdt = _compute_dtype(hidden)
+        h_in_dtype, w_in_dtype = hidden.dtype, weight.dtype
+        # cast once per call (not once per chunk as autocast would), and keep the cast copies
+        hidden_c, weight_c = hidden.to(cdt), weight.to(cdt)
+        n, acc = hidden.shape[0], _acc(cdt)
         lp = torch.empty(n, dtype=acc, device=hidden.device)
         ent, lse = torch.empty_like(lp), torch.empty_like(lp)
         kept: list[torch.Tensor] = []
-        for s in range(0, n, chunk_size):
-            e = min(s + chunk_size, n)
-            z = hidden[s:e] @ weight.t()
-            lse[s:e], lp[s:e], ent[s:e] = fwd(z, targets[s:e], temperature, acc)
-            if not recompute:
-                kept.append(z)  # in the matmul's dtype (bf16 in training): exactly what recompute gives
-        ctx.save_for_backward(hidden, weight, targets, lse, ent, *kept)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, n, chunk_size):
+                e = min(s + chunk_size, n)
+                z = hidden_c[s:e] @ weight_c.t()
+                lse[s:e], lp[s:e], ent[s:e] = fwd(z, targets[s:e], temperature, acc)
+                if not recompute:
+                    kept.append(z)  # in the matmul's dtype (bf16 in training): exactly what recompute gives
+        ctx.save_for_backward(hidden_c, weight_c, targets, lse, ent, *kept)
         ctx.temperature, ctx.chunk_size, ctx.use_compile = temperature, chunk_size, use_compile
+        ctx.in_dtypes = (h_in_dtype, w_in_dtype)
         ctx.set_materialize_grads(False)
         return lp, ent
 
     @staticmethod
     def backward(ctx, g_lp, g_ent):
         hidden, weight, targets, lse, ent, *kept = ctx.saved_tensors
-        _, bwd = _kernels(ctx.use_compile)
-        t, cs = ctx.temperature, ctx.chunk_size
+        h_dtype, w_dtype = ctx.in_dtypes
+        _, bwd = _kernels(ctx.use_compile, hidden.device)
+        t, cs, n = ctx.temperature, ctx.chunk_size, hidden.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        g_h = torch.zeros_like(hidden) if need_h else None
-        g_w = torch.zeros(weight.shape, dtype=_acc(weight.dtype), device=weight.device) if need_w else None
         if g_lp is None and g_ent is None:
-            return g_h, (g_w.to(weight.dtype) if need_w else None), None, None, None, None, None
+            return (torch.zeros(hidden.shape, dtype=h_dtype, device=hidden.device) if need_h else None,
+                    torch.zeros(weight.shape, dtype=w_dtype, device=weight.device) if need_w else None,
+                    None, None, None, None, None)
         g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.to(lse.dtype)
         g_ent = torch.zeros_like(lse) if g_ent is None else g_ent.to(lse.dtype)
-        for i, s in enumerate(range(0, hidden.shape[0], cs)):
-            e = min(s + cs, hidden.shape[0])
-            h = hidden[s:e]
-            z = kept[i] if kept else h @ weight.t()
-            dz = bwd(z, targets[s:e], lse[s:e], ent[s:e], g_lp[s:e], g_ent[s:e], t)
-            if need_h:
-                g_h[s:e] = dz @ weight
-            if need_w:
-                g_w += (dz.t() @ h).to(g_w.dtype)
-        return g_h, (g_w.to(weight.dtype) if need_w else None), None, None, None, None, None
+        # weight grad: one chunk -> one matmul straight into the grad's dtype; several -> accumulated in
+        # float32 (or float64) across chunks, cast once at the end
+        w_acc = w_dtype if n <= cs else torch.promote_types(_acc(weight.dtype), w_dtype)
+        g_h = None
+        if need_h and n > cs:
+            g_h = torch.empty(hidden.shape, dtype=h_dtype, device=hidden.device)
+        g_w = None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for i, s in enumerate(range(0, n, cs)):
+                e = min(s + cs, n)
+                h = hidden[s:e]
+                z = kept[i] if kept else h @ weight.t()
+                dz = bwd(z, targets[s:e], lse[s:e], ent[s:e], g_lp[s:e], g_ent[s:e], t)
+                del z
+                if need_h:
+                    gh = dz @ weight
+                    if n <= cs:
+                        g_h = gh.to(h_dtype)
+                    else:
+                        g_h[s:e] = gh
+                if need_w:
+                    g_w = _mm_acc(g_w, dz.t(), h, w_acc)
+        if need_h and g_h is None:  # no rows at all
+            g_h = torch.zeros(hidden.shape, dtype=h_dtype, device=hidden.device)
+        if need_w:
+            g_w = torch.zeros(weight.shape, dtype=w_dtype, device=weight.device) if g_w is None else g_w.to(w_dtype)
+        return g_h, g_w, None, None, None, None, None
 
 
 def logprobs_from_hidden(

@@ -16,15 +16,24 @@ def enable_activation_checkpointing(model: CausalLM, enabled: bool = True) -> Ca
     return model
 
 
-def maybe_compile(model: CausalLM, enabled: bool = True, **compile_kwargs: Any) -> CausalLM:
+def maybe_compile(model: CausalLM, enabled: bool = True, whole_model: bool = False, **compile_kwargs: Any) -> CausalLM:
     """`torch.compile` each DecoderLayer in place (`Module.compile`), as torchtitan does.
 
-    Per-block compilation keeps compile time ~one layer's, composes with FSDP2 and activation
+    Per-block compilation keeps compile time ~one layer's (all layers share one graph: training
+    attention is layer-agnostic, see `LayerAgnosticAttention`), composes with FSDP2 and activation
     checkpointing, and leaves parameter names (state_dict keys) unchanged.
+    `whole_model=True` compiles the whole `CausalLM.forward` as one graph instead: one guard
+    check and one launch wrapper per step instead of per layer (less host overhead; longer compile).
     """
     if not enabled:
         return model
     compile_kwargs.setdefault("fullgraph", False)
+    if whole_model:
+        # build the RoPE tables now: filling the cache inside the traced forward would cost a recompile
+        rope = model.model.rotary_emb
+        rope.tables(rope.args.max_position_embeddings, rope.inv_freq.device)
+        model.compile(**compile_kwargs)
+        return model
     for layer in model.model.layers:
         layer.compile(**compile_kwargs)
     return model

@@ -62,7 +62,7 @@ class TrainingConfig:
     temperature: float = 1.0  # the generator's sampling temperature: logprobs are taken at it
     compile: bool = False
     activation_checkpoint: bool = False
-    logprob_chunk_size: int = 1024  # tokens per lm_head chunk (bounds the [N, V] logits)
+    logprob_chunk_size: int = 8192  # tokens per lm_head chunk (bounds the [N, V] logits; >= a micro-batch keeps logits instead of recomputing)
     pad_id: int | None = None  # to find left padding when a batch carries no prompt_mask
     seed: int = 0
 
