@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec "${FORGE_VENV:-.venv}/bin/python" -m ${FORGE_MAIN:-apps.demo.main} "$@"
+exec "${FORGE_VENV:-.venv}/bin/python" -m ${FORGE_MAIN:-apps.grpo.main} "$@"

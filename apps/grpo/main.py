@@ -50,7 +50,7 @@ async def main(cfg: GRPOConfig, resume: bool = False,
     else:  # {kind: monarch, share_gpus: true, ...}
         opts = dict(cfg.provisioner)
         init_provisioner(opts.pop("kind", "local"), **opts)
-    model_path = resolve_model(cfg)
+    model_path = await asyncio.to_thread(resolve_model, cfg)  # may run the SFT warm-up (first time)
     max_steps = cfg.steps or 100
     logger = MetricLogger(build_backends(cfg.metric_logging, total_steps=max_steps, run_dir=run_dir))
     s = await build_services(cfg, model_path, run_dir)  # dataloader, policy, trainer, buffer, ...

@@ -28,7 +28,8 @@ def resolve_model(cfg: GRPOConfig) -> str:
         path = ensure_warmup_checkpoint(
             task=ds.get("task") or "arithmetic", task_kwargs=ds.get("task_kwargs") or {}, steps=w.steps, lr=w.lr,
             batch_size=w.batch_size, family=w.family, hidden_size=w.hidden_size,
-            num_hidden_layers=w.num_hidden_layers, seed=cfg.seed, cache_dir=w.cache_dir)
+            num_hidden_layers=w.num_hidden_layers, seed=cfg.seed, cache_dir=w.cache_dir,
+            eval_samples=cfg.eval.num_samples)
         return str(path)
     from forge.models.hf_io import resolve_model_path
 

@@ -102,9 +102,16 @@ class MetricLogger:
         self.history: list[dict[str, float]] = []
 
     async def flush(self, step: int, extra: dict[str, float] | None = None) -> dict[str, float]:
+        """End of a step: this process's records plus every remote proc's (through the provisioner)."""
         from forge.controller.provisioner import get_provisioner
 
-        records = drain() + await get_provisioner().collect_metrics()
+        return self._write(drain() + await get_provisioner().collect_metrics(), step, extra)
+
+    def flush_local(self, step: int, extra: dict[str, float] | None = None) -> dict[str, float]:
+        """End of a step for a single-process program (no services): this process's records only."""
+        return self._write(drain(), step, extra)
+
+    def _write(self, records: list, step: int, extra: dict[str, float] | None) -> dict[str, float]:
         metrics = reduce_records(records)
         if extra:
             metrics.update(extra)

@@ -1,0 +1,66 @@
+"""The SFT app's config (torchforge's apps/sft layout: model, dataset, trainer blocks)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from forge.config import BuildReport, build
+from forge.data.datasets import DatasetConfig
+from forge.trainer.config import CheckpointConfig, LRSchedulerConfig, OptimizerConfig, TrainingConfig
+
+
+@dataclass
+class TinyModel:
+    """A random-init tiny model (`model: tiny`) for CPU runs and the embedded default."""
+
+    family: str = "qwen2"
+    hidden_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int = 384
+    seed: int = 0
+
+
+@dataclass
+class EvalSection:
+    every: int = 100  # steps between evaluations (0: only before and after)
+    split: str = "test"
+    num_samples: int = 200  # held-out prompts for accuracy (and eval loss)
+    max_tokens: int = 16  # generation budget per answer
+
+
+@dataclass
+class TrainerSection:
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=3e-3))
+    lr_scheduler: LRSchedulerConfig = field(default_factory=lambda: LRSchedulerConfig(warmup_steps=50))
+    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(dtype="float32"))
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+@dataclass
+class SFTConfig:
+    model: str = "tiny"  # a local HF directory, hf://org/name (local cache) or `tiny`
+    tiny: TinyModel = field(default_factory=TinyModel)
+    seed: int = 0
+    steps: int = 400
+    batch_size: int = 64  # sequences per optimizer step
+    max_seq_len: int = 2048  # longer examples are truncated (their completion tokens last)
+    output_dir: str = "outputs/sft"
+    dataset: dict[str, Any] = field(default_factory=lambda: {"task": "arithmetic", "task_kwargs": {"difficulty": 2}})
+    eval: EvalSection = field(default_factory=EvalSection)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
+    export_hf: bool = True
+    metric_logging: dict[str, Any] = field(default_factory=lambda: {"console": {"every": 50}, "jsonl": {}})
+
+
+def load_sft_config(data: dict[str, Any]) -> tuple[SFTConfig, BuildReport]:
+    report = BuildReport()
+    cfg = build(SFTConfig, data, report=report)
+    ds = dict(cfg.dataset)
+    if "data_split" in ds:
+        ds["split"] = ds.pop("data_split")
+    build(DatasetConfig, ds, path="dataset", report=report)  # names a wrong dataset key at start
+    cfg.dataset = ds
+    return cfg, report
