@@ -2,6 +2,8 @@
 
     python bench/generate_throughput.py --out gen.json          # one GPU, Qwen2.5-0.5B shape, bf16
     python bench/generate_throughput.py --smoke                 # CPU, tiny shape, seconds
+    python bench/generate_throughput.py --variants all --profile --out gen.json
+        # + the engine with each optimisation switched on in turn, and where a decode step's time goes
 
 Random weights (throughput does not depend on their values), random prompts, sampling at
 temperature 1 with EOS ignored, so every sequence generates exactly --new-tokens tokens.
@@ -27,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from forge.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from forge.engine.attention import AttnMeta  # noqa: E402
 from forge.models.args import ModelArgs  # noqa: E402
 from forge.models.decoder import CausalLM  # noqa: E402
 
@@ -70,11 +73,44 @@ def build_model(args: ModelArgs, dev: torch.device, dtype: torch.dtype) -> Causa
     return model.to(dtype).eval()
 
 
-def bench_forge(args, model, dev, dtype, o) -> dict:
+# engine settings per variant: each switches on one more optimisation (bench/NOTES_generate.md)
+VARIANTS = {
+    "baseline": dict(fused_decode=False, fast_sampler=False, compile=False, overlap_decode=False),
+    "compile": dict(fused_decode=False, fast_sampler=False, compile=True, overlap_decode=False),
+    "compile+fast_sampler": dict(fused_decode=False, fast_sampler=True, compile=True, overlap_decode=False),
+    "fused": dict(fused_decode=True, fast_sampler=True, overlap_decode=False, fused_prefill=False),
+    "fused+overlap": dict(fused_prefill=False),
+    "fused+overlap+prefill": dict(prefill_cuda_graphs=False),
+    # kernel-config alternatives (module attributes of forge.engine.kernels), e.g.
+    # "attn-2blocks": dict(kernels=dict(ATTN_BLOCKS=2, ATTN_WARPS=8)) (slower on the H100: NOTES_generate.md)
+    "defaults": dict(),  # fused decode + overlap + fused prefill in CUDA graphs: the main run, again, warm
+}
+
+
+def engine_config(o, dev, dtype, **over) -> EngineConfig:
     max_len = o.prompt_len + o.new_tokens
-    cfg = EngineConfig(max_num_seqs=o.num_seqs, max_model_len=max_len, block_size=o.block_size,
-                       kv_cache_tokens=o.num_seqs * max_len, max_num_batched_tokens=max(4096, 4 * o.prompt_len),
-                       dtype=dtype, device=dev, enable_cuda_graphs=not o.no_graphs, attention_backend=o.attention)
+    kw = dict(max_num_seqs=o.num_seqs, max_model_len=max_len, block_size=o.block_size,
+              kv_cache_tokens=o.num_seqs * max_len, max_num_batched_tokens=max(4096, 4 * o.prompt_len),
+              dtype=dtype, device=dev, enable_cuda_graphs=not o.no_graphs, attention_backend=o.attention)
+    kw.update(over)
+    return EngineConfig(**kw)
+
+
+def bench_forge(args, model, dev, dtype, o, kernels: dict | None = None, **over) -> dict:
+    from forge.engine import kernels as K
+
+    saved = {k: getattr(K, k) for k in kernels or {}}
+    for k, v in (kernels or {}).items():
+        setattr(K, k, v)
+    try:
+        return _bench_forge(args, model, dev, dtype, o, **over)
+    finally:
+        for k, v in saved.items():
+            setattr(K, k, v)
+
+
+def _bench_forge(args, model, dev, dtype, o, **over) -> dict:
+    cfg = engine_config(o, dev, dtype, **over)
     t0 = time.perf_counter()
     eng = LLMEngine(model, cfg, eos_token_ids=[])
     setup_s = time.perf_counter() - t0
@@ -85,18 +121,178 @@ def bench_forge(args, model, dev, dtype, o) -> dict:
     eng.generate(warm)
     reqs = [(torch.randint(0, args.vocab_size, (o.prompt_len,), generator=g), sp) for _ in range(o.num_seqs)]
     sync(dev)
-    eng.stats.update(prefill_tokens=0, decode_tokens=0, steps=0)
+    eng.stats.update(prefill_tokens=0, decode_tokens=0, steps=0, overlapped_steps=0)
     t0 = time.perf_counter()
-    outs = eng.generate(reqs)
+    ids = [eng.add_request(p, q) for p, q in reqs]
+    got, steps = {}, []  # (seconds, was a prefill step) per engine step
+    while eng.has_unfinished():
+        pre, ts = eng.stats["prefill_tokens"], time.perf_counter()
+        for out in eng.step():
+            got[out.request_id] = out
+        steps.append((time.perf_counter() - ts, eng.stats["prefill_tokens"] > pre))
+    outs = [got[i] for i in ids]
     sync(dev)
     dt = time.perf_counter() - t0
     n = sum(len(s.token_ids) for r in outs for s in r.outputs)
     assert n == o.num_seqs * o.new_tokens, f"expected {o.num_seqs * o.new_tokens} tokens, got {n}"
+    r = eng.runner
     res = {"tokens": n, "seconds": dt, "tokens_per_s": n / dt, "setup_s": setup_s, "steps": eng.stats["steps"],
-           "attention": "triton" if eng.runner.use_triton else "torch", "cuda_graphs": sorted(eng.runner.graphs),
-           "kv_bytes_per_token": eng.runner.kv_bytes_per_token(), "preemptions": eng.scheduler.num_preemptions}
+           "attention": "fused-triton" if r.fused is not None else ("triton" if r.use_triton else "torch"),
+           "fused_decode": r.fused is not None, "compiled": r.compiled, "fast_sampler": eng.sampler.fast,
+           "overlapped_steps": eng.stats["overlapped_steps"], "cuda_graphs": sorted(r.graphs),
+           "kv_bytes_per_token": r.kv_bytes_per_token(), "preemptions": eng.scheduler.num_preemptions,
+           "logprob_mean": sum(x for rr in outs for s in rr.outputs for x in s.logprobs) / n}
+    dec = sorted(t for t, p in steps if not p)
+    res["prefill_s"] = sum(t for t, p in steps if p)
+    res["decode_s"] = sum(dec)
+    res["decode_step_ms_median"] = dec[len(dec) // 2] * 1e3 if dec else None
+    res["decode_step_ms_max"] = dec[-1] * 1e3 if dec else None
     del eng
     return res
+
+
+def _graph_ms(fn, reps: int = 20) -> float:
+    """Device time of one fn() call in ms: `reps` calls captured in a CUDA graph, median of 5 replays
+    (no launch gaps: what the calls cost inside the decode graph)."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    g.replay()
+    ts = []
+    for _ in range(5):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) / reps)
+    del g
+    return sorted(ts)[2]
+
+
+def _time_ms(fn, iters: int = 30) -> float:
+    """Median device time of fn() in ms (CUDA events), after warm-up."""
+    for _ in range(3):
+        fn()
+    ts = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    return sorted(ts)[len(ts) // 2]
+
+
+@torch.inference_mode()
+def profile_forge(args, model, dev, dtype, o) -> dict:
+    """Where one decode step at batch num_seqs and context ~prompt + new/2 spends its time."""
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    from forge.engine import kernels as K
+
+    eng = LLMEngine(model, engine_config(o, dev, dtype), eos_token_ids=[])
+    r = eng.runner
+    g = torch.Generator().manual_seed(2)
+    sp = SamplingParams(temperature=1.0, max_tokens=o.new_tokens, ignore_eos=True)
+    for _ in range(o.num_seqs):
+        eng.add_request(torch.randint(0, args.vocab_size, (o.prompt_len,), generator=g), sp)
+    while eng.scheduler.waiting or eng.stats["decode_tokens"] < o.num_seqs * (o.new_tokens // 2 - 32):
+        eng.step()
+    sync(dev)
+    # host + device per engine step (overlapped), 32 steps
+    t0 = time.perf_counter()
+    for _ in range(32):
+        eng.step()
+    sync(dev)
+    out = {"engine_step_ms": (time.perf_counter() - t0) / 32 * 1e3}
+    if eng._pending is not None:
+        eng._consume(eng._pending, [])
+        eng._pending = None
+    b = len(eng.scheduler.running)
+    out["batch"], out["context"] = b, eng.scheduler.running[0].num_computed
+    if r.fused is None:
+        return out
+    graph = r.graphs.get(b, (None,))[0]
+    if graph is not None:
+        out["graph_replay_ms"] = _time_ms(graph.replay)
+    out["eager_fused_step_ms"] = _time_ms(lambda: r._fused_step(b), 10)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            r._fused_step(b)
+        sync(dev)
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0:
+            rows.append((t / 3 / 1e3, e.count // 3, e.key[:90]))
+    rows.sort(reverse=True)
+    out["kernels_ms_per_step"] = rows[:25]
+    out["kernels_total_ms"] = sum(x[0] for x in rows)
+    # prefill: one step of 4096 tokens (32 prompts) through the fused path vs the model's modules
+    # (measured by the variants' prefill_s); here the decode-side sweeps, graph-timed
+    # attention configurations on the live cache (layer 0)
+    a = model.args
+    nq, nk = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+    qkv = torch.randn(b, nq + 2 * nk, device=dev).to(dtype)
+    q, k, v = qkv[:, :nq], qkv[:, nq:nq + nk], qkv[:, nq + nk:]
+    tables, pos = r.st_tables[:b], r.st_pos[:b]
+    kv_bytes = pos.double().sum().item() * 2 * nk * torch.finfo(dtype).bits // 8
+    att = []
+    for tn, nw, ns in [(64, 4, 2), (64, 4, 3), (64, 2, 2), (128, 4, 2), (128, 4, 3), (128, 8, 2), (128, 8, 3),
+                       (128, 8, 4)]:
+        try:
+            ms = _graph_ms(lambda: K.attention(q, k, v, r.k_cache[0], r.v_cache[0], tables, pos, r.fused.cos, r.fused.sin,
+                                               a.num_attention_heads, tokens=tn, num_warps=nw, num_stages=ns))
+            att.append((ms * 1e3, tn, nw, ns, kv_bytes / ms / 1e9 * 1e3))
+        except Exception as e:  # noqa: BLE001
+            att.append((float("inf"), tn, nw, ns, repr(e)[:60]))
+    att.sort(key=lambda x: x[0])
+    out["attention_us_tn_warps_stages_GBps"] = att[:12]
+    # sampler: fused kernels vs the torch path, on [b, V] logits
+    from forge.engine.sampler import SamplingBatch
+
+    logits = torch.randn(b, a.vocab_size, device=dev).to(dtype)
+    sb = SamplingBatch.build([(1.0, 0, 1.0, 0.0, i, 0, 5, False) for i in range(b)], dev)
+    smp = []
+    for cfg in [(2048, 4, 8), (4096, 2, 8), (4096, 2, 16), (4096, 4, 8), (2048, 2, 8), (1024, 8, 4), (8192, 1, 16)]:
+        smp.append((round(_graph_ms(lambda: K.sample(logits, sb.temperature, sb.seed, sb.stream, sb.counter,
+                                                     cfg=cfg)) * 1e3, 1), cfg))
+    out["sample_us_cfg"] = sorted(smp)
+    fast, eng.sampler.fast = eng.sampler.fast, False
+    out["sample_torch_us"] = _time_ms(lambda: eng.sampler(logits, sb), 10) * 1e3
+    eng.sampler.fast = fast
+    # the GEMMs of one layer and lm_head at batch b
+    lw = r.fused.layers[0]
+    x = torch.randn(b, a.hidden_size, device=dev).to(dtype)
+    xi = torch.randn(b, a.intermediate_size, device=dev).to(dtype)
+    xo = torch.randn(b, nq, device=dev).to(dtype)
+    gemm = {}
+    for name, inp, w, bias in [("qkv", x, lw.qkv_w, lw.qkv_b), ("o", xo, lw.o_w, lw.o_b), ("gate_up", x, lw.gu_w, lw.gu_b),
+                               ("down", xi, lw.down_w, lw.down_b), ("lm_head", x, r.fused.lm_head_w, None)]:
+        ms = _graph_ms(lambda: F.linear(inp, w, bias))
+        gemm[name] = (ms * 1e3, w.numel() * w.element_size() / ms / 1e6)
+    out["gemm_us_GBps"] = gemm
+    # prefill of one 4096-token chunk: the captured graph vs the same kernels launched eagerly
+    entry = next(iter(r._prefill_graphs.values()), None)
+    if entry is not None:
+        tok_s, pos_s, slot_s, last_s, pg, _ = entry
+        meta = AttnMeta(slot_mapping=slot_s, block_tables=None, context_lens=None, decode=False, has_prefix=False)
+        out["prefill_shape"] = list(tok_s.shape)
+        out["prefill_graph_ms"] = _time_ms(pg.replay, 10)
+        sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            r.fused.prefill(tok_s, pos_s, slot_s, last_s, meta, r.k_cache, r.v_cache)
+        sync(dev)
+        out["prefill_eager_ms"] = (time.perf_counter() - t0) / 5 * 1e3
+    del eng
+    return out
 
 
 def bench_hf(args: ModelArgs, dev, dtype, o) -> dict:
@@ -138,6 +334,8 @@ def main() -> int:
     ap.add_argument("--attention", default="auto", choices=["auto", "triton", "torch"])
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--variants", default="", help=f"comma list of {list(VARIANTS)} or 'all': also run these")
+    ap.add_argument("--profile", action="store_true", help="CUDA: where a decode step's time goes")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     o = ap.parse_args()
     if o.smoke:
@@ -180,6 +378,25 @@ def main() -> int:
     bound = res["bandwidth_bytes_per_s"] / step_bytes * o.num_seqs
     res["bound"] = {"tokens_per_s": bound, "weight_bytes": weight_bytes, "kv_bytes_per_step": o.num_seqs * avg_ctx * kv_tok}
 
+    # "all": every variant, the defaults last (the main run above measured them first in a cold process)
+    names = list(VARIANTS) if o.variants == "all" else [v for v in o.variants.split(",") if v]
+    if names:
+        res["variants"] = {}
+        for name in names:
+            try:
+                res["variants"][name] = v = bench_forge(args, model, dev, dtype, o, **VARIANTS[name])
+                v["forge_over_bound"] = v["tokens_per_s"] / bound
+            except Exception:  # noqa: BLE001
+                res["variants"][name] = {"error": traceback.format_exc(limit=5)}
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    if o.profile and dev.type == "cuda":
+        try:
+            res["profile"] = profile_forge(args, model, dev, dtype, o)
+        except Exception:  # noqa: BLE001
+            res["profile_error"] = traceback.format_exc(limit=8)
+
     f = res["forge"]["tokens_per_s"] if res["forge"] else float("nan")
     h = res["hf"]["tokens_per_s"] if res["hf"] else float("nan")
     res["forge_over_hf"] = f / h if res["hf"] else None
@@ -194,8 +411,31 @@ def main() -> int:
     print(f"forge / HF    = {res['forge_over_hf'] or float('nan'):.1f}x")
     print(f"forge / bound = {100 * res['forge_over_bound']:.1f}%")
     if res["forge"]:
-        print(f"(attention: {res['forge']['attention']}, graphs: {len(res['forge']['cuda_graphs'])}, "
-              f"steps: {res['forge']['steps']}, engine setup {res['forge']['setup_s']:.1f}s)")
+        fr = res["forge"]
+        print(f"(attention: {fr['attention']}, graphs: {len(fr['cuda_graphs'])}, steps: {fr['steps']}, "
+              f"engine setup {fr['setup_s']:.1f}s; prefill {fr['prefill_s']:.3f}s, decode {fr['decode_s']:.3f}s, "
+              f"median decode step {fr['decode_step_ms_median']:.2f} ms)")
+    h_ok = res["hf"] is not None
+    for name, v in res.get("variants", {}).items():
+        if "error" in v:
+            print(f"variant {name:22} ERROR {v['error'].splitlines()[-1][:100]}")
+        else:
+            print(f"variant {name:22}{v['tokens_per_s']:>10,.0f} tok/s  {100 * v['forge_over_bound']:5.1f}% of bound"
+                  + (f"  {v['tokens_per_s'] / h:6.1f}x HF" if h_ok else "")
+                  + f"  (prefill {v['prefill_s']:.3f}s, decode {v['decode_s']:.3f}s, median step "
+                    f"{v['decode_step_ms_median']:.2f} ms, overlapped {v['overlapped_steps']})")
+    prof = res.get("profile")
+    if prof:
+        print("profile:", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in prof.items()
+                           if not isinstance(v, (list, dict))})
+        for t, n, name in prof.get("kernels_ms_per_step", [])[:14]:
+            print(f"  {t:8.3f} ms/step  x{n:<4} {name}")
+        print("  attention (us, TN, warps, stages, GB/s):", [tuple(round(x, 1) if isinstance(x, float) else x for x in a)
+                                                           for a in prof.get("attention_us_tn_warps_stages_GBps", [])[:5]])
+        print("  gemm (us, GB/s):", {k: (round(a, 1), round(b)) for k, (a, b) in prof.get("gemm_us_GBps", {}).items()})
+        print("  sampler (us, (block, loads, warps)):", prof.get("sample_us_cfg"))
+    if "profile_error" in res:
+        print(res["profile_error"], file=sys.stderr)
     for e in res.get("forge_errors", []) + ([res["hf_error"]] if "hf_error" in res else []):
         print(e, file=sys.stderr)
     if o.out:

@@ -1,7 +1,11 @@
 """Seconds per GRPO step and its split by phase, sync (off_by_n 0) vs async (off_by_n 1), in one run.
 
-    python bench/grpo_step.py --out grpo_step.json                 # one GPU, Qwen2.5-0.5B shape
+    python bench/grpo_step.py --out grpo_step.json                 # one GPU, one process, Qwen2.5-0.5B shape
+    python bench/grpo_step.py --separate-processes                 # one GPU shared by generator + trainer processes
+    python bench/grpo_step.py --gpus 4 --shapes qwen2.5-0.5b,qwen2.5-1.5b
+                                  # services on GPUs of their own: 2 generator replicas, trainer FSDP2 over 2
     python bench/grpo_step.py --smoke                              # CPU, tiny shape, seconds
+    python bench/grpo_step.py --smoke --gpus 3 --transport broadcast   # CPU: the multi-process layout, gloo
 
 Runs the real GRPO app (apps/grpo/main.py) on a random-weight checkpoint of the given shape
 with the built-in arithmetic prompts; every response is exactly --tokens tokens long (EOS
@@ -31,6 +35,9 @@ SHAPES = {
     "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                          num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, attention_bias=True,
                          rope_theta=1000000.0, max_position_embeddings=4096),
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, attention_bias=True,
+                         rope_theta=1000000.0, max_position_embeddings=4096),
     "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True, attention_bias=True,
                  max_position_embeddings=1024),
@@ -49,13 +56,30 @@ def write_checkpoint(shape: str, path: Path, dtype: torch.dtype) -> Path:
     return save_model(model, path, dtype=dtype, tokenizer=load_tokenizer(tiny_tokenizer_path()))
 
 
+def layout(a: argparse.Namespace) -> tuple[int, int]:
+    """(generator replicas, trainer procs) for --gpus; one GPU (or none): (1, 1)."""
+    if a.gpus <= 1:
+        return 1, 1
+    gen = a.policy_replicas or max(1, a.gpus // 2)
+    trainer = a.trainer_procs or a.gpus - gen
+    if gen + trainer > a.gpus:
+        raise SystemExit(f"--policy-replicas {gen} + --trainer-procs {trainer} > --gpus {a.gpus}")
+    return gen, trainer
+
+
 def app_config(model: str, mode: str, a: argparse.Namespace, run_dir: Path, gpu: bool) -> dict:
     off_by_n = {"sync": 0, "async": 1}[mode]
-    place = {"with_gpus": gpu}
+    gen, trainer_procs = layout(a)
+    separate = a.separate_processes or a.gpus > 1
+    if a.gpus > 1:  # each service on GPUs of its own (on a CPU-only host: the same processes, no GPUs)
+        provisioner: dict | str = {"kind": "monarch"}
+    elif separate:  # separate processes on one GPU: generator and trainer processes share it
+        provisioner = {"kind": "monarch", "share_gpus": True}
+    else:
+        provisioner = "local"
+    weight_sync = {"transport": a.transport} if a.transport else {}
     return {
-        "model": model, "seed": 0,
-        # separate processes on one GPU: generator and trainer processes share it
-        "provisioner": {"kind": "monarch", "share_gpus": True} if a.separate_processes else "local",
+        "model": model, "seed": 0, "provisioner": provisioner,
         "group_size": a.group, "local_batch_size": a.prompts * a.group,
         "max_req_tokens": 32, "max_res_tokens": a.tokens, "off_by_n": off_by_n,
         "rollout_threads": a.prompts, "steps": a.steps, "output_dir": str(run_dir),
@@ -65,12 +89,13 @@ def app_config(model: str, mode: str, a: argparse.Namespace, run_dir: Path, gpu:
                                    "block_size": 16},
                    "sampling_params": {"temperature": 1.0, "ignore_eos": True, "max_tokens": a.tokens}},
         "trainer": {"optimizer": {"lr": 1e-6}, "training": {"max_tokens_per_microbatch": a.microbatch_tokens,
-                                                            "dtype": "bfloat16", "max_norm": 1.0},
-                    "weight_sync": {"transport": "shm" if a.separate_processes else "inproc"}},
+                                                            "dtype": "bfloat16" if gpu else "float32", "max_norm": 1.0},
+                    "weight_sync": weight_sync},
         "eval": {"num_samples": 0},
         "metric_logging": {"jsonl": {}},
-        "services": {"policy": place, "ref_model": place, "reward_actor": {}},
-        "actors": {"trainer": place},
+        "services": {"policy": {"with_gpus": gpu, "num_replicas": gen}, "ref_model": {"with_gpus": gpu},
+                     "reward_actor": {}},
+        "actors": {"trainer": {"with_gpus": gpu, "procs": trainer_procs}},
     }
 
 
@@ -101,51 +126,72 @@ def summarize(run_dir: Path, warmup: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true")
-    p.add_argument("--shape", default="qwen2.5-0.5b", choices=sorted(SHAPES))
+    p.add_argument("--shapes", "--shape", dest="shapes", default="qwen2.5-0.5b",
+                   help=f"comma-separated, of {sorted(SHAPES)}")
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--modes", default="sync,async")
-    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--gpus", type=int, default=1, help=">1: generator replicas and trainer procs on GPUs of their own")
+    p.add_argument("--policy-replicas", type=int, default=0, help="with --gpus > 1 (default gpus // 2)")
+    p.add_argument("--trainer-procs", type=int, default=0, help="with --gpus > 1 (default the rest: FSDP2)")
     p.add_argument("--separate-processes", action="store_true", help="monarch provisioner: one process per service")
+    p.add_argument("--transport", default=None, choices=["inproc", "shm", "broadcast"],
+                   help="weight sync (default: the app's choice: inproc / broadcast on own GPUs / shm)")
     p.add_argument("--microbatch-tokens", type=int, default=16384)
     p.add_argument("--out", default=None)
     a = p.parse_args()
     if a.smoke:
-        a.shape, a.prompts, a.group, a.tokens, a.steps, a.warmup = "tiny", 2, 4, 8, 4, 1
+        a.shapes, a.prompts, a.group, a.tokens, a.steps, a.warmup = "tiny", 2, 4, 8, 4, 1
+    shapes = a.shapes.split(",")
+    for sh in shapes:
+        if sh not in SHAPES:
+            raise SystemExit(f"--shapes: unknown shape {sh!r}; known: {sorted(SHAPES)}")
     gpu = torch.cuda.is_available()
-    if a.gpus > 1:
-        raise SystemExit("--gpus > 1 needs a multi-GPU host (services on their own GPUs): not lent here")
+    if gpu and a.gpus > torch.cuda.device_count():
+        raise SystemExit(f"--gpus {a.gpus}: this host has {torch.cuda.device_count()} GPU(s)")
+    gen, trainer_procs = layout(a)
+    separate = a.separate_processes or a.gpus > 1
 
     from apps.grpo.config import load_grpo_config
     from apps.grpo.main import main as grpo_main
 
-    results: dict = {"shape": a.shape, "prompts": a.prompts, "group": a.group, "tokens": a.tokens,
-                     "device": torch.cuda.get_device_name(0) if gpu else "cpu",
-                     "separate_processes": a.separate_processes, "modes": {}}
+    results: dict = {"prompts": a.prompts, "group": a.group, "tokens": a.tokens, "gpus": a.gpus,
+                     "device": torch.cuda.get_device_name(0) if gpu else "cpu", "separate_processes": separate,
+                     "policy_replicas": gen, "trainer_procs": trainer_procs, "shapes": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = write_checkpoint(a.shape, Path(tmp) / "model", torch.bfloat16 if gpu else torch.float32)
-        for mode in a.modes.split(","):
-            run_dir = Path(tmp) / f"run_{mode}"
-            cfg, _ = load_grpo_config(app_config(str(ckpt), mode, a, run_dir, gpu))
-            t0 = time.perf_counter()
-            asyncio.run(grpo_main(cfg))
-            res = summarize(run_dir, a.warmup)
-            res["total_s"] = time.perf_counter() - t0
-            results["modes"][mode] = res
+        for shape in shapes:
+            ckpt = write_checkpoint(shape, Path(tmp) / f"model_{shape}", torch.bfloat16 if gpu else torch.float32)
+            per_mode: dict = {}
+            for mode in a.modes.split(","):
+                run_dir = Path(tmp) / f"run_{shape}_{mode}"
+                cfg, _ = load_grpo_config(app_config(str(ckpt), mode, a, run_dir, gpu))
+                t0 = time.perf_counter()
+                asyncio.run(grpo_main(cfg))
+                res = summarize(run_dir, a.warmup)
+                res["total_s"] = time.perf_counter() - t0
+                res["weight_sync_frac"] = res["weight_sync_s"] / res["s_per_step"]
+                per_mode[mode] = res
+            if {"sync", "async"} <= set(per_mode):
+                per_mode["async_speedup"] = per_mode["sync"]["s_per_step"] / per_mode["async"]["s_per_step"]
+            results["shapes"][shape] = per_mode
 
-    print(f"\nGRPO step: {a.shape}, {a.prompts} prompts x {a.group} samples x {a.tokens} tokens, "
-          f"device {results['device']}, {'separate processes' if a.separate_processes else 'one process'}")
-    print(f"{'mode':<7}{'s/step':>9}{'gen/group s':>13}{'train s':>9}{'sync s':>9}{'wait s':>9}{'age':>6}")
-    for mode, r in results["modes"].items():
-        print(f"{mode:<7}{r['s_per_step']:>9.3f}{r['generate_group_s']:>13.3f}{r['train_s']:>9.3f}"
-              f"{r['weight_sync_s']:>9.3f}{r['wait_for_batch_s']:>9.3f}{r['policy_age']:>6.2f}")
-    if {"sync", "async"} <= set(results["modes"]):
-        sp = results["modes"]["sync"]["s_per_step"] / results["modes"]["async"]["s_per_step"]
-        results["async_speedup"] = sp
-        print(f"async speed-up: {sp:.2f}x")
+    where = (f"{a.gpus} GPUs: {gen} generator replica(s), trainer over {trainer_procs} proc(s)" if a.gpus > 1
+             else "separate processes" if separate else "one process")
+    print(f"\nGRPO step: {a.prompts} prompts x {a.group} samples x {a.tokens} tokens, device {results['device']}, {where}")
+    print(f"{'shape':<14}{'mode':<7}{'s/step':>9}{'gen/group s':>13}{'train s':>9}{'sync s':>9}{'sync %':>8}"
+          f"{'wait s':>9}{'age':>6}")
+    for shape, per_mode in results["shapes"].items():
+        for mode, r in per_mode.items():
+            if mode == "async_speedup":
+                continue
+            print(f"{shape:<14}{mode:<7}{r['s_per_step']:>9.3f}{r['generate_group_s']:>13.3f}{r['train_s']:>9.3f}"
+                  f"{r['weight_sync_s']:>9.3f}{100 * r['weight_sync_frac']:>7.1f}%{r['wait_for_batch_s']:>9.3f}"
+                  f"{r['policy_age']:>6.2f}")
+        if "async_speedup" in per_mode:
+            print(f"{shape:<14}async speed-up: {per_mode['async_speedup']:.2f}x")
     if a.out:
         Path(a.out).write_text(json.dumps(results, indent=2))
         print(f"wrote {a.out}")

@@ -181,6 +181,12 @@ def test_bad_input_is_a_clear_error():
 
 
 TRITON_CHECK = r"""
+import triton.runtime.interpreter as _I  # triton 3.6 interpreter + numpy >= 2.4: see test_engine_fused.py
+_orig_patch = _I._patch_lang_tensor
+def _patch(tensor, scope):
+    _orig_patch(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+_I._patch_lang_tensor = _patch
 import torch
 from forge.engine.attention import decode_attention_torch
 from forge.engine.triton_decode import paged_decode_attention

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from apps.grpo.config import episodes_per_step, load_grpo_config
+from apps.grpo.support import weight_sync_config
 from forge.config import ConfigError, compose, parse_cli, to_container
 
 APPS = Path(__file__).resolve().parents[1] / "apps" / "grpo"
@@ -48,8 +49,28 @@ def test_skill_schema_is_accepted_as_written():
 def test_gsm8k_with_three_gpu_overlay():
     cfg, _ = load("--config", str(APPS / "gsm8k.yaml"), "--config", str(APPS / "three_gpus.yaml"))
     assert cfg.provisioner == "monarch"
-    assert cfg.trainer.weight_sync == {"transport": "shm"}
+    assert cfg.trainer.weight_sync == {}
+    sync = weight_sync_config(cfg)  # services on GPUs of their own: NCCL broadcast, bf16 on the wire
+    assert sync["transport"] == "broadcast" and sync["num_receivers"] == 1 and sync["dtype"] == "bfloat16"
+    assert 0 < sync["port"] < 65536
     assert cfg.dataset["target_format"] == "gsm8k"
+
+
+def test_weight_sync_transport_follows_the_placement():
+    local = weight_sync_config(load()[0])
+    assert local["transport"] == "inproc"
+    assert local["name"] != weight_sync_config(load()[0])["name"]  # two runs in one process never share a slot
+    shared = weight_sync_config(load("--provisioner", "{kind: monarch, share_gpus: true}",
+                                     "--services.policy.with_gpus", "true", "--actors.trainer.with_gpus", "true")[0])
+    assert shared["transport"] == "shm"  # processes on one GPU: NCCL cannot pair a GPU with itself
+    multi = weight_sync_config(load("--config", str(APPS / "default.yaml"), "--config", str(APPS / "multi_gpu.yaml"),
+                                    "--services.policy.num_replicas", "2")[0])
+    assert multi["transport"] == "broadcast" and multi["num_receivers"] == 2
+    with pytest.raises(ValueError, match="services.policy.procs must be 1"):
+        weight_sync_config(load("--config", str(APPS / "default.yaml"), "--config", str(APPS / "multi_gpu.yaml"),
+                                "--services.policy.procs", "2")[0])
+    with pytest.raises(ValueError, match="needs separate processes"):
+        weight_sync_config(load("--trainer.weight_sync.transport", "broadcast")[0])
 
 
 @pytest.mark.parametrize(

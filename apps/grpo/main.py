@@ -20,18 +20,20 @@ from typing import Any, Awaitable, Callable
 
 import torch
 
+from apps.grpo.agentic import rollout_env_group
 from apps.grpo.config import GRPOConfig, episodes_per_step, load_grpo_config
 from apps.grpo.support import (
     RolloutBudget,
     build_services,
     evaluate,
     resolve_model,
+    sync_weights,
     write_learning_curve,
 )
 from forge.config import compose, parse_cli, to_container
 from forge.controller import init_provisioner, shutdown
 from forge.data.collate import collate_episodes
-from forge.observability import MetricLogger, Reduce, build_backends, record_metric
+from forge.observability import MetricLogger, Reduce, build_backends, drain, record_metric
 from forge.types import Episode
 
 log = logging.getLogger("forge.grpo")
@@ -53,6 +55,7 @@ async def main(cfg: GRPOConfig, resume: bool = False,
     model_path = await asyncio.to_thread(resolve_model, cfg)  # may run the SFT warm-up (first time)
     max_steps = cfg.steps or 100
     logger = MetricLogger(build_backends(cfg.metric_logging, total_steps=max_steps, run_dir=run_dir))
+    drain()  # records left in this process by earlier work (another run, a test) are not this run's
     s = await build_services(cfg, model_path, run_dir)  # dataloader, policy, trainer, buffer, ...
     group_size = cfg.group_size
     groups_per_step = episodes_per_step(cfg) * cfg.replay_buffer.dp_size // group_size
@@ -66,8 +69,7 @@ async def main(cfg: GRPOConfig, resume: bool = False,
             extra = loaded["extra"]
             step = int(extra["step"])
             await s.dataloader.load_state_dict.call_one(extra["dataset"])
-            await s.trainer.push_weights.call(step)
-            await s.policy.update_weights.fanout(step)
+            await sync_weights(s, step)
             print(f"resumed at step {step}")
 
     before = await evaluate(cfg, s, step)
@@ -89,21 +91,29 @@ async def main(cfg: GRPOConfig, resume: bool = False,
             if sample is None:
                 budget.refund()
                 return
-            prompt, target = sample["request"], sample["target"]
-            t0 = time.perf_counter()
-            completions = await s.policy.generate.route(prompt, n=group_size)
-            t1 = time.perf_counter()
-            scores = await s.reward_actor.evaluate.route(
-                [prompt] * group_size, [c.text for c in completions], [target] * group_size)
-            t2 = time.perf_counter()
-            group_id = completions[0].metadata.get("request_id", id(completions))
-            group = [
-                Episode(request=prompt, policy_version=c.generator_version, pad_id=s.pad_id,
-                        request_len=len(c.prompt_ids), response_len=len(c.token_ids), target=target,
-                        completion=c, reward=sc["total"], reward_breakdown=sc["breakdown"],
-                        metadata={"group_id": f"{step}-{group_id}-{t0}"})
-                for c, sc in zip(completions, scores)
-            ]
+            if cfg.env is not None:  # agentic: multi-turn episodes in an environment (apps/grpo/agentic.py)
+                t0 = time.perf_counter()
+                group = await rollout_env_group(cfg, s, sample, group_size)
+                t1 = t2 = time.perf_counter()
+                if not group:  # the task's prompt is over max_req_tokens: draw another
+                    budget.refund()
+                    continue
+            else:
+                prompt, target = sample["request"], sample["target"]
+                t0 = time.perf_counter()
+                completions = await s.policy.generate.route(prompt, n=group_size)
+                t1 = time.perf_counter()
+                scores = await s.reward_actor.evaluate.route(
+                    [prompt] * group_size, [c.text for c in completions], [target] * group_size)
+                t2 = time.perf_counter()
+                group_id = completions[0].metadata.get("request_id", id(completions))
+                group = [
+                    Episode(request=prompt, policy_version=c.generator_version, pad_id=s.pad_id,
+                            request_len=len(c.prompt_ids), response_len=len(c.token_ids), target=target,
+                            completion=c, reward=sc["total"], reward_breakdown=sc["breakdown"],
+                            metadata={"group_id": f"{step}-{group_id}-{t0}"})
+                    for c, sc in zip(completions, scores)
+                ]
             advantages = await s.compute_advantages.compute.call_one(group)
             for ep, adv in zip(group, advantages):
                 ep.advantage = adv
@@ -137,8 +147,7 @@ async def main(cfg: GRPOConfig, resume: bool = False,
             step += 1
             t2 = time.perf_counter()
             if step % cfg.sync_interval == 0:
-                await s.trainer.push_weights.call(step)
-                await s.policy.update_weights.fanout(step)
+                await sync_weights(s, step)
             t3 = time.perf_counter()
             budget.release_step()  # rollouts may now generate for the next step
             record_metric("time/wait_for_batch_s", t1 - t0, Reduce.MEAN)

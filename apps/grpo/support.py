@@ -20,6 +20,13 @@ log = logging.getLogger("forge.grpo")
 
 def resolve_model(cfg: GRPOConfig) -> str:
     """The model directory: `tiny-sft` runs (or reuses) the SFT warm-up of the embedded default."""
+    if cfg.model == "tiny-sft" and cfg.env is not None:  # agentic: SFT on the env's gold demonstrations
+        from apps.grpo.agentic import ensure_env_warmup
+
+        w = cfg.warmup
+        return str(ensure_env_warmup(cfg.env, steps=w.steps, lr=w.lr, batch_size=w.batch_size, family=w.family,
+                                     hidden_size=w.hidden_size, num_hidden_layers=w.num_hidden_layers, seed=cfg.seed,
+                                     cache_dir=w.cache_dir))
     if cfg.model == "tiny-sft":
         from apps.sft.warmup import ensure_warmup_checkpoint
 
@@ -34,6 +41,42 @@ def resolve_model(cfg: GRPOConfig) -> str:
     from forge.models.hf_io import resolve_model_path
 
     return str(resolve_model_path(cfg.model))
+
+
+def weight_sync_config(cfg: GRPOConfig) -> dict[str, Any]:
+    """How the trainer's weights reach the generators; one block for both sides.
+
+    Unset `transport`: in-process with the local provisioner; NCCL broadcast when the trainer and
+    the generators hold GPUs of their own (monarch, `with_gpus`, no `share_gpus`); else shared
+    memory (/dev/shm, one host: CPU services, or several processes on one GPU). A fresh port and
+    a per-run name keep two jobs on one host apart."""
+    import os
+    import uuid
+
+    from forge.controller.placement import free_port
+
+    prov = cfg.provisioner if isinstance(cfg.provisioner, str) else cfg.provisioner.get("kind", "local")
+    shared = not isinstance(cfg.provisioner, str) and bool(cfg.provisioner.get("share_gpus"))
+    sync = dict(cfg.trainer.weight_sync)
+    if "transport" not in sync:
+        own_gpus = cfg.services.policy.with_gpus and cfg.actors.trainer.with_gpus and not shared
+        sync["transport"] = "inproc" if prov == "local" else "broadcast" if own_gpus else "shm"
+    transport = sync["transport"]
+    if transport in ("shm", "inproc"):
+        sync.setdefault("name", f"policy-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    elif transport == "broadcast":
+        if prov == "local":
+            raise ValueError("trainer.weight_sync.transport=broadcast needs separate processes "
+                             "(provisioner: monarch); the local provisioner uses 'inproc'")
+        if cfg.services.policy.procs != 1:
+            raise ValueError(f"trainer.weight_sync.transport=broadcast: services.policy.procs must be 1 "
+                             f"(one receiver per generator replica), got {cfg.services.policy.procs}")
+        sync.setdefault("addr", "127.0.0.1")
+        sync.setdefault("port", free_port())
+        sync["num_receivers"] = cfg.services.policy.num_replicas
+        if cfg.services.policy.with_gpus:  # send what the generator holds (bf16 unless set): fewer bytes
+            sync.setdefault("dtype", str(cfg.policy.engine_args.get("dtype") or "bfloat16"))
+    return sync
 
 
 def _opts(p: Placement) -> dict[str, Any]:
@@ -52,6 +95,18 @@ class Services:
     pad_id: int
     correct_key: str | None
     eval_prompts: list[dict[str, Any]]
+    tokenizer: Any = None  # agentic rollouts render chat turns with it
+    weight_transport: str = "inproc"
+
+
+async def sync_weights(s: Services, version: int) -> None:
+    """Trainer -> generators as `version`. An NCCL/gloo broadcast is a collective: the trainer's
+    push and the generators' receive run at once; the other transports publish, then apply."""
+    if s.weight_transport == "broadcast":
+        await asyncio.gather(s.trainer.push_weights.call(version), s.policy.update_weights.fanout(version))
+    else:
+        await s.trainer.push_weights.call(version)
+        await s.policy.update_weights.fanout(version)
 
 
 async def build_services(cfg: GRPOConfig, model_path: str, run_dir: Path) -> Services:
@@ -68,8 +123,7 @@ async def build_services(cfg: GRPOConfig, model_path: str, run_dir: Path) -> Ser
     engine = {k: v for k, v in cfg.policy.engine_args.items() if k in own_engine}
     engine.setdefault("max_model_len", cfg.max_req_tokens + cfg.max_res_tokens)
     engine.setdefault("long_prompt", "truncate")  # an over-long prompt never crashes the rollout
-    local = (cfg.provisioner if isinstance(cfg.provisioner, str) else cfg.provisioner.get("kind")) == "local"
-    sync = dict(cfg.trainer.weight_sync) or {"transport": "inproc" if local else "shm"}
+    sync = weight_sync_config(cfg)
 
     trainer_kw = dict(
         model={"path": model_path},
@@ -88,9 +142,10 @@ async def build_services(cfg: GRPOConfig, model_path: str, run_dir: Path) -> Ser
     rewards = cfg.rewards
 
     coros = [
-        DatasetActor.options(**_opts(cfg.actors.dataset)).as_actor(model=model_path, **cfg.dataset),
+        DatasetActor.options(**_opts(cfg.actors.dataset)).as_actor(model=model_path, **cfg.dataset)
+        if cfg.env is None else _env_sampler(cfg),  # agentic: samples come from the env's task
         Generator.options(**_opts(cfg.services.policy)).as_service(
-            model=model_path, engine=engine, sampling=sampling),
+            model=model_path, engine=engine, sampling=sampling, weight_sync=sync),
         Trainer.options(**_opts(cfg.actors.trainer)).as_actor(**trainer_kw),
         ReplayBuffer.options(**_opts(cfg.actors.replay_buffer)).as_actor(
             batch_size=batch_size, dp_size=rb.dp_size,
@@ -109,12 +164,20 @@ async def build_services(cfg: GRPOConfig, model_path: str, run_dir: Path) -> Ser
     dataloader, policy, trainer, buffer, adv, reward_actor = handles[:6]
     names = await reward_actor.reward_names.route()
     correct_key = cfg.eval.correct_reward or (names[0] if names else None)
+    if cfg.env is not None:  # agentic: the env's reward is the success signal; its test split is the eval
+        correct_key = "env"
     cfg_eval = dict(cfg.dataset, split=cfg.eval.split, shuffle=False, max_epochs=1)
     if "task" in cfg_eval and cfg_eval.get("task"):
         cfg_eval["num_samples"] = cfg.eval.num_samples
-    eval_prompts = _eval_prompts(cfg_eval, model_path, cfg.eval.num_samples)
+    eval_prompts = _eval_prompts(cfg_eval, model_path, cfg.eval.num_samples if cfg.env is None else 0)
     return Services(dataloader, policy, trainer, buffer, adv, reward_actor, handles[6] if needs_ref else None,
-                    pad_id, correct_key, eval_prompts)
+                    pad_id, correct_key, eval_prompts, tokenizer, weight_transport=sync["transport"])
+
+
+def _env_sampler(cfg: GRPOConfig) -> Any:
+    from apps.grpo.agentic import EnvSampler
+
+    return EnvSampler.options(**_opts(cfg.actors.dataset)).as_actor(env=cfg.env)
 
 
 def _eval_prompts(ds_cfg: dict[str, Any], model_path: str, n: int) -> list[dict[str, Any]]:
@@ -137,6 +200,10 @@ def _eval_prompts(ds_cfg: dict[str, Any], model_path: str, n: int) -> list[dict[
 
 async def evaluate(cfg: GRPOConfig, s: Services, step: int) -> dict[str, float]:
     """Greedy held-out accuracy: the fraction of prompts whose `correct_key` reward is 1."""
+    if cfg.env is not None:  # agentic: success rate of greedy episodes on the env task's test split
+        from apps.grpo.agentic import evaluate_env
+
+        return await evaluate_env(cfg, s, cfg.eval.num_samples)
     if not s.eval_prompts or s.correct_key is None:
         return {"eval/accuracy": float("nan")}
     sampling = {"temperature": cfg.eval.temperature, "max_tokens": cfg.max_res_tokens}

@@ -41,11 +41,17 @@ def encode_example(tok: Any, item: dict[str, Any], max_len: int) -> tuple[list[i
     if completion is None:
         raise ValueError("SFT example has neither a 'completion' nor a 'target' field: map one with "
                          "dataset.columns (e.g. {prompt: question, completion: answer})")
-    ids = prompt + tok.encode(str(completion), add_special_tokens=False) + [tok.eos_token_id]
-    if len(ids) > max_len:  # keep the completion: cut the prompt's start
-        cut = len(ids) - max_len
-        ids, prompt = ids[cut:], prompt[cut:]
-    return ids, len(prompt)
+    if tok.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos token: SFT appends one so the model learns to stop")
+    answer = tok.encode(str(completion), add_special_tokens=False) + [tok.eos_token_id]
+    if max_len < 2:
+        raise ValueError(f"max_seq_len must be >= 2 (one prompt token, one trained token), got {max_len}")
+    if len(prompt) + len(answer) > max_len:
+        # keep as much completion as fits behind at least one prompt token (the first token of a
+        # sequence has no context, so it cannot be trained); cut the prompt's start first
+        answer = answer[: max_len - 1]
+        prompt = prompt[len(prompt) - (max_len - len(answer)):]
+    return prompt + answer, len(prompt)
 
 
 def make_batch(examples: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -55,12 +61,17 @@ def make_batch(examples: list[tuple[list[int], int]], pad_id: int) -> dict[str, 
     mask = torch.zeros(len(examples), width, dtype=torch.long)
     for i, (ids, p_len) in enumerate(examples):
         tokens[i, : len(ids)] = torch.tensor(ids)
-        mask[i, p_len : len(ids)] = 1
+        mask[i, max(p_len, 1) : len(ids)] = 1  # token 0 has no prefix to be predicted from
     return {"tokens": tokens, "loss_mask": mask, "lengths": torch.tensor([len(ids) for ids, _ in examples])}
 
 
+def pad_token(tok: Any) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
 def batches(ds: PromptDataset, tok: Any, cfg: SFTConfig) -> Iterator[dict[str, torch.Tensor]]:
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    """Batches of `batch_size` examples, read from `ds` in order (its position is the resume point)."""
+    pad = pad_token(tok)
     while True:
         chunk = []
         for item in ds:
@@ -109,7 +120,7 @@ class Evaluator:
         model = copy.deepcopy(model).eval()  # the engine owns its copy; training weights stay untouched
         dev = next(model.parameters()).device
         examples = [encode_example(self.tok, it, self.cfg.max_seq_len) for it in self.items]
-        batch = make_batch(examples, self.tok.pad_token_id or 0)
+        batch = make_batch(examples, pad_token(self.tok))
         lp = compute_logprobs(model, batch["tokens"].to(dev), response_mask=batch["loss_mask"].to(dev))
         m = batch["loss_mask"].to(lp.device).float()
         eval_loss = float(-(lp * m).sum() / m.sum().clamp(min=1))
@@ -153,22 +164,37 @@ def run_sft(cfg: SFTConfig, resume: bool = False, quiet: bool = False) -> dict[s
     step = 0
     if resume:
         loaded = engine.load()
-        if loaded is not None:
+        if loaded is None:
+            print(f"--resume: no checkpoint in {run_dir / 'checkpoints'}, starting from step 0")
+        else:
             step = int(loaded["extra"]["step"])
             train_ds.load_state_dict(loaded["extra"]["dataset"])
-            print(f"resumed at step {step}")
+            print(f"resumed from {loaded['path']} at step {step}")
+    start_step = step
     evaluator = Evaluator(cfg, tok, tokenizer_src)
-    backends = build_backends(cfg.metric_logging if not quiet else {"jsonl": {}}, total_steps=cfg.steps, run_dir=run_dir)
-    logger = MetricLogger(backends)
+    eval_s = time.perf_counter()
     before = evaluator(engine.model)
+    eval_s = time.perf_counter() - eval_s
+    # the progress bar advances once per logged row: the remaining steps, plus the row of `before`
+    backends = build_backends(cfg.metric_logging if not quiet else {"jsonl": {}},
+                              total_steps=max(cfg.steps - start_step, 0) + bool(before), run_dir=run_dir)
+    logger = MetricLogger(backends)
+    label = "before SFT" if start_step == 0 else f"at step {start_step} (resumed)"
     if before:
-        print(f"held-out accuracy before SFT: {before['eval/accuracy']:.3f} (eval loss {before['eval/loss']:.3f})")
+        print(f"held-out accuracy {label}: {before['eval/accuracy']:.3f} (eval loss {before['eval/loss']:.3f})")
+        logger.flush_local(start_step, extra=before)
+    ckpt = cfg.trainer.checkpoint
+
+    def save() -> None:
+        engine.save(step, extra={"step": step, "dataset": train_ds.state_dict()})
+
     t0 = time.perf_counter()
     data = batches(train_ds, tok, cfg)
+    after: dict[str, float] | None = None
     while step < cfg.steps:
         batch = next(data, None)
         if batch is None:
-            print("dataset exhausted")
+            print(f"dataset exhausted after {step} steps")
             break
         ts = time.perf_counter()
         loss = engine.sft_step(batch)
@@ -176,18 +202,25 @@ def run_sft(cfg: SFTConfig, resume: bool = False, quiet: bool = False) -> dict[s
         n_tok = int(batch["loss_mask"].sum())
         record_metric("sft/loss", loss, Reduce.MEAN)
         record_metric("sft/tokens_per_s", n_tok / max(time.perf_counter() - ts, 1e-9), Reduce.MEAN)
-        extra = evaluator(engine.model) if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps else {}
-        logger.flush_local(step, extra=extra)
-        c = cfg.trainer.checkpoint
-        if c.interval and step % c.interval == 0:
-            engine.save(step, extra={"step": step, "dataset": train_ds.state_dict()})
-    train_s = time.perf_counter() - t0
-    after = evaluator(engine.model)
-    logger.flush_local(step + 1, extra=after)
+        extra: dict[str, float] = {}
+        if step == cfg.steps or (cfg.eval.every and step % cfg.eval.every == 0):
+            te = time.perf_counter()
+            extra = evaluator(engine.model)
+            eval_s += time.perf_counter() - te
+            if step == cfg.steps:
+                after = extra
+        logger.flush_local(step, extra=extra)  # the last step's row carries the final evaluation
+        if ckpt.interval and step % ckpt.interval == 0:
+            save()
+    train_s = time.perf_counter() - t0 - eval_s
+    if after is None:  # stopped early (data exhausted) or nothing left to do after a resume
+        after = evaluator(engine.model)
+        if after:
+            logger.flush_local(step, extra=after)
     logger.close()
-    if cfg.trainer.checkpoint.interval:
-        engine.save(step, extra={"step": step, "dataset": train_ds.state_dict()})
-    summary: dict[str, Any] = {"steps": step, "train_seconds": train_s, "run_dir": str(run_dir),
+    if ckpt.interval and step % ckpt.interval:  # the final state, unless that step was just saved
+        save()
+    summary: dict[str, Any] = {"steps": step, "train_seconds": train_s, "eval_seconds": eval_s, "run_dir": str(run_dir),
                                "accuracy_before": before.get("eval/accuracy"), "accuracy_after": after.get("eval/accuracy"),
                                "eval_loss_before": before.get("eval/loss"), "eval_loss_after": after.get("eval/loss")}
     if cfg.export_hf:
@@ -196,8 +229,9 @@ def run_sft(cfg: SFTConfig, resume: bool = False, quiet: bool = False) -> dict[s
         summary["hf_export"] = str(save_model(engine.model, run_dir / "final_hf", tokenizer=tok))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if after:
-        print(f"held-out accuracy: {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f} after "
-              f"{step} steps in {train_s:.0f}s; outputs in {run_dir}")
+        print(f"held-out accuracy: {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f} "
+              f"(eval loss {summary['eval_loss_before']:.3f} -> {summary['eval_loss_after']:.3f}) after {step} steps; "
+              f"training {train_s:.0f}s + evaluation {eval_s:.0f}s; outputs in {run_dir}")
     return summary
 
 

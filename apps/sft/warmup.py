@@ -1,5 +1,9 @@
 """The embedded default's starting model: a tiny model SFT-trained on a built-in task to a
-partly-correct level, cached on disk so that only the first run pays for it (~20 s on 2 cores).
+partly-correct level, cached on disk so that only the first run pays for it. Measured on 2 CPU
+cores (arithmetic, difficulty 2, 200 held-out prompts, greedy): 400 steps -> 46.5% in ~21 s,
+600 steps -> 46.0% in ~31 s (the LR is constant, so the level plateaus noisily around 45-55%).
+Prompts are the raw task text tokenized without special tokens, exactly what the GRPO generator
+sees; the completion is the target's tokens + eos (apps/sft/main.py: encode_example).
 
 The cache key hashes every argument plus `WARMUP_VERSION` (bump it when the recipe changes).
 The run writes into a temporary directory and renames it into place when complete, so an

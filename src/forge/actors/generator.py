@@ -48,7 +48,8 @@ _VLLM_ENGINE = {"gpu_memory_utilization": "gpu_memory_fraction", "max_num_seqs":
 class Generator(ForgeActor):
     def __init__(self, model: str | Path | CausalLM | None = None, engine: dict | EngineConfig | None = None,
                  sampling: dict | SamplingParams | None = None, tokenizer: Any = None, version: int = 0,
-                 engine_args: dict | None = None, sampling_params: dict | None = None):
+                 engine_args: dict | None = None, sampling_params: dict | None = None,
+                 weight_sync: dict | None = None):
         cfg = _engine_config(engine, engine_args)
         if model is None and engine_args and "model" in engine_args:
             model = engine_args["model"]
@@ -76,6 +77,8 @@ class Generator(ForgeActor):
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="forge-generator", daemon=True)
         self._thread.start()
+        self.weight_sync = dict(weight_sync or {})
+        self._receiver: Any = None  # broadcast: joins the trainer's group at the first update
 
     # ---- endpoints --------------------------------------------------------------------------
     @endpoint
@@ -113,15 +116,12 @@ class Generator(ForgeActor):
         """Copy new weights into the model in place and record `version`.
 
         `state_dict`: a mapping name -> tensor (HF names, a subset is fine), or an iterable of
-        (name, tensor) pairs (streamed), or None to fetch through
-        `forge.weight_sync.get_weights(version)` when that exists.
+        (name, tensor) pairs (streamed), or None to fetch `version` by the `weight_sync` transport
+        given at construction: inproc / shm read what `Trainer.push_weights(version)` published;
+        broadcast takes part in that push (call both at once: it is a collective).
         """
         if state_dict is None:
-            try:
-                from forge.weight_sync import get_weights  # type: ignore[attr-defined]
-            except ImportError as e:
-                raise ValueError("update_weights: no state_dict given and forge.weight_sync has no get_weights") from e
-            state_dict = get_weights(version)
+            state_dict = await asyncio.to_thread(self._fetch_weights, int(version))
         await self._submit("update", (int(version), state_dict))
         return self.version
 
@@ -140,6 +140,24 @@ class Generator(ForgeActor):
         await asyncio.to_thread(self._thread.join, 10.0)
 
     # ---- helpers ----------------------------------------------------------------------------
+    def _fetch_weights(self, version: int) -> Any:
+        """The published weights of `version`, by the configured transport (see forge.weight_sync).
+        With `broadcast` this takes part in the trainer's publish (the app runs both at once)."""
+        from forge.weight_sync import WeightSubscriber, WeightSyncError, get_weights
+
+        transport = self.weight_sync.get("transport")
+        if transport == "broadcast":
+            if self._receiver is None:  # replica r is rank r+1 of the group (the trainer's rank 0 sends)
+                kw = {k: v for k, v in self.weight_sync.items()
+                      if k in ("addr", "port", "num_receivers", "backend", "timeout_s")}
+                self._receiver = WeightSubscriber(self.engine.model, "broadcast", rank=self.replica_id + 1, **kw)
+            got, staged = self._receiver.receive()
+            if got != version:
+                raise WeightSyncError(f"update_weights({version}): the trainer's broadcast carried version {got}")
+            return staged
+        return get_weights(version, name=self.weight_sync.get("name", "policy"), transport=transport,
+                           directory=self.weight_sync.get("directory"))
+
     def _encode(self, prompt, messages, token_ids) -> tuple[str, list[int]]:
         tok = self.tokenizer
         if token_ids is not None:
@@ -226,6 +244,7 @@ class Generator(ForgeActor):
             loop, fut, _ = self._futures.pop(rid)
             loop.call_soon_threadsafe(_set, fut, None, e)
         eng = self.engine
+        eng.drop_in_flight()
         for seq in list(eng.scheduler.running) + list(eng.scheduler.waiting):
             eng.scheduler.blocks.release(seq)
         eng.scheduler.running.clear()
@@ -259,8 +278,9 @@ def load_weights_in_place(model: torch.nn.Module, state_dict: Mapping[str, torch
             raise ValueError(f"update_weights: '{name}' has shape {tuple(t.shape)}, model has {tuple(p.shape)}")
         p.copy_(t, non_blocking=True)
         n += 1
-    if n and next(model.parameters()).is_cuda:
-        torch.cuda.synchronize()
+    first = next(model.parameters())
+    if n and first.is_cuda:  # this stream only: a device-wide sync would also wait on other streams' work
+        torch.cuda.current_stream(first.device).synchronize()
     return n
 
 

@@ -22,6 +22,13 @@ from forge.controller import ForgeActor, endpoint
 from forge.trainer.config import TrainerConfig
 
 
+_PUBLISHER_KEYS = {
+    "inproc": ("name", "mode"),
+    "shm": ("name", "directory", "dtype", "keep"),
+    "broadcast": ("addr", "port", "num_receivers", "backend", "dtype", "bucket_bytes", "timeout_s"),
+}
+
+
 class Trainer(ForgeActor):
     def __init__(
         self,
@@ -97,8 +104,14 @@ class Trainer(ForgeActor):
         if self._publisher is None:
             from forge.weight_sync import WeightPublisher
 
+            from forge.models.hf_io import to_dtype
+
             kw = dict(self.weight_sync_cfg)
             transport = kw.pop("transport", "inproc")
+            # one config block serves both sides: keep what this transport's publisher takes
+            kw = {k: v for k, v in kw.items() if k in _PUBLISHER_KEYS.get(transport, kw)}
+            if isinstance(kw.get("dtype"), str):  # e.g. bf16 on the wire when the generator runs bf16
+                kw["dtype"] = to_dtype(kw["dtype"])
             self._publisher = WeightPublisher(self.engine.module, transport, **kw)
         return self._publisher
 

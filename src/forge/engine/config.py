@@ -31,7 +31,12 @@ class EngineConfig:
     enable_cuda_graphs: bool = True
     cuda_graph_batch_sizes: list[int] | None = None  # None: 1, 2, 4, 8, 16, 32, ... up to max_num_seqs
     attention_backend: str = "auto"  # auto | triton | torch
-    compile: bool | None = None  # torch.compile the decode layers (fuses norms/RoPE/MLP); None = on CUDA
+    compile: bool | None = None  # torch.compile the unfused decode layers; None = on CUDA when not fused
+    fused_decode: bool | None = None  # Triton decode layers + in-graph sampling (forge.engine.fused); None = on CUDA
+    fused_prefill: bool | None = None  # with fused decode: the same kernels for prefill; None = on
+    prefill_cuda_graphs: bool = True  # fused prefill of fresh prompts: replay graphs of padded (rows, length) buckets
+    fast_sampler: bool | None = None  # Triton sampling kernels when no row needs top-k/top-p/min-p; None = on CUDA
+    overlap_decode: bool = True  # fused decode: queue step t+1 before reading step t's tokens (see LLMEngine.step)
     long_prompt: str = "reject"  # reject | truncate
     seed: int = 0  # for requests without their own seed
 

@@ -7,6 +7,15 @@
 `forge.engine.scheduler`) and returns the requests that finished in it. Not thread-safe: one
 thread drives it (the `Generator` actor runs it in a worker thread).
 
+Overlap (fused decode, `EngineConfig.overlap_decode`): when the next decode step would run the
+same batch as the one in flight (nothing waiting, nobody finished, blocks available), `step`
+queues it on the device *before* reading the in-flight step's tokens, so the host's work per
+token (appending, stop checks, scheduling) runs while the GPU computes. The device feeds the
+sampled tokens to the next step itself. A row whose sequence turns out to have stopped is
+computed once more and dropped; its k/v write lands in blocks it still holds. Everything else
+(prefill, preemption, a changed batch) first drains the step in flight, so outputs are the
+same as without overlap.
+
 Length rules: generation stops at `max_tokens` or when prompt + generated reaches
 `max_model_len` (stop_reason "length"). A prompt that leaves no room for one new token
 follows `EngineConfig.long_prompt`: "reject" -> finished at once with no tokens and
@@ -46,14 +55,16 @@ class LLMEngine:
         self.device = device
         self.blocks = BlockManager(self.runner.num_blocks, c.block_size)
         self.scheduler = Scheduler(c, self.blocks)
-        self.sampler = Sampler(device, c.seed)
+        self.sampler = Sampler(device, c.seed, fast=c.fast_sampler)
         self.eos_token_ids = set(model.args.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.tokenizer = tokenizer
         self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
         self._done_early: list[RequestOutput] = []
         self._last_sb: tuple | None = None
-        self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "steps": 0, "forward_s": 0.0}
+        self._pending = None  # a launched decode step whose tokens are not read yet (overlap)
+        self._dirty = False  # a sequence of the in-flight batch stopped since its launch
+        self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "steps": 0, "forward_s": 0.0, "overlapped_steps": 0}
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, prompt_ids: Seq[int] | torch.Tensor, params: SamplingParams | dict | None = None,
@@ -70,7 +81,8 @@ class LLMEngine:
         if params.stop and self.tokenizer is None:
             raise ValueError("add_request: stop strings need a tokenizer (LLMEngine(..., tokenizer=...))")
         rid = next(self._ids)
-        req = Request(rid, ids, params, max_new_tokens=0, metadata=dict(metadata or {}))
+        req = Request(rid, ids, params, max_new_tokens=0, metadata=dict(metadata or {}),
+                      seed=params.seed if params.seed is not None else _derived_seed(self.config.seed, rid))
         limit = self.max_model_len
         if len(ids) >= limit:
             if self.config.long_prompt == "reject":
@@ -99,10 +111,19 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One forward pass; returns the requests that finished in it."""
         done, self._done_early = self._done_early, []
+        t0 = time.perf_counter()
+        pend, self._pending = self._pending, None
+        if pend is not None:
+            if self._chainable(pend):
+                self._pending = self._launch_decode(pend.seqs, pend.left - 1)
+                self.stats["overlapped_steps"] += 1
+                self._consume(pend, done)
+                self.stats["forward_s"] += time.perf_counter() - t0
+                return done
+            self._consume(pend, done)
         batch = self.scheduler.schedule()
         if batch is None:
             return done
-        t0 = time.perf_counter()
         if batch.prefill:
             logits = self.runner.prefill(batch.prefill)
             rows, seqs = [], []
@@ -115,39 +136,89 @@ class LLMEngine:
                 group = self._fork(ch.seq)
                 rows += [i] * len(group)
                 seqs += group
-            if not seqs:
-                self.stats["forward_s"] += time.perf_counter() - t0
-                return done
-            logits = logits[torch.tensor(rows, device=logits.device)]
+            self.stats["steps"] += 1
+            if seqs:
+                logits = logits[torch.tensor(rows, device=logits.device)]
+                sb = SamplingBatch.build([self._sampling_row(s) for s in seqs], self.device)
+                self._last_sb = None
+                tokens, logprobs = self.sampler(logits, sb)
+                self._append(seqs, tokens.tolist(), logprobs.tolist(), done)
         else:
             seqs = batch.decode
-            logits = self.runner.decode(seqs)
-            for s in seqs:
-                s.num_computed += 1
-            self.stats["decode_tokens"] += len(seqs)
-        key = tuple(s.seq_id for s in seqs) if batch.decode else None
-        if key is not None and self._last_sb is not None and self._last_sb[0] == key:
-            sb = self._last_sb[1]  # same decode batch as last step: only the token counters moved
-            sb.counter += 1
-        else:
-            sb = SamplingBatch.build([self._sampling_row(s) for s in seqs], self.device)
-        self._last_sb = (key, sb)
-        tokens, logprobs = self.sampler(logits, sb)
-        tokens, logprobs = tokens.tolist(), logprobs.tolist()
+            left = max(s.request.max_new_tokens - s.num_generated for s in seqs)
+            h = self._launch_decode(seqs, left)
+            if self.config.overlap_decode and h.chainable:
+                self._pending = h
+            else:
+                self._consume(h, done)
         self.stats["forward_s"] += time.perf_counter() - t0
+        return done
+
+    def _launch_decode(self, seqs: list[Sequence], left: int):
+        """Queue one decode step of `seqs`; returns a handle whose `result()` gives tokens and logprobs.
+        `left`: the most tokens any of them still has to generate, this step's included."""
+        r = self.runner
+        if r.fused is not None:
+            h = r.decode_launch(seqs, lambda: [self._sampling_row(s) for s in seqs], self.sampler)
+        else:
+            logits = r.decode(seqs)
+            key = tuple(s.seq_id for s in seqs)
+            if self._last_sb is not None and self._last_sb[0] == key:
+                sb = self._last_sb[1]  # same decode batch as last step: only the token counters moved
+                sb.counter += 1
+            else:
+                sb = SamplingBatch.build([self._sampling_row(s) for s in seqs], self.device)
+            self._last_sb = (key, sb)
+            h = _Ready(*self.sampler(logits, sb))
+        h.seqs, h.left = seqs, left
+        for s in seqs:
+            s.num_computed += 1
+        self.stats["decode_tokens"] += len(seqs)
         self.stats["steps"] += 1
+        self._dirty = False
+        return h
+
+    def _chainable(self, pend) -> bool:
+        """May the next step reuse the in-flight batch as it stands (see the module docstring)?"""
+        if not (self.config.overlap_decode and pend.chainable) or self._dirty or self.scheduler.waiting:
+            return False
+        seqs = pend.seqs
+        if pend.left <= 1 or len(seqs) != len(self.scheduler.running):
+            return False  # every row's last token is in flight, or the running set moved
+        ensure = self.blocks.ensure
+        for s in seqs:  # the next step writes k/v at position num_computed
+            if not ensure(s, s.num_computed + 1):
+                return False  # the scheduler preempts, after draining
+        return True
+
+    def _consume(self, h, done: list[RequestOutput]) -> None:
+        tokens, logprobs = h.result()
+        self._append(h.seqs, tokens, logprobs, done)
+
+    def _append(self, seqs: list[Sequence], tokens: list[int], logprobs: list[float], done: list[RequestOutput]) -> None:
+        running = SeqStatus.RUNNING
         for s, tok, lp in zip(seqs, tokens, logprobs):
+            if s.status is not running:
+                continue  # stopped while this (overlapped) step was in flight: its row is dropped
             s.token_ids.append(tok)
             s.logprobs.append(lp)
             reason = self._stop_reason(s, tok)
             if reason is not None:
                 s.stop_reason = reason
                 self.scheduler.finish(s)
+                self._dirty = True
                 req = s.request
                 req.num_finished += 1
                 if req.finished:
                     done.append(self._finalize(req))
-        return done
+
+    def drop_in_flight(self) -> None:
+        """Forget an overlapped decode step that was launched but not read (after a failure, when the
+        caller clears the scheduler itself); the next decode rebuilds the device-side batch state."""
+        self._pending = None
+        self._last_sb = None
+        if self.runner.fused is not None:
+            self.runner._key = None
 
     def generate(self, requests: Seq[tuple[Seq[int] | torch.Tensor, SamplingParams | dict | None]]) -> list[RequestOutput]:
         """Run until these requests finish; outputs in input order (others in flight keep going)."""
@@ -181,7 +252,7 @@ class LLMEngine:
     @staticmethod
     def _sampling_row(s: Sequence) -> tuple:
         p = s.params
-        return (p.temperature, p.top_k, p.top_p, p.min_p, p.seed, s.index, s.num_generated,
+        return (p.temperature, p.top_k, p.top_p, p.min_p, s.request.seed, s.index, s.num_generated,
                 p.truncated_logprobs and p.temperature > 0)
 
     def _stop_reason(self, s: Sequence, tok: int) -> str | None:
@@ -207,3 +278,24 @@ class LLMEngine:
                 cut = [text.find(x) for x in req.params.stop if x in text]
                 s.text = text[: min(cut)] if cut else text
         return req.output()
+
+
+class _Ready:
+    """Tokens / logprobs already computed (device tensors), read on `result()`."""
+
+    chainable = False
+
+    def __init__(self, tokens: torch.Tensor, logprobs: torch.Tensor):
+        self.tokens, self.logprobs = tokens, logprobs
+
+    def result(self) -> tuple[list[int], list[float]]:
+        return self.tokens.tolist(), self.logprobs.tolist()
+
+
+def _derived_seed(engine_seed: int, request_id: int) -> int:
+    """A request's sampling seed when it has none: splitmix64 of (engine seed, request number)."""
+    m = (1 << 64) - 1
+    z = (int(engine_seed) * 0x9E3779B97F4A7C15 + (int(request_id) + 1) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return (z ^ (z >> 31)) & ((1 << 63) - 1)

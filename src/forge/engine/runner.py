@@ -1,24 +1,59 @@
 """`ModelRunner`: owns the KV cache, turns scheduled batches into tensors, runs the model.
 
-The cache is allocated once, here. Decode steps on CUDA replay CUDA graphs captured for a set
-of batch sizes (the batch is padded up to the nearest one; padded rows write to the scratch
-block 0 and their outputs are dropped).
+The cache is allocated once, here. Two decode paths:
+
+- fused (CUDA with Triton, the default there): `forge.engine.fused.FusedDecode` (8 launches a
+  layer) and the sampler's two kernels, captured together in one CUDA graph per batch size.
+  The decode inputs live on the device (`DecodeState`): a step of the same batch as the last
+  one moves them on with one small kernel (sampled tokens in, positions + 1) and uploads only
+  block-table entries that changed; a new batch uploads everything once. Each step copies the
+  sampled tokens and logprobs to the host in one copy (`DecodeHandle`), which the engine may
+  read after it has queued the next step.
+- unfused (CPU, or CUDA without Triton): the model's own modules layer by layer (optionally
+  torch.compile'd), attention through `forge.engine.attention` / the Triton paged kernel,
+  CUDA graphs of the forward, the sampler outside.
+
+Padded rows of a captured batch size write their k/v to the scratch block 0; their outputs
+are dropped.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
 
 import torch
+import torch.nn.functional as F
 
+from forge.engine import kernels as K
 from forge.engine.attention import AttnMeta, decode_attention_torch, prefill_attention, store_kv
 from forge.engine.config import EngineConfig
+from forge.engine.sampler import SamplingBatch, _seed63
 from forge.engine.scheduler import PrefillChunk
 from forge.engine.sequence import Sequence
 from forge.engine.triton_decode import paged_decode_attention, triton_supported
-from forge.models.decoder import CausalLM
+from forge.models.decoder import CausalLM, apply_rope
 
 log = logging.getLogger(__name__)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class DecodeHandle:
+    """The tokens / logprobs of one launched decode step; `result()` waits for them."""
+
+    def __init__(self, host: torch.Tensor, b: int, mb: int, event=None, chainable: bool = False):
+        self.host, self.b, self.mb, self.event, self.chainable = host, b, mb, event, chainable
+
+    def result(self) -> tuple[list[int], list[float]]:
+        if self.event is not None:
+            self.event.synchronize()
+        tok = self.host[: self.mb * 8].view(torch.int64)[: self.b].tolist()
+        lp = self.host[self.mb * 8:].view(torch.float32)[: self.b].tolist()
+        return tok, lp
 
 
 class ModelRunner:
@@ -29,21 +64,35 @@ class ModelRunner:
         a = model.args
         self.num_layers, self.num_kv, self.head_dim = a.num_hidden_layers, a.num_key_value_heads, a.head_dim
         self.block_size = config.block_size
+        self.max_model_len = max_model_len
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.num_blocks = self._num_blocks(max_model_len)
         shape = (self.num_layers, self.num_blocks, self.block_size, self.num_kv, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
-        self.use_triton = self._pick_backend()
-        self.meta: AttnMeta | None = None
         self.pin = device.type == "cuda"
+        self.meta: AttnMeta | None = None
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pre, self._post = _layer_pre, _layer_post
         self.compiled = False
-        if config.compile or (config.compile is None and device.type == "cuda"):
-            self.compiled = self._try_compile(strict=bool(config.compile))
-        if device.type == "cuda" and config.enable_cuda_graphs:
-            self._capture_with_fallback()
+        self.fused = None  # FusedDecode when the fused decode path is on
+        self._prefill_graphs: dict[tuple[int, int], tuple] = {}
+        self._prefill_pool = None
+        self.use_triton = False
+        if self._want_fused():
+            try:
+                self._setup_fused()
+            except Exception as e:  # noqa: BLE001
+                if config.fused_decode:
+                    raise
+                log.warning("fused decode unavailable (%s); using the unfused path", e)
+                self.fused, self.graphs = None, {}
+        if self.fused is None:
+            self.use_triton = self._pick_backend()
+            if config.compile or (config.compile is None and device.type == "cuda"):
+                self.compiled = self._try_compile(strict=bool(config.compile))
+            if device.type == "cuda" and config.enable_cuda_graphs:
+                self._capture_with_fallback()
 
     # ---- sizing -------------------------------------------------------------------------
     def kv_bytes_per_token(self) -> int:
@@ -100,7 +149,7 @@ class ModelRunner:
         b = decode_attention_torch(q, kc, vc, bt, lens).float()
         return (a - b).abs().max().item()
 
-    # ---- attention hook -----------------------------------------------------------------
+    # ---- attention hook (prefill, unfused decode) ----------------------------------------
     def _attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         m = self.meta
         kc, vc = self.k_cache[layer], self.v_cache[layer]
@@ -130,8 +179,15 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
         """Compute the chunks' k/v into the cache; logits [len(chunks), V] at each chunk's last token."""
+        if self.fused is not None and self.fused.stale():
+            self._refresh_fused()
         bs = self.block_size
         t = max(c.end - c.start for c in chunks)
+        has_prefix = any(c.start > 0 for c in chunks)
+        b = len(chunks)
+        key = self._prefill_graph_key(b, t, has_prefix)
+        if key is not None:  # padded to a captured (rows, length) bucket
+            b, t = key
         tokens, pos, slots = [], [], []
         for c in chunks:
             n, pad = c.end - c.start, t - (c.end - c.start)
@@ -139,9 +195,15 @@ class ModelRunner:
             pos += list(range(c.start, c.end)) + [0] * pad
             tbl = c.seq.block_table
             slots += [tbl[p // bs] * bs + p % bs for p in range(c.start, c.end)] + [0] * pad
-        has_prefix = any(c.start > 0 for c in chunks)
+        last = [c.end - c.start - 1 for c in chunks]
+        if key is not None:
+            extra = b - len(chunks)
+            tokens += [0] * (extra * t)
+            pos += [0] * (extra * t)
+            slots += [0] * (extra * t)
+            last += [0] * extra
+            return self._prefill_replay(key, tokens, pos, slots, last)[: len(chunks)]
         width = -(-max(c.end for c in chunks) // bs)
-        b = len(chunks)
         self.meta = AttnMeta(
             slot_mapping=self._tensor(slots, torch.int64),
             block_tables=self._tensor(self._tables([c.seq for c in chunks], width), torch.int32).view(b, width)
@@ -150,13 +212,275 @@ class ModelRunner:
             starts=self._tensor([c.start for c in chunks], torch.int64), has_prefix=has_prefix,
         )
         tok = self._tensor(tokens, torch.int64).view(b, t)
-        hidden = self.model(tok, self._tensor(pos, torch.int64).view(b, t), attention=self._attention,
-                            return_hidden=True)
-        last = self._tensor([c.end - c.start - 1 for c in chunks], torch.int64)
+        pos_t = self._tensor(pos, torch.int64).view(b, t)
+        last = self._tensor(last, torch.int64)
+        if self.fused is not None and self.config.fused_prefill is not False:
+            return self.fused.prefill(tok, pos_t, self.meta.slot_mapping, last, self.meta, self.k_cache, self.v_cache)
+        hidden = self.model(tok, pos_t, attention=self._attention, return_hidden=True)
         h = hidden[torch.arange(b, device=self.device), last]
         return self.model.lm_head(h)
 
-    # ---- decode -------------------------------------------------------------------------
+    # ---- prefill CUDA graphs (fused path, prompts without cached prefix) -------------------
+    MAX_PREFILL_GRAPHS = 32
+
+    def _prefill_graph_key(self, b: int, t: int, has_prefix: bool) -> tuple[int, int] | None:
+        """The (rows, length) bucket a prefill pads to for a graph replay, or None (run it eagerly)."""
+        c = self.config
+        if (self.fused is None or has_prefix or c.fused_prefill is False or not c.prefill_cuda_graphs
+                or self.device.type != "cuda" or not c.enable_cuda_graphs):
+            return None
+        tb = -(-t // 64) * 64 if t > 32 else (16 if t <= 16 else 32)
+        bb = next((x for x in sorted(self.graph_sizes()) if x >= b), None)
+        if bb is None or bb * tb > max(c.max_num_batched_tokens, 2048) * 2:
+            return None
+        key = (bb, tb)
+        if key not in self._prefill_graphs and len(self._prefill_graphs) >= self.MAX_PREFILL_GRAPHS:
+            return None
+        return key
+
+    def _capture_stream(self) -> torch.cuda.Stream:
+        if getattr(self, "_side_stream", None) is None:
+            self._side_stream = torch.cuda.Stream(self.device)
+        return self._side_stream
+
+    def _prefill_replay(self, key: tuple[int, int], tokens: list, pos: list, slots: list, last: list) -> torch.Tensor:
+        entry = self._prefill_graphs.get(key)
+        if entry is None:
+            entry = self._prefill_graphs[key] = self._capture_prefill(*key)
+        tok_s, pos_s, slot_s, last_s, graph, logits = entry
+        b, t = key
+        ints = self._tensor(tokens + pos + slots + last, torch.int64)
+        n = b * t
+        tok_s.view(-1).copy_(ints[:n])
+        pos_s.view(-1).copy_(ints[n: 2 * n])
+        slot_s.copy_(ints[2 * n: 3 * n])
+        last_s.copy_(ints[3 * n:])
+        graph.replay()
+        return logits
+
+    def _capture_prefill(self, b: int, t: int):
+        dev = self.device
+        tok, pos = torch.zeros(b, t, dtype=torch.int64, device=dev), torch.zeros(b, t, dtype=torch.int64, device=dev)
+        slots, last = torch.zeros(b * t, dtype=torch.int64, device=dev), torch.zeros(b, dtype=torch.int64, device=dev)
+        meta = AttnMeta(slot_mapping=slots, block_tables=None, context_lens=None, decode=False, has_prefix=False)
+        run = lambda: self.fused.prefill(tok, pos, slots, last, meta, self.k_cache, self.v_cache)  # noqa: E731
+        run()  # warm-up (k/v of the zero inputs land in the scratch block 0)
+        graph = torch.cuda.CUDAGraph()
+        # captured mid-run: torch.cuda.graph() would also gc.collect() and empty the allocator cache (tens
+        # of ms with a large Python heap); a side stream ordered after the current one is all it needs
+        side, cur = self._capture_stream(), torch.cuda.current_stream(dev)
+        side.wait_stream(cur)
+        with torch.cuda.stream(side):
+            graph.capture_begin(pool=self._prefill_pool, capture_error_mode="thread_local")
+            try:
+                logits = run()
+            finally:
+                graph.capture_end()
+        cur.wait_stream(side)
+        self._prefill_pool = self._prefill_pool or graph.pool()
+        log.info("captured a prefill CUDA graph for %d rows x %d tokens", b, t)
+        return tok, pos, slots, last, graph, logits
+
+    # =====================================================================================
+    # fused decode
+    # =====================================================================================
+    def _want_fused(self) -> bool:
+        want = self.config.fused_decode
+        if want is False or not K.HAS_TRITON:
+            if want:
+                raise ValueError("fused_decode=True needs triton")
+            return False
+        if self.device.type != "cuda" and not (want and _interpreting()):
+            if want:
+                raise ValueError("fused_decode=True needs CUDA (or TRITON_INTERPRET=1 for tests)")
+            return False
+        ok = self.model.args.num_attention_heads % self.num_kv == 0 and self.head_dim % 2 == 0
+        if not ok and want:
+            raise ValueError("fused_decode=True needs num_attention_heads % num_key_value_heads == 0, even head_dim")
+        return ok
+
+    def _setup_fused(self) -> None:
+        from forge.engine.fused import FusedDecode
+
+        self.fused = FusedDecode(self.model, self.model.args.max_position_embeddings)
+        self._alloc_state(self.config.max_num_seqs)
+        err = self._check_fused()
+        tol = 1e-3 if self.dtype == torch.float32 else 5e-2
+        if not err < tol:
+            raise RuntimeError(f"fused decode differs from the eager layers (relative error {err:.3g})")
+        log.info("fused decode path on (self-check relative error %.2g)", err)
+        if self.device.type == "cuda" and self.config.enable_cuda_graphs:
+            try:
+                self._capture_fused()
+            except Exception as e:  # noqa: BLE001
+                log.warning("CUDA graph capture of the fused decode failed (%s); running it without graphs", e)
+                self.graphs.clear()
+                torch.cuda.synchronize(self.device)
+
+    def _refresh_fused(self) -> None:
+        """Parameters were re-pointed (not copied into): rebuild the merged views and the graphs."""
+        log.warning("model parameters were replaced (not updated in place); rebuilding the fused decode graphs")
+        from forge.engine.fused import FusedDecode
+
+        self.graphs.clear()
+        self._prefill_graphs.clear()
+        self.fused = FusedDecode(self.model, self.model.args.max_position_embeddings)
+        self._key = None
+        if self.device.type == "cuda" and self.config.enable_cuda_graphs:
+            self._capture_fused()
+
+    def _alloc_state(self, mb: int) -> None:
+        dev = self.device
+        self.state_rows = mb
+        z = lambda dt: torch.zeros(mb, dtype=dt, device=dev)  # noqa: E731
+        self.st_tok, self.st_pos = z(torch.int64), z(torch.int32)
+        self.st_tables = torch.zeros(mb, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self.st_temp = torch.ones(mb, dtype=torch.float32, device=dev)
+        self.st_seed, self.st_stream, self.st_counter = z(torch.int64), z(torch.int64), z(torch.int64)
+        self.st_out = torch.zeros(mb * 12, dtype=torch.uint8, device=dev)  # int64 tokens, then float32 logprobs
+        self.st_out_tok = self.st_out[: mb * 8].view(torch.int64)
+        self.st_out_lp = self.st_out[mb * 8:].view(torch.float32)
+        self._host_out = [torch.zeros(mb * 12, dtype=torch.uint8, pin_memory=self.pin) for _ in range(2)]
+        self._flip = 0
+        self._key = None
+        self._nblk: list[int] = []
+        self._rows_sb = None
+
+    def _fused_step(self, b: int) -> torch.Tensor:
+        """Forward + sampling over the first b rows of the decode state (what a graph captures)."""
+        logits = self.fused.forward(self.st_tok[:b], self.st_pos[:b], self.st_tables[:b], self.k_cache, self.v_cache)
+        K.sample(logits, self.st_temp[:b], self.st_seed[:b], self.st_stream[:b], self.st_counter[:b],
+                 any_greedy=True, out_tokens=self.st_out_tok[:b], out_logprobs=self.st_out_lp[:b])
+        return logits
+
+    @torch.inference_mode()
+    def _capture_fused(self) -> None:
+        sizes = self.graph_sizes()
+        pool = None
+        self._key = None
+        for b in sizes:  # largest first, so smaller graphs reuse its memory pool
+            self.st_pos[:b].zero_()
+            self.st_tables[:b].zero_()  # scratch block 0
+            self._fused_step(b)  # warm-up: kernel selection, triton compilation
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool):
+                out = self._fused_step(b)
+            pool = pool or g.pool()
+            self.graphs[b] = (g, out)
+        torch.cuda.synchronize(self.device)
+        log.info("captured fused decode CUDA graphs for batch sizes %s", sorted(self.graphs))
+
+    @torch.inference_mode()
+    def _check_fused(self) -> float:
+        """Layer 0 of the fused step against the model's eager layer 0 on the same cache contents:
+        relative error of the layer's update to the residual stream (and a finite full step)."""
+        dev, b, bs = self.device, min(4, self.state_rows), self.block_size
+        g = torch.Generator(device="cpu").manual_seed(0)
+        v = self.model.args.vocab_size
+        tok = torch.randint(0, v, (b,), generator=g).to(dev)
+        w = min(3, self.max_blocks_per_seq)
+        pos = torch.tensor([min(p, w * bs - 1) for p in (0, 3, bs + 1, 2 * bs + 5)][:b], dtype=torch.int32, device=dev)
+        if self.num_blocks < w * b + 1:
+            return 0.0  # too small a cache to check without touching live blocks; the tests cover the math
+        tables = torch.zeros(b, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
+        tables[:, :w] = torch.arange(1, 1 + b * w, dtype=torch.int32, device=dev).view(b, w)
+        blocks = tables[:, :w].reshape(-1).long()
+        kc, vc = self.k_cache[0], self.v_cache[0]
+        kc[blocks] = torch.randn(kc[blocks].shape, generator=g).to(dev, self.dtype)
+        vc[blocks] = torch.randn(vc[blocks].shape, generator=g).to(dev, self.dtype)
+        emb = self.model.model.embed_tokens(tok)
+        got = self.fused.forward(tok, pos, tables, self.k_cache, self.v_cache, num_layers=1, return_hidden=True)
+        # eager: the model's own layer 0 with the torch attention
+        slots = tables.long().gather(1, (pos.long() // bs)[:, None]).squeeze(1) * bs + pos.long() % bs
+        self.meta = AttnMeta(slots, tables, pos + 1, decode=True)
+        layer = self.model.model.layers[0]
+        cos, sin = self.model.model.rotary_emb(pos.long().view(b, 1))
+        x = emb.view(b, 1, -1)
+        q, k, vv = _layer_pre(layer, x, cos, sin)
+        ref = _layer_post(layer, x, self._attention(0, q, k, vv)).view(b, -1)  # torch attention (use_triton off)
+        err = ((got - emb).float() - (ref - emb).float()).norm() / (ref - emb).float().norm().clamp_min(1e-12)
+        full = self.fused.forward(tok, pos, tables, self.k_cache, self.v_cache)
+        if not torch.isfinite(full.float()).all():
+            return float("inf")
+        return err.item()
+
+    def _state_upload(self, seqs: list[Sequence], rows: list[tuple], gb: int) -> None:
+        """Write the whole decode state for this batch (padded to gb rows)."""
+        mbps = self.max_blocks_per_seq
+        ints, temps, tables = [], [], []
+        for s, r in zip(seqs, rows):
+            ints += [s.token_ids[-1], s.num_computed, _seed63(r[4]), r[5], r[6]]
+            temps.append(r[0])
+            bt = s.block_table
+            tables += bt + [0] * (mbps - len(bt))
+        pad = gb - len(seqs)
+        ints += [0, 0, 0, 0, 0] * pad
+        temps += [1.0] * pad
+        tables += [0] * (pad * mbps)
+        i = self._tensor(ints, torch.int64).view(gb, 5)
+        self.st_tok[:gb].copy_(i[:, 0])
+        self.st_pos[:gb].copy_(i[:, 1])
+        self.st_seed[:gb].copy_(i[:, 2])
+        self.st_stream[:gb].copy_(i[:, 3])
+        self.st_counter[:gb].copy_(i[:, 4])
+        self.st_temp[:gb].copy_(self._tensor(temps, torch.float32))
+        self.st_tables[:gb].copy_(self._tensor(tables, torch.int32).view(gb, mbps))
+
+    def _table_update(self, seqs: list[Sequence], nblk: list[int]) -> None:
+        idx, val = [], []
+        mbps = self.max_blocks_per_seq
+        for i, (s, old, new) in enumerate(zip(seqs, self._nblk, nblk)):
+            if new != old:
+                for j in range(old, new):
+                    idx.append(i * mbps + j)
+                    val.append(s.block_table[j])
+        self.st_tables.view(-1).index_copy_(0, self._tensor(idx, torch.int64), self._tensor(val, torch.int32))
+
+    @torch.inference_mode()
+    def decode_launch(self, seqs: list[Sequence], rows_fn, sampler) -> DecodeHandle:
+        """Queue one fused decode step (forward + sampling) for `seqs`; nothing waits for the device.
+
+        rows_fn() -> the sampling rows of `seqs` (`LLMEngine._sampling_row`), called only when the
+        batch differs from the last step's (else the state on the device moves on by itself)."""
+        b = len(seqs)
+        gb = next((x for x in sorted(self.graphs) if x >= b), b)
+        key = tuple(s.seq_id for s in seqs)
+        nblk = [len(s.block_table) for s in seqs]
+        if key != self._key:
+            rows = rows_fn()
+            self._key = None
+            self._state_upload(seqs, rows, gb)
+            self._rows_sb = SamplingBatch.build(rows, self.device, state=(
+                self.st_temp[:b], self.st_seed[:b], self.st_stream[:b], self.st_counter[:b]))
+            self._key, self._gb = key, gb
+        else:
+            gb = self._gb
+            K.advance(self.st_tok, self.st_pos, self.st_counter, self.st_out_tok, gb)
+            if nblk != self._nblk:
+                self._table_update(seqs, nblk)
+        self._nblk = nblk
+        if gb in self.graphs:
+            graph, logits = self.graphs[gb]
+            graph.replay()
+        else:
+            logits = self._fused_step(gb)
+        sb = self._rows_sb
+        if not sb.fast_ok or not sampler.fast:
+            tok, lp = sampler(logits[:b], sb)
+            self.st_out_tok[:b].copy_(tok)
+            self.st_out_lp[:b].copy_(lp)
+        host = self._host_out[self._flip]
+        self._flip ^= 1
+        host.copy_(self.st_out, non_blocking=self.pin)
+        ev = None
+        if self.device.type == "cuda":
+            ev = torch.cuda.Event()
+            ev.record()
+        return DecodeHandle(host, b, self.state_rows, ev, chainable=True)
+
+    # =====================================================================================
+    # unfused decode
+    # =====================================================================================
     def _decode_inputs(self, seqs: list[Sequence], rows: int, width: int):
         bs = self.block_size
         pad = rows - len(seqs)
@@ -168,7 +492,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """One new token per sequence (its k/v goes into the cache); logits [len(seqs), V]."""
+        """Unfused path: one new token per sequence (its k/v goes into the cache); logits [len(seqs), V]."""
         b = len(seqs)
         gb = next((x for x in sorted(self.graphs) if x >= b), None)
         if gb is not None:
@@ -198,7 +522,6 @@ class ModelRunner:
             sizes.append(self.config.max_num_seqs)
         return sorted({int(s) for s in sizes if 0 < int(s) <= self.config.max_num_seqs}, reverse=True)
 
-    # ---- the decode forward ---------------------------------------------------------------
     def decode_forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """`CausalLM.forward` for decode, layer by layer through the model's own modules, so the
         norm/RoPE/MLP halves of each layer can be compiled while attention stays ours."""
@@ -211,26 +534,23 @@ class ModelRunner:
         return m.lm_head(m.model.norm(x))[:, -1]
 
     def _try_compile(self, strict: bool) -> bool:
-        """Compile the per-layer halves once (shared by all layers: modules are inputs), then check
-        one decode step against the eager one; any failure or mismatch keeps the eager path."""
+        """Compile the per-layer halves once (their weights are tensor arguments, so all layers
+        share one graph: no recompilation per layer), then check layer 0's compiled halves against
+        a float32 copy of that layer on the same inputs; any failure or mismatch stays eager.
+
+        The tolerance is a low-precision one (3e-2 relative, bf16/fp16; 1e-4 in float32): bf16
+        eager and bf16 compiled both sit ~1e-2 away from float32 per step of a deep stack, so
+        comparing one against the other (the old check) rejected correct compilations."""
         try:
-            pre = torch.compile(_layer_pre, dynamic=True)
-            post = torch.compile(_layer_post, dynamic=True)
-            with torch.inference_mode():
-                b = min(4, self.config.max_num_seqs)
-                self.alloc_static(b)
-                st = self._static
-                st["tokens"].random_(0, self.model.args.vocab_size)
-                st["pos"].copy_(torch.arange(b, device=self.device).view(b, 1))
-                st["slots"].copy_(torch.arange(b, device=self.device))  # scratch block 0: nothing live
-                st["lens"].copy_(st["pos"].view(-1).int() + 1)
-                ref = self.run_static(b).float()
-                self._pre, self._post = pre, post
-                got = self.run_static(b).float()
-            err = ((got - ref).norm() / ref.norm().clamp_min(1e-6)).item()
-            if not err < 2e-2:
-                raise RuntimeError(f"compiled decode differs from eager (relative error {err:.3g})")
-            log.info("compiled decode layers (relative error vs eager %.2g)", err)
+            pre = torch.compile(_pre_fn, dynamic=True)
+            post = torch.compile(_post_fn, dynamic=True)
+            err = self._check_compiled(pre, post)
+            tol = 1e-4 if self.dtype == torch.float32 else 3e-2
+            if not err < tol:
+                raise RuntimeError(f"compiled layer differs from a float32 reference (relative error {err:.3g})")
+            self._pre = lambda layer, x, cos, sin: pre(x, cos, sin, *_pre_args(layer))
+            self._post = lambda layer, x, attn: post(x, attn, *_post_args(layer))
+            log.info("compiled decode layers (relative error vs float32 %.2g)", err)
             return True
         except Exception as e:  # noqa: BLE001
             self._pre, self._post = _layer_pre, _layer_post
@@ -238,6 +558,26 @@ class ModelRunner:
                 raise
             log.warning("torch.compile of the decode layers failed, running them eagerly: %s", e)
             return False
+
+    @torch.inference_mode()
+    def _check_compiled(self, pre, post) -> float:
+        layer = self.model.model.layers[0]
+        a, dev = self.model.args, self.device
+        g = torch.Generator(device="cpu").manual_seed(0)
+        rel = lambda x, y: ((x.float() - y.float()).norm() / y.float().norm().clamp_min(1e-12)).item()  # noqa: E731
+        errs = []
+        for b in (3, 5):  # two batch sizes: the second must reuse the first's graph
+            x = torch.randn(b, 1, a.hidden_size, generator=g).to(dev, self.dtype)
+            attn = torch.randn(b, 1, a.num_attention_heads, self.head_dim, generator=g).to(dev, self.dtype)
+            pos = torch.randint(0, 1000, (b, 1), generator=g).to(dev)
+            cos, sin = self.model.model.rotary_emb(pos)
+            got_pre = pre(x, cos, sin, *_pre_args(layer))
+            got_post = post(x, attn, *_post_args(layer))
+            ref32 = copy.deepcopy(layer).float()
+            ref_pre = _layer_pre(ref32, x.float(), cos, sin)
+            ref_post = _layer_post(ref32, x.float(), attn.float())
+            errs += [rel(gp, rp) for gp, rp in zip(got_pre, ref_pre)] + [rel(got_post, ref_post)]
+        return max(errs)
 
     def alloc_static(self, max_batch: int) -> None:
         """The decode inputs every captured graph reads (graph b uses the first b rows)."""
@@ -305,3 +645,47 @@ def _layer_post(layer: torch.nn.Module, x: torch.Tensor, attn: torch.Tensor) -> 
     """Second half: output projection, residual, norm, MLP, residual."""
     h = x + layer.self_attn.o_proj(attn.reshape(x.shape[0], x.shape[1], -1))
     return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+# ---- the same halves as functions of tensors (what torch.compile sees: no module attributes,
+# so no guard on layer_idx and one graph shared by every layer) ------------------------------
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """`forge.models.decoder.RMSNorm.forward` as a function."""
+    if x.dtype == w.dtype:
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(dtype)
+
+
+def _pre_args(layer) -> tuple:
+    at, ln = layer.self_attn, layer.input_layernorm
+    qn = at.q_norm
+    return (ln.weight, ln.eps, at.q_proj.weight, at.q_proj.bias, at.k_proj.weight, at.k_proj.bias,
+            at.v_proj.weight, at.v_proj.bias, qn.weight if qn is not None else None,
+            at.k_norm.weight if qn is not None else None, qn.eps if qn is not None else 0.0,
+            at.n_heads, at.n_kv, at.head_dim)
+
+
+def _pre_fn(x, cos, sin, ln_w, ln_eps, wq, bq, wk, bk, wv, bv, qn_w, kn_w, qk_eps, nh, nkv, hd):
+    b, t, _ = x.shape
+    h = _rms(x, ln_w, ln_eps)
+    q = F.linear(h, wq, bq).view(b, t, nh, hd)
+    k = F.linear(h, wk, bk).view(b, t, nkv, hd)
+    v = F.linear(h, wv, bv).view(b, t, nkv, hd)
+    if qn_w is not None:
+        q, k = _rms(q, qn_w, qk_eps), _rms(k, kn_w, qk_eps)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def _post_args(layer) -> tuple:
+    at, ln, mlp = layer.self_attn, layer.post_attention_layernorm, layer.mlp
+    return (at.o_proj.weight, at.o_proj.bias, ln.weight, ln.eps, mlp.gate_proj.weight, mlp.gate_proj.bias,
+            mlp.up_proj.weight, mlp.up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias)
+
+
+def _post_fn(x, attn, wo, bo, ln_w, ln_eps, wg, bg, wu, bu, wd, bd):
+    h = x + F.linear(attn.reshape(x.shape[0], x.shape[1], -1), wo, bo)
+    y = _rms(h, ln_w, ln_eps)
+    return h + F.linear(F.silu(F.linear(y, wg, bg)) * F.linear(y, wu, bu), wd, bd)

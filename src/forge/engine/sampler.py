@@ -3,7 +3,14 @@
 One uniform number per row and inverse-CDF sampling (searchsorted over the cumulative
 probabilities). Rows with a seed take their uniform from a counter-based hash of
 (seed, sample index, token index), so a seeded sample is reproducible whatever else is in
-the batch; unseeded rows draw from the engine's generator. No per-row Python on the device.
+the batch; unseeded rows draw from the engine's generator (the engine gives every request a
+seed: its own, or one derived from the engine seed and the request's number). No per-row
+Python on the device.
+
+Fast path (CUDA with Triton; `fast=True` also under TRITON_INTERPRET=1): when no row of the
+batch uses top-k, top-p, min-p or truncated logprobs, `forge.engine.kernels.sample` draws the
+same inverse-CDF sample in two kernels that read the logits once, in their own dtype (no
+float32 copy, no sort, no full-vocabulary cumulative sum). Otherwise the torch path below.
 
 Logprobs: see `SamplingParams` (temperature-scaled full-vocabulary log-softmax at the sampled
 token by default; greedy rows: plain log-softmax).
@@ -15,7 +22,13 @@ from dataclasses import dataclass
 
 import torch
 
+from forge.engine import kernels as K
+
 _MASK32 = 0xFFFFFFFF
+
+
+def _seed63(s) -> int:
+    return -1 if s is None else int(s) & ((1 << 63) - 1)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -44,9 +57,9 @@ class SamplingBatch:
     """Per-row sampling parameters, as device tensors, plus host-side flags that skip unused work."""
 
     temperature: torch.Tensor  # [B] float32; 0 = greedy
-    top_k: torch.Tensor  # [B] int64; 0 = off
-    top_p: torch.Tensor  # [B] float32
-    min_p: torch.Tensor  # [B] float32
+    top_k: torch.Tensor | None  # [B] int64; 0 = off (None: no row uses it)
+    top_p: torch.Tensor | None  # [B] float32
+    min_p: torch.Tensor | None  # [B] float32
     seed: torch.Tensor  # [B] int64; -1 = none
     stream: torch.Tensor  # [B] int64: sample index within its request
     counter: torch.Tensor  # [B] int64: number of tokens this sample generated so far
@@ -57,32 +70,52 @@ class SamplingBatch:
     any_min_p: bool
     any_seeded: bool
     truncated_logprobs: torch.Tensor | None  # [B] bool, or None if no row wants it
+    all_seeded: bool = False
+
+    @property
+    def fast_ok(self) -> bool:
+        """No row needs the sorted / filtered distribution (the fused kernels sample the rest)."""
+        return not (self.any_top_k or self.any_top_p or self.any_min_p or self.truncated_logprobs is not None)
 
     @classmethod
-    def build(cls, rows: list[tuple], device: torch.device) -> "SamplingBatch":
-        """rows: (temperature, top_k, top_p, min_p, seed or None, stream, counter, truncated_logprobs)."""
+    def build(cls, rows: list[tuple], device: torch.device, state: tuple | None = None) -> "SamplingBatch":
+        """rows: (temperature, top_k, top_p, min_p, seed or None, stream, counter, truncated_logprobs).
+        `state`: device tensors (temperature, seed, stream, counter) already holding these rows
+        (the fused decode state, which moves `counter` on by itself); used instead of new copies."""
         t, k, p, mp, seed, stream, ctr, trunc = zip(*rows)
-        seed = [-1 if s is None else int(s) & ((1 << 63) - 1) for s in seed]
+        seed = [_seed63(s) for s in seed]
         f = lambda x, dt: torch.tensor(x, dtype=dt).to(device, non_blocking=True)  # noqa: E731
+        any_k, any_p, any_mp = any(x > 0 for x in k), any(x < 1.0 for x in p), any(x > 0 for x in mp)
+        if state is not None:
+            temperature, seed_t, stream_t, counter_t = state
+        else:
+            temperature, seed_t = f(t, torch.float32), f(seed, torch.int64)
+            stream_t, counter_t = f(stream, torch.int64), f(ctr, torch.int64)
         return cls(
-            temperature=f(t, torch.float32), top_k=f(k, torch.int64), top_p=f(p, torch.float32),
-            min_p=f(mp, torch.float32), seed=f(seed, torch.int64), stream=f(stream, torch.int64),
-            counter=f(ctr, torch.int64),
+            temperature=temperature, top_k=f(k, torch.int64) if any_k else None,
+            top_p=f(p, torch.float32) if any_p else None, min_p=f(mp, torch.float32) if any_mp else None,
+            seed=seed_t, stream=stream_t, counter=counter_t,
             any_greedy=any(x == 0 for x in t), all_greedy=all(x == 0 for x in t),
-            any_top_k=any(x > 0 for x in k), any_top_p=any(x < 1.0 for x in p),
-            any_min_p=any(x > 0 for x in mp), any_seeded=any(s >= 0 for s in seed),
+            any_top_k=any_k, any_top_p=any_p, any_min_p=any_mp, any_seeded=any(s >= 0 for s in seed),
             truncated_logprobs=f(trunc, torch.bool) if any(trunc) else None,
+            all_seeded=all(s >= 0 for s in seed),
         )
 
 
 class Sampler:
-    def __init__(self, device: torch.device, seed: int = 0):
+    def __init__(self, device: torch.device, seed: int = 0, fast: bool | None = None):
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
+        self.fast = K.HAS_TRITON and (device.type == "cuda" if fast is None else bool(fast))
 
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, sb: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """logits [B, V] -> (tokens [B] int64, logprobs [B] float32)."""
+        if self.fast and sb.fast_ok:
+            u = None
+            if not sb.all_seeded:
+                u = torch.rand(logits.shape[0], generator=self.generator, device=logits.device, dtype=torch.float64)
+            return K.sample(logits, sb.temperature, sb.seed, sb.stream, sb.counter, u=u, any_greedy=sb.any_greedy)
         x = logits.float()
         if sb.all_greedy:
             tokens = x.argmax(-1)

@@ -77,6 +77,7 @@ class Request:
     metadata: dict[str, Any] = field(default_factory=dict)
     seqs: list[Sequence] = field(default_factory=list)
     num_finished: int = 0
+    seed: int | None = None  # params.seed, else one the engine derives from its seed and request_id
 
     @property
     def finished(self) -> bool:

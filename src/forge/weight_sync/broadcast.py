@@ -8,9 +8,9 @@ Per publish: a header `[version, n_buckets]` (int64), then the parameters in buc
 `bucket_bytes`, flattened and concatenated per dtype. The manifest (names, shapes, dtypes) is
 put in the store once at connect, so both sides derive the same buckets.
 
-Receivers run a background thread that is always waiting for the next publish and fills a
-staging copy on their device, so the trainer's `publish` never waits on the generator's
-request loop (no deadlock when the app calls push_weights then update_weights). `fetch()`
+Every publish is a collective: the receivers take part on demand (`receive()` / `fetch()`), so
+the app runs `Trainer.push_weights` and `Generator.update_weights` concurrently. A receiver
+fills a staging copy on a side stream while its engine keeps decoding; the generator then
 copies staging -> parameters between requests: a completion never mixes versions.
 """
 
@@ -96,13 +96,18 @@ class BroadcastPublisher:
         return version
 
     def close(self) -> None:
-        if self.is_source and self.pg is not None:
-            _bcast(self.pg, torch.tensor([-1, 0], dtype=torch.int64, device=self.device))  # receivers stop
-            self.pg = None
+        self.pg = None
 
 
 class BroadcastSubscriber:
-    """One per generator process; `rank` is 1..num_receivers in the weight-sync group."""
+    """One per generator process; `rank` is 1..num_receivers in the weight-sync group.
+
+    Receives on demand: each `receive()` takes part in exactly one `publish()` (a collective,
+    so the app runs the trainer's push and the generators' update concurrently). Nothing is
+    left posted between syncs: a pending NCCL receive would spin on the GPU and stall every
+    device-wide synchronisation of the generator. The receive runs on a side stream into a
+    staging copy, so decoding on the default stream goes on while the weights stream in.
+    """
 
     def __init__(self, model: nn.Module, addr: str, port: int, rank: int, num_receivers: int, *,
                  backend: str | None = None, timeout_s: float = 600.0):
@@ -118,56 +123,53 @@ class BroadcastSubscriber:
         self.dst = target_params(model, {e.name for e in self.entries}, "broadcast weight sync")
         self.staging = {e.name: torch.empty(e.shape, dtype=e.dtype, device=self.device) for e in self.entries}
         self.staged_version: int | None = None
-        self.error: BaseException | None = None
-        self._cv = threading.Condition()
-        self._thread = threading.Thread(target=self._loop, name="forge-weight-recv", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        try:
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)  # thread-local current device
-            while True:
-                head = torch.zeros(2, dtype=torch.int64, device=self.device)
-                _bcast(self.pg, head)
-                version, n = head.tolist()
-                if version < 0:
-                    return
-                if n != len(self.bucket_plan):
-                    raise WeightSyncError(f"publisher sent {n} buckets, receiver planned {len(self.bucket_plan)}")
-                with self._cv:  # fetch() cannot read staging while a new version streams in
-                    for plan in self.bucket_plan:
-                        flat = torch.empty(sum(e.numel for e in plan), dtype=plan[0].dtype, device=self.device)
-                        _bcast(self.pg, flat)
-                        off = 0
-                        for e in plan:
-                            self.staging[e.name].copy_(flat[off:off + e.numel].view(e.shape))
-                            off += e.numel
-                    self.staged_version = version
-                    self._cv.notify_all()
-        except BaseException as e:  # surfaced by fetch()
-            with self._cv:
-                self.error = e
-                self._cv.notify_all()
+        self._lock = threading.Lock()
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def available_version(self) -> int | None:
         return self.staged_version
 
     @torch.no_grad()
-    def fetch(self, version: int | None = None, timeout_s: float = 600.0) -> int:
-        """Wait until `version` (or any version) is staged, apply it; returns the version applied."""
-        with self._cv:
-            ok = self._cv.wait_for(lambda: self.error is not None or (
-                self.staged_version is not None and (version is None or self.staged_version >= version)),
-                timeout=timeout_s)
-            if self.error is not None:
-                raise WeightSyncError(f"broadcast weight receiver failed: {self.error!r}") from self.error
-            if not ok:
-                raise WeightSyncError(f"version {version} did not arrive within {timeout_s}s "
-                                      f"(have {self.staged_version})")
-            for name, src in self.staging.items():
-                copy_into(self.dst[name], src, name)
-            return int(self.staged_version)
+    def receive(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """Take part in the trainer's next publish; returns (version, name -> staged tensor). The
+        staged tensors are complete on return and stay valid until the next `receive()`."""
+        with self._lock:
+            if self._stream is None:
+                return self._receive_into_staging()
+            with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+                out = self._receive_into_staging()
+            self._stream.synchronize()
+            return out
 
-    def close(self, timeout_s: float = 10.0) -> None:
-        self._thread.join(timeout_s)
+    def _receive_into_staging(self) -> tuple[int, dict[str, torch.Tensor]]:
+        head = torch.zeros(2, dtype=torch.int64, device=self.device)
+        _bcast(self.pg, head)
+        version, n = head.tolist()
+        if n != len(self.bucket_plan):
+            raise WeightSyncError(f"publisher sent {n} buckets, receiver planned {len(self.bucket_plan)}")
+        for plan in self.bucket_plan:
+            flat = torch.empty(sum(e.numel for e in plan), dtype=plan[0].dtype, device=self.device)
+            _bcast(self.pg, flat)
+            off = 0
+            for e in plan:
+                self.staging[e.name].copy_(flat[off:off + e.numel].view(e.shape))
+                off += e.numel
+        self.staged_version = int(version)
+        return int(version), self.staging
+
+    @torch.no_grad()
+    def fetch(self, version: int | None = None) -> int:
+        """Receive publishes until `version` (or the next one) arrives, apply it to the model;
+        returns the version applied."""
+        while True:
+            got, staging = self.receive()
+            if version is None or got >= version:
+                break
+        for name, src in staging.items():
+            copy_into(self.dst[name], src, name)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        return got
+
+    def close(self) -> None:
+        self.pg = None

@@ -72,12 +72,16 @@ class InprocPublisher:
         with slot.lock:
             slot.mode = self.mode
             if self.mode == "staged":
+                seen = set()
                 for n, t in iter_full_params(self.model):
                     buf = slot.staging.get(n)
                     if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or buf.device != t.device:
                         slot.staging[n] = buf = torch.empty_like(t)
                     buf.copy_(t)
+                    seen.add(n)
                     del t  # FSDP: free the gathered parameter before the next
+                for stale in set(slot.staging) - seen:  # another model published under this name before
+                    del slot.staging[stale]
             else:
                 if slot.subscriber is None:
                     raise WeightSyncError(f"weight sync '{self.name}' ({self.mode}): no generator model is "
@@ -94,6 +98,10 @@ class InprocPublisher:
                         del t
             slot.version = version
         return version
+
+    def close(self) -> None:
+        """Drop the staged copy (the trainer's teardown): per-run names never pile up in memory."""
+        clear_registry(self.name)
 
     def _share(self, gen: nn.Module) -> None:
         if self._shared:
