@@ -138,7 +138,7 @@ def main() -> None:
     p.add_argument("--policy-replicas", type=int, default=0, help="with --gpus > 1 (default gpus // 2)")
     p.add_argument("--trainer-procs", type=int, default=0, help="with --gpus > 1 (default the rest: FSDP2)")
     p.add_argument("--separate-processes", action="store_true", help="monarch provisioner: one process per service")
-    p.add_argument("--transport", default=None, choices=["inproc", "shm", "broadcast"],
+    p.add_argument("--transport", default=None, choices=["inproc", "shm", "cuda_ipc", "broadcast"],
                    help="weight sync (default: the app's choice: inproc / broadcast on own GPUs / shm)")
     p.add_argument("--microbatch-tokens", type=int, default=16384)
     p.add_argument("--out", default=None)
@@ -174,6 +174,9 @@ def main() -> None:
                 res["total_s"] = time.perf_counter() - t0
                 res["weight_sync_frac"] = res["weight_sync_s"] / res["s_per_step"]
                 per_mode[mode] = res
+                results["shapes"][shape] = per_mode
+                if a.out:  # after every mode: a run cut short still leaves what it measured
+                    Path(a.out).write_text(json.dumps(results, indent=2))
             if {"sync", "async"} <= set(per_mode):
                 per_mode["async_speedup"] = per_mode["sync"]["s_per_step"] / per_mode["async"]["s_per_step"]
             results["shapes"][shape] = per_mode

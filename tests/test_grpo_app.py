@@ -83,3 +83,25 @@ def test_monarch_separate_processes_survive_a_killed_reward_replica(tiny_model, 
     assert len(trained) == 5
     # weights crossed processes: the generator reports the trainer's versions
     assert max(r.get("rollout/policy_version", 0) for r in trained) >= 3
+
+
+@pytest.mark.monarch
+def test_monarch_fsdp_trainer_broadcasts_to_two_generator_replicas(tiny_model, tmp_path):
+    """The multi-GPU layout on CPU processes: trainer FSDP2 over 2 procs (gloo), 2 generator
+    replicas, weights by torch.distributed broadcast (push and receive at once), every step."""
+    pytest.importorskip("monarch")
+    run = tmp_path / "bcast"
+    versions: list[list[int]] = []
+
+    async def check_versions(step: int, services) -> None:
+        versions.append(await services.policy.get_version.fanout())
+
+    cfg = config("--model", tiny_model, "--provisioner", "monarch", "--output_dir", str(run), "--steps", "4",
+                 "--eval.num_samples", "8", "--local_batch_size", "16", "--advantage.filter_zero_variance", "false",
+                 "--off_by_n", "0", "--services.policy.num_replicas", "2", "--actors.trainer.procs", "2",
+                 "--trainer.weight_sync.transport", "broadcast")
+    out = asyncio.run(main(cfg, on_step=check_versions))
+    assert out["steps"] == 4
+    assert versions == [[s, s] for s in range(1, 5)]  # both replicas hold each step's weights
+    trained = [r for r in metrics(run) if "rl_trainer/avg_loss" in r]
+    assert len(trained) == 4 and all(r["time/weight_sync_s"] > 0 for r in trained)

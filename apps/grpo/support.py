@@ -48,8 +48,9 @@ def weight_sync_config(cfg: GRPOConfig) -> dict[str, Any]:
 
     Unset `transport`: in-process with the local provisioner; NCCL broadcast when the trainer and
     the generators hold GPUs of their own (monarch, `with_gpus`, no `share_gpus`); else shared
-    memory (/dev/shm, one host: CPU services, or several processes on one GPU). A fresh port and
-    a per-run name keep two jobs on one host apart."""
+    memory (/dev/shm: CPU processes, or several processes on one GPU with `share_gpus`, where
+    `transport: cuda_ipc` is the faster opt-in). A fresh port and a per-run name keep two jobs on
+    one host apart."""
     import os
     import uuid
 
@@ -58,13 +59,21 @@ def weight_sync_config(cfg: GRPOConfig) -> dict[str, Any]:
     prov = cfg.provisioner if isinstance(cfg.provisioner, str) else cfg.provisioner.get("kind", "local")
     shared = not isinstance(cfg.provisioner, str) and bool(cfg.provisioner.get("share_gpus"))
     sync = dict(cfg.trainer.weight_sync)
+    own_gpus = cfg.services.policy.with_gpus and cfg.actors.trainer.with_gpus and not shared
     if "transport" not in sync:
-        own_gpus = cfg.services.policy.with_gpus and cfg.actors.trainer.with_gpus and not shared
-        sync["transport"] = "inproc" if prov == "local" else "broadcast" if own_gpus else "shm"
+        if prov == "local":
+            sync["transport"] = "inproc"
+        elif own_gpus:
+            sync["transport"] = "broadcast"
+        else:  # cuda_ipc (opt-in) is faster between processes on one GPU; see bench/NOTES_multi_gpu.md
+            sync["transport"] = "shm"
     transport = sync["transport"]
-    if transport in ("shm", "inproc"):
+    if transport in ("shm", "inproc", "cuda_ipc"):
         sync.setdefault("name", f"policy-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    elif transport == "broadcast":
+    if transport != "inproc" and cfg.services.policy.with_gpus:
+        # send what the generator holds (bf16 unless set), not the trainer's fp32 master weights
+        sync.setdefault("dtype", str(cfg.policy.engine_args.get("dtype") or "bfloat16"))
+    if transport == "broadcast":
         if prov == "local":
             raise ValueError("trainer.weight_sync.transport=broadcast needs separate processes "
                              "(provisioner: monarch); the local provisioner uses 'inproc'")
@@ -74,8 +83,6 @@ def weight_sync_config(cfg: GRPOConfig) -> dict[str, Any]:
         sync.setdefault("addr", "127.0.0.1")
         sync.setdefault("port", free_port())
         sync["num_receivers"] = cfg.services.policy.num_replicas
-        if cfg.services.policy.with_gpus:  # send what the generator holds (bf16 unless set): fewer bytes
-            sync.setdefault("dtype", str(cfg.policy.engine_args.get("dtype") or "bfloat16"))
     return sync
 
 

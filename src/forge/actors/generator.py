@@ -156,7 +156,7 @@ class Generator(ForgeActor):
                 raise WeightSyncError(f"update_weights({version}): the trainer's broadcast carried version {got}")
             return staged
         return get_weights(version, name=self.weight_sync.get("name", "policy"), transport=transport,
-                           directory=self.weight_sync.get("directory"))
+                           directory=self.weight_sync.get("directory"), device=self.engine.device)
 
     def _encode(self, prompt, messages, token_ids) -> tuple[str, list[int]]:
         tok = self.tokenizer

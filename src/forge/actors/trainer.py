@@ -25,6 +25,7 @@ from forge.trainer.config import TrainerConfig
 _PUBLISHER_KEYS = {
     "inproc": ("name", "mode"),
     "shm": ("name", "directory", "dtype", "keep"),
+    "cuda_ipc": ("name", "directory", "dtype"),
     "broadcast": ("addr", "port", "num_receivers", "backend", "dtype", "bucket_bytes", "timeout_s"),
 }
 

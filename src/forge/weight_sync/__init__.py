@@ -6,8 +6,9 @@
     applied = sub.fetch(version)                                    # between requests
 
 Transports: `inproc` (one process, tensors stay on device; see inproc.py for the staged /
-direct / share modes), `shm` (processes on one host, /dev/shm), `broadcast` (torch.distributed
-broadcast in buckets, NCCL across GPUs / gloo on CPU). FSDP shards are gathered one parameter
+direct / share modes), `shm` (processes on one host, /dev/shm), `cuda_ipc` (processes sharing
+one GPU: the generator maps the trainer's staging buffer, device-to-device copy), `broadcast`
+(torch.distributed broadcast in buckets, NCCL across GPUs / gloo on CPU). FSDP shards are gathered one parameter
 at a time on the publishing side, never a whole second copy.
 """
 
@@ -20,7 +21,7 @@ from torch import nn
 from forge.weight_sync.common import WeightSyncError, iter_full_params, manifest
 from forge.weight_sync.inproc import clear_registry, register_model
 
-TRANSPORTS = ("inproc", "shm", "broadcast")
+TRANSPORTS = ("inproc", "shm", "cuda_ipc", "broadcast")
 
 
 def WeightPublisher(model: nn.Module, transport: str = "inproc", **kw: Any):
@@ -32,6 +33,10 @@ def WeightPublisher(model: nn.Module, transport: str = "inproc", **kw: Any):
         from forge.weight_sync.shm import ShmPublisher
 
         return ShmPublisher(model, **kw)
+    if transport == "cuda_ipc":
+        from forge.weight_sync.cuda_ipc import CudaIpcPublisher
+
+        return CudaIpcPublisher(model, **kw)
     if transport == "broadcast":
         from forge.weight_sync.broadcast import BroadcastPublisher
 
@@ -48,6 +53,10 @@ def WeightSubscriber(model: nn.Module, transport: str = "inproc", **kw: Any):
         from forge.weight_sync.shm import ShmSubscriber
 
         return ShmSubscriber(model, **kw)
+    if transport == "cuda_ipc":
+        from forge.weight_sync.cuda_ipc import CudaIpcSubscriber
+
+        return CudaIpcSubscriber(model, **kw)
     if transport == "broadcast":
         from forge.weight_sync.broadcast import BroadcastSubscriber
 
@@ -56,7 +65,7 @@ def WeightSubscriber(model: nn.Module, transport: str = "inproc", **kw: Any):
 
 
 def get_weights(version: int, name: str = "policy", transport: str | None = None,
-                directory: str | None = None) -> dict:
+                directory: str | None = None, device: Any = None) -> dict:
     """name -> tensor of the published `version`, for `Generator.update_weights(version)`.
 
     transport None: `FORGE_WEIGHT_SYNC` if set, else in-process when this process has a staged
@@ -78,7 +87,13 @@ def get_weights(version: int, name: str = "policy", transport: str | None = None
         if not path.is_file():
             raise WeightSyncError(f"weight sync '{name}': version {version} not found at '{path}'")
         return read_weights(path, version)
-    raise ValueError(f"get_weights supports transports inproc and shm (broadcast needs a WeightSubscriber), "
+    if transport == "cuda_ipc":
+        # mapped per update and released once the generator copied it: no mapping of the trainer's
+        # memory outlives the update (a live one at exit stalls the processes' CUDA IPC teardown)
+        from forge.weight_sync.cuda_ipc import CudaIpcReader
+
+        return CudaIpcReader(name, directory, device).weights(version)
+    raise ValueError(f"get_weights supports transports inproc, shm and cuda_ipc (broadcast needs a WeightSubscriber), "
                      f"got {transport!r}")
 
 
