@@ -22,8 +22,6 @@ import functools
 import hashlib
 import json
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,17 +216,13 @@ def ensure_env_warmup(env: dict[str, Any], *, steps: int, lr: float, batch_size:
     args = dict(env=spec, steps=steps, lr=lr, batch_size=batch_size, family=family, hidden_size=hidden_size,
                 num_hidden_layers=num_hidden_layers, seed=seed, pool_size=pool_size, v=ENV_WARMUP_VERSION)
     key = hashlib.sha256(json.dumps(args, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    root = Path(cache_dir)
-    final = root / f"env-warmup-{spec.get('_target_', 'env')}-{key}"
-    if (final / "model" / "config.json").is_file():
-        return final / "model"
+    final = Path(cache_dir) / f"env-warmup-{spec.get('_target_', 'env')}-{key}"
+    from apps.sft.warmup import build_cached
     from forge.models.hf_io import save_model
     from forge.models.tokenizer import load_tokenizer, tiny_tokenizer_path
     from forge.trainer.engine import TrainEngine
 
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
-    try:
+    def build(tmp: Path) -> None:
         print(f"SFT warm-up on gold '{spec.get('_target_')}' demonstrations ({steps} steps); cached in {final}")
         t0 = time.perf_counter()
         tok = load_tokenizer(tiny_tokenizer_path())
@@ -252,14 +246,8 @@ def ensure_env_warmup(env: dict[str, Any], *, steps: int, lr: float, batch_size:
         save_model(engine.model, tmp / "model", tokenizer=tok)
         (tmp / "warmup.json").write_text(json.dumps(
             {"args": args, "final_loss": loss, "seconds": time.perf_counter() - t0}, indent=2, default=str))
-        try:
-            tmp.rename(final)
-        except OSError:  # another run finished the same warm-up first: keep theirs
-            if not (final / "model" / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final / "model"
+
+    return build_cached(final, build)
 
 
 __all__ = ["EnvSampler", "RolloutOptions", "ensure_env_warmup", "env_setup", "evaluate_env", "rollout_env_group",

@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 WARMUP_VERSION = 1
 
@@ -42,9 +42,7 @@ def ensure_warmup_checkpoint(task: str = "arithmetic", task_kwargs: dict[str, An
     from apps.sft.config import load_sft_config
     from apps.sft.main import run_sft
 
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
-    try:
+    def build(tmp: Path) -> None:
         cfg, _ = load_sft_config({
             "model": "tiny", "seed": seed, "steps": steps, "batch_size": batch_size, "output_dir": str(tmp),
             "tiny": {"family": family, "hidden_size": hidden_size, "num_hidden_layers": num_hidden_layers,
@@ -58,9 +56,23 @@ def ensure_warmup_checkpoint(task: str = "arithmetic", task_kwargs: dict[str, An
         summary = run_sft(cfg, quiet=True)
         (tmp / "final_hf").rename(tmp / "model")
         (tmp / "warmup.json").write_text(json.dumps({"args": args, **summary}, indent=2, default=str))
+
+    return build_cached(final, build)
+
+
+def build_cached(final: Path, build: Callable[[Path], None]) -> Path:
+    """`final/model`: built once by `build(tmp)` in a temporary directory beside `final`, then
+    renamed into place, so an interrupted build never leaves a half checkpoint behind; when a
+    concurrent run finished the same build first, theirs is kept."""
+    if (final / "model" / "config.json").is_file():
+        return final / "model"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        build(tmp)
         try:
             tmp.rename(final)
-        except OSError:  # another run finished the same warm-up first: keep theirs
+        except OSError:
             if not (final / "model" / "config.json").is_file():
                 raise
     finally:
