@@ -39,6 +39,12 @@ def _leftover_dirs() -> set[str]:
     return set(glob.glob(os.path.join(tempfile.gettempdir(), "forge-sbx-*")))
 
 
+@pytest.fixture
+def own_tmp(tmp_path, monkeypatch):
+    """Sandbox dirs of this test only: other sandboxes running on the host never count as leftovers."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+
 def test_runs_code_with_stdin_and_files():
     r = run_python("import sys\nprint(open('data/x.txt').read().strip(), sys.stdin.read().upper())",
                    stdin="hello", files={"data/x.txt": "from-file\n"}, timeout_s=10)
@@ -85,7 +91,7 @@ def test_memory_bomb_killed():
     assert r.limit_hit == "memory"
 
 
-def test_fork_bomb_contained_and_cleaned_up():
+def test_fork_bomb_contained_and_cleaned_up(own_tmp):
     before = _leftover_dirs()
     code = ("import os\n"
             "while True:\n"
@@ -166,7 +172,7 @@ def test_writes_outside_the_temp_dir_fail(tmp_path):
     assert r.stdout.count("denied") >= 3
 
 
-def test_eight_concurrent_runs_all_correct():
+def test_eight_concurrent_runs_all_correct(own_tmp):
     before = _leftover_dirs()
     codes = [f"import sys\nprint(sum(range({i * 1000})), sys.stdin.read())" for i in range(8)]
     with ThreadPoolExecutor(8) as pool:
