@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -220,3 +221,14 @@ def test_config_spec_validation():
         sandbox.SandboxConfig.from_spec({"timeout": 3})
     with pytest.raises(ValueError):
         sandbox.SandboxConfig.from_spec("lenient")
+
+
+@pytest.mark.skipif(not sandbox.bwrap_available(), reason="needs bubblewrap")
+def test_interpreter_under_tmp_stays_visible(tmp_path):
+    # a checkout (and its venv) under /tmp: the sandbox's fresh /tmp must not hide the interpreter
+    assert str(tmp_path).startswith("/tmp/")
+    py = tmp_path / "venv" / "bin" / "python"
+    py.parent.mkdir(parents=True)
+    py.symlink_to(os.path.realpath(sys.executable))
+    r = run_python("print(6 * 7)", timeout_s=20, config={"python": str(py)})
+    assert r.ok and r.stdout == "42\n", r.stderr

@@ -70,6 +70,19 @@ os.execv(sys.executable, [sys.executable, "-I", "-B", *sys.argv[5:]])
 """
 
 
+def _python_under_tmp(python: str) -> list[str]:
+    """`--ro-bind` args that keep the interpreter visible when it lives under /tmp (a venv of a
+    checkout in /tmp): the sandbox's /tmp is a fresh tmpfs, which would hide it."""
+    tmp = Path("/tmp")
+    roots = {Path(python).parent.parent, Path(os.path.realpath(python)).parent.parent,
+             Path(sys.prefix), Path(sys.base_prefix)}
+    out: list[str] = []
+    for r in sorted(roots):
+        if tmp in r.parents and r.exists():
+            out += ["--ro-bind", str(r), str(r)]
+    return out
+
+
 class SandboxUnavailableError(RuntimeError):
     """Strict mode was asked for but bubblewrap cannot run here."""
 
@@ -320,8 +333,8 @@ def run_python(code: str, *, stdin: str | None = None, timeout_s: float | None =
         inner = [cfg.python, "-I", "-S", "-c", _LAUNCHER, *limits, "main.py"]
         if mode == "bwrap":
             cmd = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--ro-bind", "/", "/",
-                   "--tmpfs", "/tmp", "--bind", str(host_dir), WORKDIR, "--proc", "/proc", "--dev", "/dev",
-                   "--chdir", WORKDIR, "--", *inner]
+                   "--tmpfs", "/tmp", *_python_under_tmp(cfg.python), "--bind", str(host_dir), WORKDIR,
+                   "--proc", "/proc", "--dev", "/dev", "--chdir", WORKDIR, "--", *inner]
         else:
             cmd = [*_unshare_prefix(), *inner]
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "LANG": "C.UTF-8",
