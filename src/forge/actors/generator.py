@@ -117,7 +117,7 @@ class Generator(ForgeActor):
 
         `state_dict`: a mapping name -> tensor (HF names, a subset is fine), or an iterable of
         (name, tensor) pairs (streamed), or None to fetch `version` by the `weight_sync` transport
-        given at construction: inproc / shm read what `Trainer.push_weights(version)` published;
+        given at construction: inproc / shm / cuda_ipc read what `Trainer.push_weights(version)` published;
         broadcast takes part in that push (call both at once: it is a collective).
         """
         if state_dict is None:
