@@ -1,7 +1,7 @@
 """The embedded default's starting model: a tiny model SFT-trained on a built-in task to a
 partly-correct level, cached on disk so that only the first run pays for it. Measured on 2 CPU
-cores (arithmetic, difficulty 2, 200 held-out prompts, greedy): 400 steps -> 46.5% in ~21 s,
-600 steps -> 46.0% in ~31 s (the LR is constant, so the level plateaus noisily around 45-55%).
+cores (arithmetic, difficulty 2, greedy): 400 steps -> 28.8% of 500 held-out prompts in ~33 s
+(2026-11-28, fresh clone; an earlier recipe measured 46.5% of 200); GRPO then lifts it to ~57%.
 Prompts are the raw task text tokenized without special tokens, exactly what the GRPO generator
 sees; the completion is the target's tokens + eos (apps/sft/main.py: encode_example).
 
