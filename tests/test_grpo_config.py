@@ -69,6 +69,8 @@ def test_weight_sync_transport_follows_the_placement():
     with pytest.raises(ValueError, match="services.policy.procs must be 1"):
         weight_sync_config(load("--config", str(APPS / "default.yaml"), "--config", str(APPS / "multi_gpu.yaml"),
                                 "--services.policy.procs", "2")[0])
+    with pytest.raises(ValueError, match=r"trainer.weight_sync.transport must be one of .* got 'nccl'"):
+        weight_sync_config(load("--trainer.weight_sync.transport", "nccl")[0])
     with pytest.raises(ValueError, match="needs separate processes"):
         weight_sync_config(load("--trainer.weight_sync.transport", "broadcast")[0])
 

@@ -28,6 +28,7 @@ from apps.grpo.support import (
     evaluate,
     resolve_model,
     sync_weights,
+    weight_sync_config,
     write_learning_curve,
 )
 from forge.config import compose, parse_cli, to_container
@@ -52,11 +53,12 @@ async def main(cfg: GRPOConfig, resume: bool = False,
     else:  # {kind: monarch, share_gpus: true, ...}
         opts = dict(cfg.provisioner)
         init_provisioner(opts.pop("kind", "local"), **opts)
+    sync = weight_sync_config(cfg)  # a bad transport/placement fails here, before any warm-up
     model_path = await asyncio.to_thread(resolve_model, cfg)  # may run the SFT warm-up (first time)
     max_steps = cfg.steps or 100
     logger = MetricLogger(build_backends(cfg.metric_logging, total_steps=max_steps, run_dir=run_dir))
     drain()  # records left in this process by earlier work (another run, a test) are not this run's
-    s = await build_services(cfg, model_path, run_dir)  # dataloader, policy, trainer, buffer, ...
+    s = await build_services(cfg, model_path, run_dir, sync)  # dataloader, policy, trainer, buffer, ...
     group_size = cfg.group_size
     groups_per_step = episodes_per_step(cfg) * cfg.replay_buffer.dp_size // group_size
 

@@ -55,6 +55,7 @@ def weight_sync_config(cfg: GRPOConfig) -> dict[str, Any]:
     import uuid
 
     from forge.controller.placement import free_port
+    from forge.weight_sync import TRANSPORTS
 
     prov = cfg.provisioner if isinstance(cfg.provisioner, str) else cfg.provisioner.get("kind", "local")
     shared = not isinstance(cfg.provisioner, str) and bool(cfg.provisioner.get("share_gpus"))
@@ -68,6 +69,8 @@ def weight_sync_config(cfg: GRPOConfig) -> dict[str, Any]:
         else:  # cuda_ipc (opt-in) is faster between processes on one GPU; see bench/NOTES_multi_gpu.md
             sync["transport"] = "shm"
     transport = sync["transport"]
+    if transport not in TRANSPORTS:  # fail at start, not at the first weight push
+        raise ValueError(f"trainer.weight_sync.transport must be one of {list(TRANSPORTS)}, got {transport!r}")
     if transport in ("shm", "inproc", "cuda_ipc"):
         sync.setdefault("name", f"policy-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     if transport != "inproc" and cfg.services.policy.with_gpus:
@@ -116,7 +119,8 @@ async def sync_weights(s: Services, version: int) -> None:
         await s.policy.update_weights.fanout(version)
 
 
-async def build_services(cfg: GRPOConfig, model_path: str, run_dir: Path) -> Services:
+async def build_services(cfg: GRPOConfig, model_path: str, run_dir: Path,
+                         sync: dict[str, Any] | None = None) -> Services:
     from forge.models.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(model_path)
@@ -130,7 +134,7 @@ async def build_services(cfg: GRPOConfig, model_path: str, run_dir: Path) -> Ser
     engine = {k: v for k, v in cfg.policy.engine_args.items() if k in own_engine}
     engine.setdefault("max_model_len", cfg.max_req_tokens + cfg.max_res_tokens)
     engine.setdefault("long_prompt", "truncate")  # an over-long prompt never crashes the rollout
-    sync = weight_sync_config(cfg)
+    sync = sync or weight_sync_config(cfg)
 
     trainer_kw = dict(
         model={"path": model_path},

@@ -110,7 +110,7 @@ class Trainer(ForgeActor):
             kw = dict(self.weight_sync_cfg)
             transport = kw.pop("transport", "inproc")
             # one config block serves both sides: keep what this transport's publisher takes
-            kw = {k: v for k, v in kw.items() if k in _PUBLISHER_KEYS.get(transport, kw)}
+            kw = {k: v for k, v in kw.items() if k in _PUBLISHER_KEYS.get(transport, ())}
             if isinstance(kw.get("dtype"), str):  # e.g. bf16 on the wire when the generator runs bf16
                 kw["dtype"] = to_dtype(kw["dtype"])
             self._publisher = WeightPublisher(self.engine.module, transport, **kw)

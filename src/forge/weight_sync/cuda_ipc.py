@@ -115,8 +115,6 @@ class CudaIpcReader:
                                   "between GPUs")
         key = (desc["pid"], tuple(sorted(desc["handles"].items())))
         if key != self._key:  # a new trainer process (or first use): map its buffers
-            from torch.multiprocessing.reductions import rebuild_cuda_tensor  # noqa: F401 (what the pickles call)
-
             self._mapped = {}
             for dt, blob in desc["handles"].items():
                 fn, args = pickle.loads(base64.b64decode(blob))
