@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from apps.grpo.config import episodes_per_step, load_grpo_config
 from apps.grpo.support import weight_sync_config
@@ -51,7 +52,9 @@ def test_gsm8k_with_three_gpu_overlay():
     assert cfg.provisioner == "monarch"
     assert cfg.trainer.weight_sync == {}
     sync = weight_sync_config(cfg)  # services on GPUs of their own: NCCL broadcast, bf16 on the wire
-    assert sync["transport"] == "broadcast" and sync["num_receivers"] == 1 and sync["dtype"] == "bfloat16"
+    assert sync["transport"] == "broadcast" and sync["num_receivers"] == 1
+    # a GPU generator holds bf16: send that; on a host without GPUs everything stays float32
+    assert sync.get("dtype") == ("bfloat16" if torch.cuda.is_available() else None)
     assert 0 < sync["port"] < 65536
     assert cfg.dataset["target_format"] == "gsm8k"
 
@@ -62,7 +65,15 @@ def test_weight_sync_transport_follows_the_placement():
     assert local["name"] != weight_sync_config(load()[0])["name"]  # two runs in one process never share a slot
     shared = weight_sync_config(load("--provisioner", "{kind: monarch, share_gpus: true}",
                                      "--services.policy.with_gpus", "true", "--actors.trainer.with_gpus", "true")[0])
-    assert shared["transport"] in ("shm", "cuda_ipc")  # never NCCL: it cannot pair a GPU with itself
+    # never NCCL (it cannot pair a GPU with itself): CUDA IPC on a GPU host, else /dev/shm
+    assert shared["transport"] == ("cuda_ipc" if torch.cuda.is_available() else "shm")
+    overlay = load("--config", str(APPS / "default.yaml"), "--config", str(APPS / "one_gpu_processes.yaml"))[0]
+    assert overlay.provisioner == {"kind": "monarch", "share_gpus": True}
+    assert weight_sync_config(overlay)["transport"] == shared["transport"]
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="transport=cuda_ipc needs the trainer and the generator on one CUDA GPU"):
+            weight_sync_config(load("--config", str(APPS / "one_gpu_processes.yaml"),
+                                    "--trainer.weight_sync.transport", "cuda_ipc")[0])
     multi = weight_sync_config(load("--config", str(APPS / "default.yaml"), "--config", str(APPS / "multi_gpu.yaml"),
                                     "--services.policy.num_replicas", "2")[0])
     assert multi["transport"] == "broadcast" and multi["num_receivers"] == 2

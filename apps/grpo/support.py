@@ -43,13 +43,19 @@ def resolve_model(cfg: GRPOConfig) -> str:
     return str(resolve_model_path(cfg.model))
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def weight_sync_config(cfg: GRPOConfig) -> dict[str, Any]:
     """How the trainer's weights reach the generators; one block for both sides.
 
     Unset `transport`: in-process with the local provisioner; NCCL broadcast when the trainer and
     the generators hold GPUs of their own (monarch, `with_gpus`, no `share_gpus`); else shared
-    memory (/dev/shm: CPU processes, or several processes on one GPU with `share_gpus`, where
-    `transport: cuda_ipc` is the faster opt-in). A fresh port and a per-run name keep two jobs on
+    memory (/dev/shm) between CPU processes; CUDA IPC between processes sharing one GPU
+    (`share_gpus`, both on the GPU). A fresh port and a per-run name keep two jobs on
     one host apart."""
     import os
     import uuid
@@ -66,14 +72,21 @@ def weight_sync_config(cfg: GRPOConfig) -> dict[str, Any]:
             sync["transport"] = "inproc"
         elif own_gpus:
             sync["transport"] = "broadcast"
-        else:  # cuda_ipc (opt-in) is faster between processes on one GPU; see bench/NOTES_multi_gpu.md
+        elif shared and cfg.services.policy.with_gpus and cfg.actors.trainer.with_gpus and _cuda_available():
+            sync["transport"] = "cuda_ipc"  # processes sharing one GPU: device-to-device, no host copy
+        else:  # CPU processes (or a GPU generator fed by a CPU trainer): through /dev/shm
             sync["transport"] = "shm"
     transport = sync["transport"]
     if transport not in TRANSPORTS:  # fail at start, not at the first weight push
         raise ValueError(f"trainer.weight_sync.transport must be one of {list(TRANSPORTS)}, got {transport!r}")
+    if transport == "cuda_ipc":
+        if not (_cuda_available() and cfg.services.policy.with_gpus and cfg.actors.trainer.with_gpus):
+            raise ValueError("trainer.weight_sync.transport=cuda_ipc needs the trainer and the generator on one "
+                             "CUDA GPU (with_gpus: true for both, and a GPU on this host); use 'shm' between "
+                             "CPU processes")
     if transport in ("shm", "inproc", "cuda_ipc"):
         sync.setdefault("name", f"policy-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    if transport != "inproc" and cfg.services.policy.with_gpus:
+    if transport != "inproc" and cfg.services.policy.with_gpus and _cuda_available():
         # send what the generator holds (bf16 unless set), not the trainer's fp32 master weights
         sync.setdefault("dtype", str(cfg.policy.engine_args.get("dtype") or "bfloat16"))
     if transport == "broadcast":
