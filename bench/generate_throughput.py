@@ -83,6 +83,9 @@ VARIANTS = {
     "fused+overlap+prefill": dict(prefill_cuda_graphs=False),
     # kernel-config alternatives (module attributes of forge.engine.kernels), e.g.
     # "attn-2blocks": dict(kernels=dict(ATTN_BLOCKS=2, ATTN_WARPS=8)) (slower on the H100: NOTES_generate.md)
+    # one program per (sequence, kv head), the attention before flash-decoding splits (same at B=256;
+    # compare at a long context: --num-seqs 16 --new-tokens 4096)
+    "no-split": dict(kernels=dict(ATTN_MAX_SPLITS=1)),
     "defaults": dict(),  # fused decode + overlap + fused prefill in CUDA graphs: the main run, again, warm
 }
 
@@ -144,6 +147,8 @@ def _bench_forge(args, model, dev, dtype, o, **over) -> dict:
            "logprob_mean": sum(x for rr in outs for s in rr.outputs for x in s.logprobs) / n}
     dec = sorted(t for t, p in steps if not p)
     res["prefill_s"] = sum(t for t, p in steps if p)
+    res["prefill_steps_ms"] = [round(t * 1e3, 2) for t, p in steps if p]  # the first pays any graph capture
+    res["prefill_captures"] = r.prefill_capture_log
     res["decode_s"] = sum(dec)
     res["decode_step_ms_median"] = dec[len(dec) // 2] * 1e3 if dec else None
     res["decode_step_ms_max"] = dec[-1] * 1e3 if dec else None
@@ -186,6 +191,49 @@ def _time_ms(fn, iters: int = 30) -> float:
         b.synchronize()
         ts.append(a.elapsed_time(b))
     return sorted(ts)[len(ts) // 2]
+
+
+def _attention_splits_sweep(q, k, v, kc, vc, tables, pos, cos, sin, a, kv_bytes, splits=(1, 2, 3, 4, 8)) -> list:
+    from forge.engine import kernels as K
+
+    rows = []
+    for sp in splits:
+        ws = K.AttentionWorkspace(q.shape[0], a.num_attention_heads, a.num_key_value_heads, a.head_dim, q.device,
+                                  splits=sp)
+        ms = _graph_ms(lambda: K.attention(q, k, v, kc, vc, tables, pos, cos, sin, a.num_attention_heads,
+                                           splits=sp, workspace=ws))
+        rows.append((sp, round(ms * 1e3, 2), round(kv_bytes / ms / 1e6)))
+    return rows  # (splits, us, GB/s)
+
+
+@torch.inference_mode()
+def attention_long_context(a: ModelArgs, dev, dtype, batch: int = 16, context: int = 4096, bs: int = 64) -> dict:
+    """One layer's decode attention at `batch` rows x `context` cached tokens on a random paged cache
+    (block order shuffled), by number of context splits; checked against splits=1."""
+    from forge.engine import kernels as K
+
+    d, hkv, hq = a.head_dim, a.num_key_value_heads, a.num_attention_heads
+    per = -(-(context + 1) // bs)
+    nb = batch * per + 1
+    kc = torch.randn(nb, bs, hkv, d, device=dev).to(dtype)
+    vc = torch.randn(nb, bs, hkv, d, device=dev).to(dtype)
+    tables = (torch.randperm(nb - 1, device=dev)[: batch * per] + 1).view(batch, per).int()
+    pos = torch.full((batch,), context, dtype=torch.int32, device=dev)
+    qkv = torch.randn(batch, (hq + 2 * hkv) * d, device=dev).to(dtype)
+    q, k, v = qkv[:, : hq * d], qkv[:, hq * d: (hq + hkv) * d], qkv[:, (hq + hkv) * d:]
+    inv = 1.0 / (a.rope_theta ** (torch.arange(0, d, 2, device=dev).float() / d))
+    fr = torch.outer(torch.arange(context + 1, device=dev).float(), inv)
+    cos, sin = torch.cat([fr, fr], -1).cos(), torch.cat([fr, fr], -1).sin()
+    kv_bytes = batch * context * 2 * hkv * d * torch.finfo(dtype).bits // 8
+    ref = K.attention(q, k, v, kc.clone(), vc.clone(), tables, pos, cos, sin, hq, splits=1)
+    errs = {}
+    for sp in (2, 8):
+        o = K.attention(q, k, v, kc.clone(), vc.clone(), tables, pos, cos, sin, hq, splits=sp)
+        errs[sp] = ((o.float() - ref.float()).norm() / ref.float().norm()).item()
+    return {"batch": batch, "context": context, "default_splits": K.attention_splits(batch, hkv, dev),
+            "rel_err_vs_1_split": errs,
+            "us_by_splits": _attention_splits_sweep(q, k, v, kc, vc, tables, pos, cos, sin, a, kv_bytes,
+                                                    splits=(1, 2, 4, 8, 16))}
 
 
 @torch.inference_mode()
@@ -254,6 +302,13 @@ def profile_forge(args, model, dev, dtype, o) -> dict:
             att.append((float("inf"), tn, nw, ns, repr(e)[:60]))
     att.sort(key=lambda x: x[0])
     out["attention_us_tn_warps_stages_GBps"] = att[:12]
+    # flash-decoding: context splits at this batch, and at a long-context small batch (an RL
+    # rollout's tail: few sequences, thousands of tokens each), where one program per
+    # (sequence, kv head) leaves most SMs idle
+    out["attention_splits_default"] = K.attention_splits(b, a.num_key_value_heads, dev)
+    out["attention_us_by_splits"] = _attention_splits_sweep(q, k, v, r.k_cache[0], r.v_cache[0], tables, pos,
+                                                            r.fused.cos, r.fused.sin, a, kv_bytes)
+    out["attention_long_context"] = attention_long_context(a, dev, dtype)
     # sampler: fused kernels vs the torch path, on [b, V] logits
     from forge.engine.sampler import SamplingBatch
 
@@ -432,6 +487,12 @@ def main() -> int:
             print(f"  {t:8.3f} ms/step  x{n:<4} {name}")
         print("  attention (us, TN, warps, stages, GB/s):", [tuple(round(x, 1) if isinstance(x, float) else x for x in a)
                                                            for a in prof.get("attention_us_tn_warps_stages_GBps", [])[:5]])
+        print("  attention by splits (splits, us, GB/s):", prof.get("attention_us_by_splits"),
+              "default", prof.get("attention_splits_default"))
+        lc = prof.get("attention_long_context")
+        if lc:
+            print(f"  attention, {lc['batch']} rows x {lc['context']} context (splits, us, GB/s):", lc["us_by_splits"],
+                  "default", lc["default_splits"], "rel err", {k: f"{e:.1e}" for k, e in lc["rel_err_vs_1_split"].items()})
         print("  gemm (us, GB/s):", {k: (round(a, 1), round(b)) for k, (a, b) in prof.get("gemm_us_GBps", {}).items()})
         print("  sampler (us, (block, loads, warps)):", prof.get("sample_us_cfg"))
     if "profile_error" in res:

@@ -51,8 +51,15 @@ def test_kernels_bf16():
     inv = 1.0 / (1e6 ** (torch.arange(0, d, 2, device=DEV).float() / d))
     fr = torch.outer(torch.arange(1024, device=DEV).float(), inv)
     cos, sin = torch.cat([fr, fr], -1).cos(), torch.cat([fr, fr], -1).sin()
-    kc2, vc2 = kc.clone(), vc.clone()
-    out = K.attention(q, k, v, kc, vc, bt, pos, cos, sin, hq)
+    kc2, vc2, kc0, vc0 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    out = K.attention(q, k, v, kc, vc, bt, pos, cos, sin, hq, splits=1)
+    # flash-decoding splits (b=64 x 2 kv heads fills an H100/H200 with 2-3 splits), one workspace for all
+    ws = K.AttentionWorkspace(b, hq, hkv, d, DEV, splits=8)
+    for sp in (2, 3, 8, 8):
+        kcs, vcs = kc0.clone(), vc0.clone()
+        outs = K.attention(q, k, v, kcs, vcs, bt, pos, cos, sin, hq, splits=sp, workspace=ws)
+        assert rel(outs, out) < 4e-3, sp
+        assert torch.equal(kcs, kc) and torch.equal(vcs, vc) and int(ws.count.abs().sum()) == 0
     c_, s_ = cos[pos.long()].view(b, 1, 1, d), sin[pos.long()].view(b, 1, 1, d)
     qr, kr = apply_rope(q.view(b, 1, hq, d), c_, s_), apply_rope(k.view(b, 1, hkv, d), c_, s_)
     slots = bt.long().gather(1, (pos.long() // bs)[:, None]).squeeze(1) * bs + pos.long() % bs

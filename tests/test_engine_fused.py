@@ -93,7 +93,18 @@ for hq, hkv, d, bs, qkn in [(14, 2, 64, 16, False), (4, 4, 32, 32, True), (4, 2,
     if qkn:
         qn, kn = torch.rand(d) + 0.5, torch.rand(d) + 0.5
     kc2, vc2, kc3, vc3 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
-    out = K.attention(q, k, v, kc, vc, bt, pos, cos, sin, hq, q_norm=qn, k_norm=kn, eps=1e-6)
+    kc0, vc0 = kc.clone(), vc.clone()
+    out = K.attention(q, k, v, kc, vc, bt, pos, cos, sin, hq, q_norm=qn, k_norm=kn, eps=1e-6, splits=1)
+    # flash-decoding: the context split across programs (some splits empty at short contexts), one
+    # workspace reused by every launch (its counters must come back to zero), combined in-kernel
+    ws = K.AttentionWorkspace(b, hq, hkv, d, torch.device("cpu"), splits=5)
+    for sp in (2, 3, 5):
+        kcs, vcs = kc0.clone(), vc0.clone()
+        outs = K.attention(q, k, v, kcs, vcs, bt, pos, cos, sin, hq, q_norm=qn, k_norm=kn, eps=1e-6,
+                           splits=sp, workspace=ws, tokens=16)  # 16 per iteration: up to 3 per row to split
+        torch.testing.assert_close(outs, out, atol=1e-5, rtol=1e-5)
+        assert torch.equal(kcs, kc) and torch.equal(vcs, vc)
+        assert int(ws.count.abs().sum()) == 0
     if bs & (bs - 1) == 0:  # two whole blocks per iteration
         out2 = K.attention(q, k, v, kc3, vc3, bt, pos, cos, sin, hq, q_norm=qn, k_norm=kn, eps=1e-6, tokens=2 * bs)
         torch.testing.assert_close(out2, out, atol=1e-5, rtol=1e-5)

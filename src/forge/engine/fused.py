@@ -91,6 +91,12 @@ class FusedDecode:
         self.cos, self.sin = model.model.rotary_emb.tables(max_positions, dev)
         self._model = model
         self._ptrs = self._param_ptrs(model)
+        self.attn_workspace: K.AttentionWorkspace | None = None
+
+    def reserve(self, rows: int) -> None:
+        """Allocate the split attention's scratch for batches up to `rows` (before graph capture)."""
+        self.attn_workspace = K.AttentionWorkspace(rows, self.num_heads, self.num_kv, self.head_dim,
+                                                   self.embed.device)
 
     @staticmethod
     def _param_ptrs(model) -> list[int]:
@@ -146,7 +152,7 @@ class FusedDecode:
             qkv = F.linear(y, lw.qkv_w, lw.qkv_b)
             attn = K.attention(qkv[:, :nq], qkv[:, nq:nq + nk], qkv[:, nq + nk:], k_cache[i], v_cache[i],
                                block_tables, pos, self.cos, self.sin, self.num_heads,
-                               q_norm=lw.q_norm, k_norm=lw.k_norm, eps=lw.qk_eps)
+                               q_norm=lw.q_norm, k_norm=lw.k_norm, eps=lw.qk_eps, workspace=self.attn_workspace)
             o = F.linear(attn, lw.o_w, lw.o_b)
             h, y = K.add_rmsnorm(h, lw.ln2, lw.ln2_eps, residual=o, h_out=h)
             gu = F.linear(y, lw.gu_w, lw.gu_b)

@@ -4,7 +4,9 @@ One decode layer is 8 launches: `add_rmsnorm` (residual add + RMSNorm; the first
 gathers the embedding rows), the merged q/k/v projection (cuBLAS), `attention` (q/k RMSNorm
 for Qwen3, RoPE, the k/v write into the paged cache and paged attention, all in one program
 per (sequence, kv head)), o_proj (cuBLAS), `add_rmsnorm`, the merged gate/up projection
-(cuBLAS), `silu_mul`, down_proj (cuBLAS). Every kernel rounds to the activation dtype exactly
+(cuBLAS), `silu_mul`, down_proj (cuBLAS). A small decode batch at a long context splits each
+row's context across several attention programs (flash-decoding, combined in the same launch;
+`attention_splits`). Every kernel rounds to the activation dtype exactly
 where the eager modules of `forge.models.decoder` do, so the fused step computes the same
 function as `CausalLM.forward` (up to summation order).
 
@@ -86,15 +88,22 @@ if HAS_TRITON:
 
     @triton.jit
     def _attention_kernel(Q, K, V, s_q, s_k, s_v, KC, VC, BT, POS, COS, SIN, QNW, KNW, O, s_o,
-                          s_bt, s_cn, s_ct, s_ch, scale, eps,
+                          s_bt, s_cn, s_ct, s_ch, scale, eps, PML, PACC, CNT,
                           G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                           BS: tl.constexpr, TN: tl.constexpr, QK_NORM: tl.constexpr, IEEE: tl.constexpr,
-                          NBLK: tl.constexpr):
-        """One program per (sequence b, kv head h): RoPE q (G heads) and k, write k/v at position
-        POS[b] of the paged cache, attend over positions [0, POS[b]] (cache + the new token).
-        D = head_dim, padded to DP (a power of 2) in registers."""
+                          NBLK: tl.constexpr, SPLITS: tl.constexpr, SP2: tl.constexpr):
+        """One program per (sequence b, kv head h, context split s): RoPE q (G heads) and k, write
+        k/v at position POS[b] of the paged cache, attend over positions [0, POS[b]] (cache + the
+        new token). D = head_dim, padded to DP (a power of 2) in registers.
+
+        SPLITS > 1 (flash-decoding): split s attends over its share of the cached iterations; the
+        last split also owns the new token (and its cache write). Each split writes its running
+        max / sum / unnormalised output to PML/PACC and bumps the (b, h) counter CNT; the split
+        that arrives last combines all partials, writes O and resets the counter to 0 (so the
+        next launch, or the next replay of a CUDA graph, starts from zero)."""
         b = tl.program_id(0)
         h = tl.program_id(1)
+        sp = tl.program_id(2)
         b64 = b.to(tl.int64)
         pos = tl.load(POS + b)
         g = tl.arange(0, GP)
@@ -111,16 +120,19 @@ if HAS_TRITON:
         one = tl.arange(0, 1)
         k_new = _head_rope(K + b64 * s_k, h + one, d, d_rot, dm, sign, cos, sin, KNW, eps, D, QK_NORM)  # [1, DP]
         v_new = tl.load(V + b64 * s_v + h * D + d, mask=dm, other=0.0)
+        own_new = sp == SPLITS - 1
         blk = tl.load(BT + b64 * s_bt + pos // BS).to(tl.int64)
         dst = blk * s_cn + (pos % BS) * s_ct + h * s_ch
-        tl.store(KC + dst + one[:, None] * 0 + d[None, :], k_new, mask=dm[None, :])
-        tl.store(VC + dst + d, v_new, mask=dm)
+        tl.store(KC + dst + one[:, None] * 0 + d[None, :], k_new, mask=dm[None, :] & own_new)
+        tl.store(VC + dst + d, v_new, mask=dm & own_new)
 
         m = tl.full([GP], float("-inf"), tl.float32)
         l = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, DP], tl.float32)
         t = tl.arange(0, TN)
-        for j in range(0, tl.cdiv(pos, TN)):  # cached positions [0, pos)
+        n_it = tl.cdiv(pos, TN)
+        per = tl.cdiv(n_it, SPLITS)
+        for j in range(sp * per, tl.minimum(sp * per + per, n_it)):  # cached positions [0, pos), this split's share
             tt = j * TN + t
             valid = tt < pos
             if NBLK == 1:  # one cache block per iteration (TN == BS): one table entry
@@ -149,16 +161,42 @@ if HAS_TRITON:
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
             m = m_new
-        # the new token, from registers
-        s_n = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), 1) * scale  # [GP]
-        m_new = tl.maximum(m, s_n)
-        alpha = tl.exp(m - m_new)
-        p_n = tl.exp(s_n - m_new)
-        l = l * alpha + p_n
-        acc = acc * alpha[:, None] + p_n.to(v_new.dtype).to(tl.float32)[:, None] * v_new.to(tl.float32)[None, :]
-        out = acc / l[:, None]
-        tl.store(O + b64 * s_o + (h * G + g)[:, None] * D + d[None, :], out.to(O.dtype.element_ty),
-                 mask=gm[:, None] & dm[None, :])
+        if own_new:  # the new token, from registers
+            s_n = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), 1) * scale  # [GP]
+            m_new = tl.maximum(m, s_n)
+            alpha = tl.exp(m - m_new)
+            p_n = tl.exp(s_n - m_new)
+            l = l * alpha + p_n
+            acc = acc * alpha[:, None] + p_n.to(v_new.dtype).to(tl.float32)[:, None] * v_new.to(tl.float32)[None, :]
+            m = m_new
+        o_ptr = O + b64 * s_o + (h * G + g)[:, None] * D + d[None, :]
+        o_mask = gm[:, None] & dm[None, :]
+        if SPLITS == 1:
+            tl.store(o_ptr, (acc / l[:, None]).to(O.dtype.element_ty), mask=o_mask)
+        else:
+            bh = b64 * tl.num_programs(1) + h
+            part = bh * SPLITS + sp
+            tl.store(PML + part * 2 * GP + g, m)
+            tl.store(PML + part * 2 * GP + GP + g, l)
+            tl.store(PACC + part * GP * DP + g[:, None] * DP + d[None, :], acc)
+            # release: this split's partials are visible before the count; acquire: the last
+            # split sees every other split's partials
+            done = tl.atomic_add(CNT + bh, 1, sem="acq_rel")
+            if done == SPLITS - 1:
+                s_ = tl.arange(0, SP2)
+                sm = s_ < SPLITS
+                ml = PML + (bh * SPLITS + s_)[:, None] * 2 * GP + g[None, :]
+                ms = tl.load(ml, mask=sm[:, None], other=float("-inf"), cache_modifier=".cg")  # [SP2, GP]
+                ls = tl.load(ml + GP, mask=sm[:, None], other=0.0, cache_modifier=".cg")
+                m_all = tl.max(ms, 0)  # finite: the last split always holds the new token
+                w = tl.exp(ms - m_all[None, :])  # empty splits: exp(-inf) = 0
+                l_all = tl.sum(w * ls, 0)
+                pa = (PACC + (bh * SPLITS + s_)[:, None, None] * GP * DP + g[None, :, None] * DP
+                      + d[None, None, :])
+                accs = tl.load(pa, mask=sm[:, None, None], other=0.0, cache_modifier=".cg")  # [SP2, GP, DP]
+                out = tl.sum(accs * w[:, :, None], 0) / l_all[:, None]
+                tl.store(o_ptr, out.to(O.dtype.element_ty), mask=o_mask)
+                tl.atomic_xchg(CNT + bh, 0)
 
     @triton.jit
     def _rope_store_kernel(Q, K, V, s_q, s_k, s_v, KC, VC, SLOTS, POS, COS, SIN, QNW, KNW, QO, KO, s_qo, s_ko,
@@ -345,16 +383,67 @@ ATTN_WARPS = 4
 ATTN_STAGES = 2
 
 
+ATTN_MAX_SPLITS = 8
+ATTN_TARGET_PROGRAMS = 2.0  # split the context until (seqs x kv heads x splits) >= this many x SMs
+
+
+def attention_splits(batch: int, num_kv_heads: int, device: torch.device) -> int:
+    """Context splits per (sequence, kv head) so that a small decode batch still fills the GPU
+    (flash-decoding): 1 when batch x kv heads already gives every SM work."""
+    sms = _sm_count(device)
+    want = -(-int(ATTN_TARGET_PROGRAMS * sms) // max(1, batch * num_kv_heads))
+    return max(1, min(ATTN_MAX_SPLITS, want))
+
+
+_SMS: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # the interpreter: any small number exercises the split path
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SMS:
+        _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _SMS[i]
+
+
+class AttentionWorkspace:
+    """Scratch of the split attention: per (row, kv head, split) max/sum [2, GP] and output
+    [GP, DP] partials in float32, and the (row, kv head) arrival counters (int32, zero between
+    launches). Sized for every batch up to `rows` at its default split count (or `splits` for
+    all of them), allocated once, before any CUDA graph capture."""
+
+    def __init__(self, rows: int, num_heads: int, num_kv_heads: int, head_dim: int, device: torch.device,
+                 splits: int | None = None):
+        g = num_heads // num_kv_heads
+        self.gp, self.dp, self.num_kv, self.rows = max(16, _np2(g)), max(16, _np2(head_dim)), num_kv_heads, rows
+        if splits is not None:
+            self.parts = rows * num_kv_heads * splits
+        else:  # the default splits shrink as the batch grows: b x splits(b) stays ~ a constant
+            self.parts = max(b * num_kv_heads * attention_splits(b, num_kv_heads, device) for b in range(1, rows + 1))
+        self.ml = torch.empty(self.parts * 2 * self.gp, dtype=torch.float32, device=device)
+        self.acc = torch.empty(self.parts * self.gp * self.dp, dtype=torch.float32, device=device)
+        self.count = torch.zeros(rows * num_kv_heads, dtype=torch.int32, device=device)
+
+    def fits(self, rows: int, splits: int) -> bool:
+        return rows <= self.rows and rows * self.num_kv * splits <= self.parts
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
               block_tables: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
               num_heads: int, q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
               eps: float = 1e-6, out: torch.Tensor | None = None, tokens: int | None = None,
-              num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+              num_warps: int | None = None, num_stages: int | None = None, splits: int | None = None,
+              workspace: AttentionWorkspace | None = None) -> torch.Tensor:
     """Decode attention for one new token per row, RoPE and the cache write included.
 
     q [B, Hq*D], k/v [B, Hkv*D] (rows may be strided views of one qkv buffer; heads contiguous),
     caches [NB, BS, Hkv, D], block_tables [B, MB] int32, pos [B] int32 (the new token's position),
-    cos/sin [P, D] float32 tables. Returns [B, Hq*D]."""
+    cos/sin [P, D] float32 tables. Returns [B, Hq*D].
+
+    `splits` (default `attention_splits`) > 1 splits each row's context across that many programs
+    and combines them in the kernel; it needs a `workspace` (allocated here when not given: pass
+    one when capturing a CUDA graph)."""
     b = q.shape[0]
     nb, bs, hkv, d = k_cache.shape
     g = num_heads // hkv
@@ -363,12 +452,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
     tn = tokens or (bs * ATTN_BLOCKS if bs in (32, 64, 128) else ATTN_TOKENS)
     if tn < 16 or tn & (tn - 1):
         raise ValueError(f"attention: tokens per iteration must be a power of 2 >= 16, got {tn}")
-    _attention_kernel[(b, hkv)](
+    if splits is None:
+        splits = attention_splits(b, hkv, q.device)
+    if splits > 1 and workspace is None:
+        workspace = AttentionWorkspace(b, num_heads, hkv, d, q.device, splits=splits)
+    if splits > 1 and not workspace.fits(b, splits):
+        raise ValueError(f"attention: the workspace holds {workspace.parts} (row, kv head, split) partials for "
+                         f"<= {workspace.rows} rows; asked for {b} rows x {hkv} kv heads x {splits} splits")
+    ws = (workspace.ml, workspace.acc, workspace.count) if splits > 1 else (o, o, o)
+    _attention_kernel[(b, hkv, splits)](
         q, k, v, q.stride(0), k.stride(0), v.stride(0), k_cache, v_cache, block_tables, pos, cos, sin,
         q_norm if qk_norm else q, k_norm if qk_norm else q, o, o.stride(0),
-        block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), d ** -0.5, eps,
+        block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), d ** -0.5, eps, *ws,
         G=g, GP=max(16, _np2(g)), D=d, DP=max(16, _np2(d)), BS=bs, TN=tn, QK_NORM=qk_norm,
         IEEE=q.dtype == torch.float32, NBLK=1 if tn == bs else (2 if tn == 2 * bs else 0),
+        SPLITS=splits, SP2=max(2, _np2(splits)),
         num_warps=num_warps or ATTN_WARPS, num_stages=num_stages or ATTN_STAGES,
     )
     return o

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +79,7 @@ class ModelRunner:
         self.fused = None  # FusedDecode when the fused decode path is on
         self._prefill_graphs: dict[tuple[int, int], tuple] = {}
         self._prefill_pool = None
+        self.prefill_capture_log: list[dict] = []
         self.use_triton = False
         if self._want_fused():
             try:
@@ -264,7 +266,9 @@ class ModelRunner:
         slots, last = torch.zeros(b * t, dtype=torch.int64, device=dev), torch.zeros(b, dtype=torch.int64, device=dev)
         meta = AttnMeta(slot_mapping=slots, block_tables=None, context_lens=None, decode=False, has_prefix=False)
         run = lambda: self.fused.prefill(tok, pos, slots, last, meta, self.k_cache, self.v_cache)  # noqa: E731
+        t0 = time.perf_counter()
         run()  # warm-up (k/v of the zero inputs land in the scratch block 0)
+        t1 = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
         # captured mid-run: torch.cuda.graph() would also gc.collect() and empty the allocator cache (tens
         # of ms with a large Python heap); a side stream ordered after the current one is all it needs
@@ -278,7 +282,11 @@ class ModelRunner:
                 graph.capture_end()
         cur.wait_stream(side)
         self._prefill_pool = self._prefill_pool or graph.pool()
-        log.info("captured a prefill CUDA graph for %d rows x %d tokens", b, t)
+        t2 = time.perf_counter()
+        # host seconds: what a first prefill of this bucket costs on top of a replay (bench/NOTES_generate.md)
+        self.prefill_capture_log.append({"rows": b, "tokens": t, "warmup_ms": (t1 - t0) * 1e3,
+                                         "capture_ms": (t2 - t1) * 1e3})
+        log.info("captured a prefill CUDA graph for %d rows x %d tokens (%.0f ms)", b, t, (t2 - t0) * 1e3)
         return tok, pos, slots, last, graph, logits
 
     # =====================================================================================
@@ -303,6 +311,7 @@ class ModelRunner:
         from forge.engine.fused import FusedDecode
 
         self.fused = FusedDecode(self.model, self.model.args.max_position_embeddings)
+        self.fused.reserve(self.config.max_num_seqs)
         self._alloc_state(self.config.max_num_seqs)
         err = self._check_fused()
         tol = 1e-3 if self.dtype == torch.float32 else 5e-2
@@ -325,6 +334,7 @@ class ModelRunner:
         self.graphs.clear()
         self._prefill_graphs.clear()
         self.fused = FusedDecode(self.model, self.model.args.max_position_embeddings)
+        self.fused.reserve(self.config.max_num_seqs)
         self._key = None
         if self.device.type == "cuda" and self.config.enable_cuda_graphs:
             self._capture_fused()
