@@ -207,6 +207,35 @@ def _attention_splits_sweep(q, k, v, kc, vc, tables, pos, cos, sin, a, kv_bytes,
 
 
 @torch.inference_mode()
+def gemm_layouts(b: int, lw, lm_head_w, a: ModelArgs, dev, dtype) -> dict:
+    """The decode GEMMs at batch b in other formulations cuBLAS may tile better: x @ W^T as stored
+    (F.linear, TN), against a pre-transposed weight (NN), as (W @ x^T)^T (the small batch becomes
+    the GEMM's N), and through the cuBLAS (not cuBLASLt) backend. us per call, graph-timed."""
+    import torch.nn.functional as F
+
+    nq = a.num_attention_heads * a.head_dim
+    shapes = {"qkv": (a.hidden_size, lw.qkv_w), "o": (nq, lw.o_w), "gate_up": (a.hidden_size, lw.gu_w),
+              "down": (a.intermediate_size, lw.down_w), "lm_head": (a.hidden_size, lm_head_w)}
+    out = {}
+    for name, (k, w) in shapes.items():
+        x = torch.randn(b, k, device=dev).to(dtype)
+        wt = w.t().contiguous()
+        row = {"linear": _graph_ms(lambda: F.linear(x, w)), "nn": _graph_ms(lambda: torch.mm(x, wt)),
+               "swapped": _graph_ms(lambda: torch.mm(w, x.t()))}
+        prev = torch.backends.cuda.preferred_blas_library()
+        try:
+            torch.backends.cuda.preferred_blas_library("cublas")
+            row["linear_cublas"] = _graph_ms(lambda: F.linear(x, w))
+        except Exception as e:  # noqa: BLE001
+            row["linear_cublas"] = repr(e)[:60]
+        finally:
+            torch.backends.cuda.preferred_blas_library(prev)
+        out[name] = {k_: (round(v * 1e3, 2) if isinstance(v, float) else v) for k_, v in row.items()}
+        del wt
+    return out
+
+
+@torch.inference_mode()
 def attention_long_context(a: ModelArgs, dev, dtype, batch: int = 16, context: int = 4096, bs: int = 64) -> dict:
     """One layer's decode attention at `batch` rows x `context` cached tokens on a random paged cache
     (block order shuffled), by number of context splits; checked against splits=1."""
@@ -333,6 +362,7 @@ def profile_forge(args, model, dev, dtype, o) -> dict:
         ms = _graph_ms(lambda: F.linear(inp, w, bias))
         gemm[name] = (ms * 1e3, w.numel() * w.element_size() / ms / 1e6)
     out["gemm_us_GBps"] = gemm
+    out["gemm_layouts_us"] = gemm_layouts(b, lw, r.fused.lm_head_w, a, dev, dtype)
     # prefill of one 4096-token chunk: the captured graph vs the same kernels launched eagerly
     entry = next(iter(r._prefill_graphs.values()), None)
     if entry is not None:
@@ -495,6 +525,8 @@ def main() -> int:
                   "default", lc["default_splits"], "rel err", {k: f"{e:.1e}" for k, e in lc["rel_err_vs_1_split"].items()})
         print("  gemm (us, GB/s):", {k: (round(a, 1), round(b)) for k, (a, b) in prof.get("gemm_us_GBps", {}).items()})
         print("  sampler (us, (block, loads, warps)):", prof.get("sample_us_cfg"))
+        for name, row in prof.get("gemm_layouts_us", {}).items():
+            print(f"  gemm {name:8} us:", row)
     if "profile_error" in res:
         print(res["profile_error"], file=sys.stderr)
     for e in res.get("forge_errors", []) + ([res["hf_error"]] if "hf_error" in res else []):

@@ -199,6 +199,8 @@ async def main(cfg: GRPOConfig, resume: bool = False,
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"held-out accuracy: {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f} "
           f"after {step} steps in {train_time:.0f}s; outputs in {run_dir}")
+    if s.weight_transport == "cuda_ipc":  # generators map the trainer's GPU memory: release it before the trainer exits
+        await s.policy.shutdown()
     await shutdown()
     return summary
 
