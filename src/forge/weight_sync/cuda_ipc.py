@@ -4,8 +4,9 @@ The trainer's rank 0 keeps one staging buffer per dtype on its GPU, allocated at
 publish. `publish(v)` copies every (gathered) parameter into its slice, synchronises the stream,
 then atomically writes a small descriptor `forge_ipc_<name>.json` in /dev/shm: the version, the
 manifest, the GPU's UUID and the pickled IPC handles of the staging buffers (torch's own
-`reduce_tensor`). A generator process on the same GPU opens the handles once (a mapping of the
-trainer's memory, not a copy) and copies staging -> its parameters between requests.
+`reduce_tensor`, shared anew per publish). A generator process on the same GPU maps them for each
+update (a mapping of the trainer's memory, not a copy), copies staging -> its parameters between
+requests and drops the mapping.
 
 One staging copy: the trainer must not publish version v+1 before the generators applied v —
 the app syncs push -> update before the next step, so it never does. Processes on different GPUs
@@ -48,7 +49,6 @@ class CudaIpcPublisher:
         self.is_source = _is_rank0()
         self.staging: dict[torch.dtype, torch.Tensor] = {}
         self.views: dict[str, torch.Tensor] = {}
-        self._handles: dict[str, str] | None = None
 
     def _allocate(self) -> None:
         totals: dict[torch.dtype, int] = {}
@@ -60,10 +60,15 @@ class CudaIpcPublisher:
             off = offsets[e.dtype]
             self.views[e.name] = self.staging[e.dtype][off:off + e.numel].view(e.shape)
             offsets[e.dtype] = off + e.numel
+
+    def _share(self) -> dict[str, str]:
+        """Fresh IPC handles of the staging buffers. torch counts references per share: each
+        `reduce_tensor` expects one mapping by a consumer, released when that mapping is dropped;
+        the generator maps once per update, so every publish shares anew."""
         from torch.multiprocessing.reductions import reduce_tensor
 
-        self._handles = {str(dt).removeprefix("torch."): base64.b64encode(pickle.dumps(reduce_tensor(buf))).decode()
-                         for dt, buf in self.staging.items()}
+        return {str(dt).removeprefix("torch."): base64.b64encode(pickle.dumps(reduce_tensor(buf))).decode()
+                for dt, buf in self.staging.items()}
 
     @torch.no_grad()
     def publish(self, version: int) -> int:
@@ -78,7 +83,7 @@ class CudaIpcPublisher:
         torch.cuda.current_stream(self.device).synchronize()  # the data is in place before it is announced
         desc = {"version": int(version), "gpu_uuid": _gpu_uuid(self.device), "pid": os.getpid(),
                 "entries": [[e.name, str(e.dtype).removeprefix("torch."), list(e.shape)] for e in self.entries],
-                "handles": self._handles}
+                "handles": self._share()}
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(desc))
         os.replace(tmp, self.path)
