@@ -318,6 +318,8 @@ class ModelRunner:
         if not err < tol:
             raise RuntimeError(f"fused decode differs from the eager layers (relative error {err:.3g})")
         log.info("fused decode path on (self-check relative error %.2g)", err)
+        if self.device.type == "cuda":
+            self._warm_prefill()
         if self.device.type == "cuda" and self.config.enable_cuda_graphs:
             try:
                 self._capture_fused()
@@ -325,6 +327,25 @@ class ModelRunner:
                 log.warning("CUDA graph capture of the fused decode failed (%s); running it without graphs", e)
                 self.graphs.clear()
                 torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def _warm_prefill(self) -> None:
+        """One eager prefill of a full `max_num_batched_tokens` chunk at start-up (vLLM's dummy run):
+        the allocator's segments for the largest activations and the GEMM heuristics for that M are
+        then in place before the first real prompt, instead of costing its step ~60 ms
+        (bench/NOTES_generate.md). k/v of the zero tokens land in the scratch block 0."""
+        t = min(128, self.max_model_len)
+        b = max(1, self.config.max_num_batched_tokens // t)
+        dev = self.device
+        tok = torch.zeros(b, t, dtype=torch.int64, device=dev)
+        pos = torch.arange(t, device=dev).repeat(b, 1)
+        slots = torch.zeros(b * t, dtype=torch.int64, device=dev)
+        last = torch.full((b,), t - 1, dtype=torch.int64, device=dev)
+        meta = AttnMeta(slot_mapping=slots, block_tables=None, context_lens=None, decode=False, has_prefix=False)
+        t0 = time.perf_counter()
+        self.fused.prefill(tok, pos, slots, last, meta, self.k_cache, self.v_cache)
+        torch.cuda.synchronize(dev)
+        log.info("warm-up prefill of %d x %d tokens: %.0f ms", b, t, (time.perf_counter() - t0) * 1e3)
 
     def _refresh_fused(self) -> None:
         """Parameters were re-pointed (not copied into): rebuild the merged views and the graphs."""
