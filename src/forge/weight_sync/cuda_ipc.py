@@ -96,7 +96,7 @@ class CudaIpcPublisher:
 
 
 class CudaIpcReader:
-    """The generator side: maps the trainer's staging buffers once, hands out views per version."""
+    """The generator side: maps each publish's handles once, hands out views of the staging buffers."""
 
     def __init__(self, name: str = "policy", directory: str | Path | None = None, device: torch.device | None = None):
         self.path = descriptor_path(name, directory)
@@ -119,7 +119,7 @@ class CudaIpcReader:
                                   f"this generator on {mine}; cuda_ipc needs one shared GPU — use 'broadcast' (NCCL) "
                                   "between GPUs")
         key = (desc["pid"], tuple(sorted(desc["handles"].items())))
-        if key != self._key:  # a new trainer process (or first use): map its buffers
+        if key != self._key:  # a new publish (fresh handles: one mapping per share) or first use
             self._mapped = {}
             for dt, blob in desc["handles"].items():
                 fn, args = pickle.loads(base64.b64decode(blob))
