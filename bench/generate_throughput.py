@@ -86,6 +86,11 @@ VARIANTS = {
     # one program per (sequence, kv head), the attention before flash-decoding splits (same at B=256;
     # compare at a long context: --num-seqs 16 --new-tokens 4096)
     "no-split": dict(kernels=dict(ATTN_MAX_SPLITS=1)),
+    # decode GEMMs with the norms / residual adds / silu*mul fused in (forge.engine.gemm), and without
+    "fused-gemm": dict(fused_gemm=True),
+    "cublas-gemm": dict(fused_gemm=False),
+    # the decode kernels launched without programmatic dependent launch (kernels.PDL)
+    "no-pdl": dict(kernels=dict(PDL=False)),
     "defaults": dict(),  # fused decode + overlap + fused prefill in CUDA graphs: the main run, again, warm
 }
 
@@ -376,6 +381,18 @@ def profile_forge(args, model, dev, dtype, o) -> dict:
             r.fused.prefill(tok_s, pos_s, slot_s, last_s, meta, r.k_cache, r.v_cache)
         sync(dev)
         out["prefill_eager_ms"] = (time.perf_counter() - t0) / 5 * 1e3
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                r.fused.prefill(tok_s, pos_s, slot_s, last_s, meta, r.k_cache, r.v_cache)
+            sync(dev)
+        rows = []
+        for e in prof.key_averages():
+            t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+            if t > 0:
+                rows.append((t / 3 / 1e3, e.count // 3, e.key[:90]))
+        rows.sort(reverse=True)
+        out["prefill_kernels_ms"] = rows[:20]
+        out["prefill_kernels_total_ms"] = sum(x[0] for x in rows)
     del eng
     return out
 

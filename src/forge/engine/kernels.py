@@ -37,9 +37,13 @@ if HAS_TRITON:
     # ---- norms / activations -----------------------------------------------------------------
     @triton.jit
     def _add_rmsnorm_kernel(X, R, TOK, W, Y, HOUT, H, s_x, s_r, s_y, s_h, eps,
-                            BLOCK: tl.constexpr, HAS_RES: tl.constexpr, EMBED: tl.constexpr):
+                            BLOCK: tl.constexpr, HAS_RES: tl.constexpr, EMBED: tl.constexpr,
+                            USE_GDC: tl.constexpr = False):
         """h = x + r (rounded to x's dtype), written to HOUT; y = round(h * rsqrt(mean(h^2) + eps) * w).
         EMBED: x is the embedding row TOK[row] of X."""
+        if USE_GDC:  # programmatic dependent launch: wait for the previous kernel's writes
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0)
         c = tl.arange(0, BLOCK)
         mask = c < H
@@ -59,8 +63,11 @@ if HAS_TRITON:
         tl.store(Y + row.to(tl.int64) * s_y + c, y.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _silu_mul_kernel(G, U, O, N, s_g, s_u, s_o, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(G, U, O, N, s_g, s_u, s_o, BLOCK: tl.constexpr, USE_GDC: tl.constexpr = False):
         """o = round(round(silu(g)) * u), as F.silu(g) * u in the activation dtype."""
+        if USE_GDC:  # programmatic dependent launch: wait for the previous kernel's writes
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = c < N
@@ -91,7 +98,8 @@ if HAS_TRITON:
                           s_bt, s_cn, s_ct, s_ch, scale, eps, PML, PACC, CNT,
                           G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                           BS: tl.constexpr, TN: tl.constexpr, QK_NORM: tl.constexpr, IEEE: tl.constexpr,
-                          NBLK: tl.constexpr, SPLITS: tl.constexpr, SP2: tl.constexpr):
+                          NBLK: tl.constexpr, SPLITS: tl.constexpr, SP2: tl.constexpr,
+                          USE_GDC: tl.constexpr = False):
         """One program per (sequence b, kv head h, context split s): RoPE q (G heads) and k, write
         k/v at position POS[b] of the paged cache, attend over positions [0, POS[b]] (cache + the
         new token). D = head_dim, padded to DP (a power of 2) in registers.
@@ -101,6 +109,9 @@ if HAS_TRITON:
         max / sum / unnormalised output to PML/PACC and bumps the (b, h) counter CNT; the split
         that arrives last combines all partials, writes O and resets the counter to 0 (so the
         next launch, or the next replay of a CUDA graph, starts from zero)."""
+        if USE_GDC:  # programmatic dependent launch: wait for the previous kernel's writes
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         b = tl.program_id(0)
         h = tl.program_id(1)
         sp = tl.program_id(2)
@@ -251,7 +262,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _sample_partial_kernel(L, s_l, TEMP, PM, PS, PI, V, NSPLIT,
-                               CH: tl.constexpr, BLOCK: tl.constexpr, ANY_GREEDY: tl.constexpr):
+                               CH: tl.constexpr, BLOCK: tl.constexpr, ANY_GREEDY: tl.constexpr,
+                               USE_GDC: tl.constexpr = False):
+        if USE_GDC:  # programmatic dependent launch: wait for the previous kernel's writes
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         b = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1)
         t = tl.load(TEMP + b)
@@ -283,7 +298,11 @@ if HAS_TRITON:
     @triton.jit
     def _sample_final_kernel(L, s_l, TEMP, PM, PS, PI, V, NSPLIT, SEED, STREAM, COUNTER, U,
                              OUT_TOK, OUT_LP, CH: tl.constexpr, BLOCK: tl.constexpr, NP: tl.constexpr,
-                             ANY_GREEDY: tl.constexpr, HAS_U: tl.constexpr):
+                             ANY_GREEDY: tl.constexpr, HAS_U: tl.constexpr,
+                             USE_GDC: tl.constexpr = False):
+        if USE_GDC:  # programmatic dependent launch: wait for the previous kernel's writes
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         b = tl.program_id(0).to(tl.int64)
         c = tl.arange(0, NP)
         cm = c < NSPLIT
@@ -336,8 +355,11 @@ if HAS_TRITON:
         tl.store(OUT_LP + b, xt / t - lse)
 
     @triton.jit(do_not_specialize=["n"])  # the batch size must not pick a new compilation (a JIT mid-run)
-    def _advance_kernel(TOK_IN, POS, COUNTER, OUT_TOK, n):
+    def _advance_kernel(TOK_IN, POS, COUNTER, OUT_TOK, n, USE_GDC: tl.constexpr = False):
         """The next decode step of the same batch: feed the sampled tokens, move one position on."""
+        if USE_GDC:  # programmatic dependent launch: wait for the previous kernel's writes
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         i = tl.program_id(0) * 256 + tl.arange(0, 256)
         mask = i < n
         tl.store(TOK_IN + i, tl.load(OUT_TOK + i, mask=mask).to(TOK_IN.dtype.element_ty), mask=mask)
@@ -346,6 +368,22 @@ if HAS_TRITON:
 
 
 # ---- Python wrappers ---------------------------------------------------------------------------
+# Programmatic dependent launch (Hopper+): the decode kernels are launched so that a kernel may be
+# scheduled before its predecessor ends; each waits (`gdc_wait`) for the predecessor's writes first
+PDL = True
+_PDL_OK: dict[int, bool] = {}
+
+
+def _pdl(device: torch.device) -> dict:
+    """Launch kwargs for programmatic dependent launch on this device ({} where it does not apply)."""
+    if not PDL or device.type != "cuda":
+        return {}
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _PDL_OK:
+        _PDL_OK[i] = torch.cuda.get_device_capability(i)[0] >= 9
+    return {"USE_GDC": True, "launch_pdl": True} if _PDL_OK[i] else {}
+
+
 def _np2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
@@ -363,7 +401,7 @@ def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: tor
     _add_rmsnorm_kernel[(m,)](x, r, tokens if tokens is not None else x, weight, y, h, hdim,
                               x.stride(0), r.stride(0), y.stride(0), h.stride(0), eps,
                               BLOCK=_np2(hdim), HAS_RES=residual is not None, EMBED=tokens is not None,
-                              num_warps=4 if hdim <= 4096 else 8)
+                              num_warps=4 if hdim <= 4096 else 8, **_pdl(x.device))
     return h, y
 
 
@@ -372,7 +410,7 @@ def silu_mul(g: torch.Tensor, u: torch.Tensor, out: torch.Tensor | None = None) 
     o = out if out is not None else torch.empty(m, n, dtype=g.dtype, device=g.device)
     block = min(2048, _np2(n))
     _silu_mul_kernel[(m, triton.cdiv(n, block))](g, u, o, n, g.stride(0), u.stride(0), o.stride(0),
-                                                  BLOCK=block, num_warps=4)
+                                                  BLOCK=block, num_warps=4, **_pdl(g.device))
     return o
 
 
@@ -467,7 +505,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
         G=g, GP=max(16, _np2(g)), D=d, DP=max(16, _np2(d)), BS=bs, TN=tn, QK_NORM=qk_norm,
         IEEE=q.dtype == torch.float32, NBLK=1 if tn == bs else (2 if tn == 2 * bs else 0),
         SPLITS=splits, SP2=max(2, _np2(splits)),
-        num_warps=num_warps or ATTN_WARPS, num_stages=num_stages or ATTN_STAGES,
+        num_warps=num_warps or ATTN_WARPS, num_stages=num_stages or ATTN_STAGES, **_pdl(q.device),
     )
     return o
 
@@ -513,12 +551,13 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor, 
     tok = out_tokens if out_tokens is not None else torch.empty(b, dtype=torch.int64, device=dev)
     lp = out_logprobs if out_logprobs is not None else torch.empty(b, dtype=torch.float32, device=dev)
     _sample_partial_kernel[(b, nsplit)](logits, logits.stride(0), temperature, pm, ps, pi, vocab, nsplit,
-                                        CH=ch, BLOCK=block, ANY_GREEDY=any_greedy, num_warps=warps)
+                                        CH=ch, BLOCK=block, ANY_GREEDY=any_greedy, num_warps=warps, **_pdl(dev))
     _sample_final_kernel[(b,)](logits, logits.stride(0), temperature, pm, ps, pi, vocab, nsplit, seed, stream,
                                counter, u if u is not None else temperature, tok, lp, CH=ch, BLOCK=block,
-                               NP=max(2, _np2(nsplit)), ANY_GREEDY=any_greedy, HAS_U=u is not None, num_warps=8)
+                               NP=max(2, _np2(nsplit)), ANY_GREEDY=any_greedy, HAS_U=u is not None, num_warps=8,
+                               **_pdl(dev))
     return tok, lp
 
 
 def advance(tok_in: torch.Tensor, pos: torch.Tensor, counter: torch.Tensor, out_tokens: torch.Tensor, n: int) -> None:
-    _advance_kernel[(triton.cdiv(n, 256),)](tok_in, pos, counter, out_tokens, n, num_warps=4)
+    _advance_kernel[(triton.cdiv(n, 256),)](tok_in, pos, counter, out_tokens, n, num_warps=4, **_pdl(pos.device))

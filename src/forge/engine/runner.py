@@ -37,6 +37,9 @@ from forge.engine.triton_decode import paged_decode_attention, triton_supported
 from forge.models.decoder import CausalLM, apply_rope
 
 log = logging.getLogger(__name__)
+# the fused decode GEMMs of forge.engine.gemm when EngineConfig.fused_gemm is None (set from the H200
+# measurements in bench/NOTES_generate.md)
+FUSED_GEMM_DEFAULT = False
 
 
 def _interpreting() -> bool:
@@ -307,10 +310,15 @@ class ModelRunner:
             raise ValueError("fused_decode=True needs num_attention_heads % num_key_value_heads == 0, even head_dim")
         return ok
 
+    def _want_fused_gemm(self) -> bool:
+        """The fused decode GEMMs (forge.engine.gemm); None = the measured default (bench/NOTES_generate.md)."""
+        want = self.config.fused_gemm
+        return FUSED_GEMM_DEFAULT if want is None else bool(want)
+
     def _setup_fused(self) -> None:
         from forge.engine.fused import FusedDecode
 
-        self.fused = FusedDecode(self.model, self.model.args.max_position_embeddings)
+        self.fused = FusedDecode(self.model, self.model.args.max_position_embeddings, self._want_fused_gemm())
         self.fused.reserve(self.config.max_num_seqs)
         self._alloc_state(self.config.max_num_seqs)
         err = self._check_fused()
@@ -354,7 +362,7 @@ class ModelRunner:
 
         self.graphs.clear()
         self._prefill_graphs.clear()
-        self.fused = FusedDecode(self.model, self.model.args.max_position_embeddings)
+        self.fused = FusedDecode(self.model, self.model.args.max_position_embeddings, self._want_fused_gemm())
         self.fused.reserve(self.config.max_num_seqs)
         self._key = None
         if self.device.type == "cuda" and self.config.enable_cuda_graphs:
