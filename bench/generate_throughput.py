@@ -86,11 +86,8 @@ VARIANTS = {
     # one program per (sequence, kv head), the attention before flash-decoding splits (same at B=256;
     # compare at a long context: --num-seqs 16 --new-tokens 4096)
     "no-split": dict(kernels=dict(ATTN_MAX_SPLITS=1)),
-    # decode GEMMs with the norms / residual adds / silu*mul fused in (forge.engine.gemm), and without
-    "fused-gemm": dict(fused_gemm=True),
-    "cublas-gemm": dict(fused_gemm=False),
-    # the decode kernels launched without programmatic dependent launch (kernels.PDL)
-    "no-pdl": dict(kernels=dict(PDL=False)),
+    # prefill steps read their first tokens before the next prompts' prefill is queued (as before 2026-11-29)
+    "no-prefill-overlap": dict(overlap_prefill=False),
     "defaults": dict(),  # fused decode + overlap + fused prefill in CUDA graphs: the main run, again, warm
 }
 

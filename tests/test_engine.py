@@ -137,6 +137,25 @@ def test_chunked_prefill_and_back_pressure_all_complete():
     assert eng.blocks.num_free == eng.blocks.capacity_blocks  # every block came back
 
 
+def test_overlapped_prefill_same_outputs():
+    """Prefill steps queued before the previous one's first tokens are read (overlap_prefill) give
+    the same tokens and logprobs: chunked prompts, n > 1 forks, one-token requests, seeded sampling."""
+    model = build_tiny_model("qwen3", seed=12)
+    ps = prompts([50, 7, 33, 64, 5, 21, 12, 40], seed=13)
+    params = [SamplingParams(temperature=0.9, max_tokens=1 if i % 3 == 0 else 12, seed=i, n=2 if i % 2 else 1)
+              for i in range(len(ps))]
+    outs = {}
+    for overlap in (False, True):
+        eng = engine(model, max_num_batched_tokens=40, overlap_prefill=overlap)
+        outs[overlap] = eng.generate(list(zip(ps, params)))
+        assert (eng.stats["overlapped_steps"] > 0) == overlap
+        assert eng.blocks.num_free == eng.blocks.capacity_blocks
+    for a, b in zip(outs[False], outs[True]):
+        assert [s.token_ids for s in a.outputs] == [s.token_ids for s in b.outputs]
+        assert [s.logprobs for s in a.outputs] == [s.logprobs for s in b.outputs]
+        assert [s.stop_reason for s in a.outputs] == [s.stop_reason for s in b.outputs]
+
+
 def test_stop_tokens_max_model_len_and_long_prompts():
     model = build_tiny_model("qwen2", seed=9)
     p = prompts([10], seed=12)[0]

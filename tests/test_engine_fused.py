@@ -79,7 +79,8 @@ assert torch.equal(tok, ref), (tok != ref).sum()
 torch.testing.assert_close(lp.double(), z.gather(1, tok[:, None]).squeeze(1) - lse, atol=1e-5, rtol=1e-5)
 
 # attention with RoPE / q-k norm / cache write, GQA and MHA, odd head_dim, any block size
-for hq, hkv, d, bs, qkn in [(14, 2, 64, 16, False), (4, 4, 32, 32, True), (4, 2, 48, 8, True), (6, 2, 16, 12, False)]:
+for hq, hkv, d, bs, qkn in [(14, 2, 64, 16, False), (4, 4, 32, 32, True), (4, 2, 48, 8, True), (6, 2, 16, 12, False),
+                             (3, 1, 16, 8, True)]:
     nb, b = 30, 4
     kc, vc = torch.randn(nb, bs, hkv, d), torch.randn(nb, bs, hkv, d)
     pos = torch.tensor([0, bs - 1, bs, 3 * bs - 2], dtype=torch.int32)
@@ -123,6 +124,26 @@ for hq, hkv, d, bs, qkn in [(14, 2, 64, 16, False), (4, 4, 32, 32, True), (4, 2,
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(kc, kc2, atol=1e-6, rtol=1e-6)
     assert torch.equal(vc, vc2)
+    # prefill rows: RoPE (+ q/k norm) of every head and the k/v cache write, one program per row
+    n = 7
+    pos_p = torch.randint(0, 128, (n,))
+    slots_p = torch.randperm((nb - 1) * bs)[:n].add(bs)
+    qkv = torch.randn(n, (hq + 2 * hkv) * d)
+    q, k, v = qkv[:, : hq * d], qkv[:, hq * d : (hq + hkv) * d], qkv[:, (hq + hkv) * d :]
+    kcp, vcp = kc0.clone(), vc0.clone()
+    qo, ko = K.rope_store(q, k, v, kcp, vcp, slots_p, pos_p, cos, sin, hq, q_norm=qn, k_norm=kn, eps=1e-6)
+    qq, kk = q.view(n, 1, hq, d), k.view(n, 1, hkv, d)
+    if qkn:
+        qq, kk = nq(qq), nk(kk)
+    c_, s_ = cos[pos_p].view(n, 1, 1, d), sin[pos_p].view(n, 1, 1, d)
+    qr, kr = apply_rope(qq, c_, s_).reshape(n, -1), apply_rope(kk, c_, s_).reshape(n, -1)
+    torch.testing.assert_close(qo, qr, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ko, kr, atol=1e-5, rtol=1e-5)
+    kc2, vc2 = kc0.clone(), vc0.clone()
+    kc2.view(-1, hkv, d)[slots_p] = kr.view(n, hkv, d)
+    vc2.view(-1, hkv, d)[slots_p] = v.view(n, hkv, d)
+    torch.testing.assert_close(kcp, kc2, atol=1e-6, rtol=1e-6)
+    assert torch.equal(vcp, vc2)
 print("ok")
 """
 

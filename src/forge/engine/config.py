@@ -34,10 +34,10 @@ class EngineConfig:
     compile: bool | None = None  # torch.compile the unfused decode layers; None = on CUDA when not fused
     fused_decode: bool | None = None  # Triton decode layers + in-graph sampling (forge.engine.fused); None = on CUDA
     fused_prefill: bool | None = None  # with fused decode: the same kernels for prefill; None = on
-    fused_gemm: bool | None = None  # with fused decode: GEMMs with norm/residual/silu fused in (forge.engine.gemm)
     prefill_cuda_graphs: bool = True  # fused prefill of fresh prompts: replay graphs of padded (rows, length) buckets
     fast_sampler: bool | None = None  # Triton sampling kernels when no row needs top-k/top-p/min-p; None = on CUDA
     overlap_decode: bool = True  # fused decode: queue step t+1 before reading step t's tokens (see LLMEngine.step)
+    overlap_prefill: bool = True  # queue the next prompts' prefill before reading a prefill's first tokens
     long_prompt: str = "reject"  # reject | truncate
     seed: int = 0  # for requests without their own seed
 

@@ -16,6 +16,12 @@ computed once more and dropped; its k/v write lands in blocks it still holds. Ev
 (prefill, preemption, a changed batch) first drains the step in flight, so outputs are the
 same as without overlap.
 
+Prefill overlap (`EngineConfig.overlap_prefill`): while prompts are still waiting, a prefill
+step's first tokens are read only after the next prompts' prefill is queued (a prefill needs
+no sampled token), so the host's work for a prefill chunk (scheduling, building its inputs)
+runs while the device computes the previous one. Tokens are the same; a request that
+finishes with its first token is returned one step later.
+
 Length rules: generation stops at `max_tokens` or when prompt + generated reaches
 `max_model_len` (stop_reason "length"). A prompt that leaves no room for one new token
 follows `EngineConfig.long_prompt`: "reject" -> finished at once with no tokens and
@@ -113,7 +119,16 @@ class LLMEngine:
         done, self._done_early = self._done_early, []
         t0 = time.perf_counter()
         pend, self._pending = self._pending, None
-        if pend is not None:
+        if isinstance(pend, _PrefillHandle):
+            chunks = self.scheduler.schedule_prefill()
+            if chunks:  # more prompts: queue their prefill before reading the in-flight one's first tokens
+                self._pending = self._launch_prefill(chunks)
+                self.stats["overlapped_steps"] += 1
+                self._consume(pend, done)
+                self.stats["forward_s"] += time.perf_counter() - t0
+                return done
+            self._consume(pend, done)
+        elif pend is not None:
             if self._chainable(pend):
                 self._pending = self._launch_decode(pend.seqs, pend.left - 1)
                 self.stats["overlapped_steps"] += 1
@@ -125,24 +140,11 @@ class LLMEngine:
         if batch is None:
             return done
         if batch.prefill:
-            logits = self.runner.prefill(batch.prefill)
-            rows, seqs = [], []
-            for i, ch in enumerate(batch.prefill):
-                ch.seq.num_computed = ch.end
-                self.stats["prefill_tokens"] += ch.end - ch.start
-                if ch.end < len(ch.seq):
-                    continue  # chunked prefill goes on next step
-                self.scheduler.finish_prefill(ch.seq)
-                group = self._fork(ch.seq)
-                rows += [i] * len(group)
-                seqs += group
-            self.stats["steps"] += 1
-            if seqs:
-                logits = logits[torch.tensor(rows, device=logits.device)]
-                sb = SamplingBatch.build([self._sampling_row(s) for s in seqs], self.device)
-                self._last_sb = None
-                tokens, logprobs = self.sampler(logits, sb)
-                self._append(seqs, tokens.tolist(), logprobs.tolist(), done)
+            h = self._launch_prefill(batch.prefill)
+            if h is not None and self.config.overlap_prefill and self.scheduler.waiting:
+                self._pending = h  # read at the next step, after queueing the next prompts' prefill
+            elif h is not None:
+                self._consume(h, done)
         else:
             seqs = batch.decode
             left = max(s.request.max_new_tokens - s.num_generated for s in seqs)
@@ -153,6 +155,30 @@ class LLMEngine:
                 self._consume(h, done)
         self.stats["forward_s"] += time.perf_counter() - t0
         return done
+
+    def _launch_prefill(self, chunks: list) -> "_PrefillHandle | None":
+        """Queue the prefill of these prompt chunks and the sampling of each completed prompt's first
+        token (nothing waits for the device); None when no prompt completes in this step."""
+        logits = self.runner.prefill(chunks)
+        rows, seqs = [], []
+        for i, ch in enumerate(chunks):
+            ch.seq.num_computed = ch.end
+            self.stats["prefill_tokens"] += ch.end - ch.start
+            if ch.end < len(ch.seq):
+                continue  # chunked prefill goes on next step
+            self.scheduler.finish_prefill(ch.seq)
+            group = self._fork(ch.seq)
+            rows += [i] * len(group)
+            seqs += group
+        self.stats["steps"] += 1
+        if not seqs:
+            return None
+        if rows != list(range(len(chunks))):
+            logits = logits[self.runner._tensor(rows, torch.int64)]
+        sb = SamplingBatch.build([self._sampling_row(s) for s in seqs], self.device)
+        self._last_sb = None
+        tokens, logprobs = self.sampler(logits, sb)
+        return _PrefillHandle(seqs, tokens, logprobs, self.runner.pin)
 
     def _launch_decode(self, seqs: list[Sequence], left: int):
         """Queue one decode step of `seqs`; returns a handle whose `result()` gives tokens and logprobs.
@@ -278,6 +304,30 @@ class LLMEngine:
                 cut = [text.find(x) for x in req.params.stop if x in text]
                 s.text = text[: min(cut)] if cut else text
         return req.output()
+
+
+class _PrefillHandle:
+    """The first tokens of the prompts one prefill step completed, copied to the host in the
+    background; `result()` waits for them."""
+
+    chainable = False
+
+    def __init__(self, seqs: list[Sequence], tokens: torch.Tensor, logprobs: torch.Tensor, pin: bool):
+        self.seqs, self.event = seqs, None
+        if tokens.is_cuda:
+            self.tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=pin)
+            self.logprobs = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=pin)
+            self.tokens.copy_(tokens, non_blocking=pin)
+            self.logprobs.copy_(logprobs, non_blocking=pin)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.tokens, self.logprobs = tokens, logprobs
+
+    def result(self) -> tuple[list[int], list[float]]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.tokens.tolist(), self.logprobs.tolist()
 
 
 class _Ready:

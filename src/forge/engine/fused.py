@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from forge.engine import gemm as G
 from forge.engine import kernels as K
 
 
@@ -60,12 +59,8 @@ class _Layer:
 
 
 class FusedDecode:
-    def __init__(self, model, max_positions: int, fused_gemm: bool = False):
+    def __init__(self, model, max_positions: int):
         a = model.args
-        # decode GEMMs with the norms / residual adds / silu*mul fused in (forge.engine.gemm): 5 launches
-        # per layer instead of 8; prefill keeps cuBLAS (large M)
-        self.fused_gemm = fused_gemm
-        self.gemm_workspace: G.GemmWorkspace | None = None
         self.num_heads, self.num_kv, self.head_dim = a.num_attention_heads, a.num_key_value_heads, a.head_dim
         self.intermediate = a.intermediate_size
         self.layers: list[_Layer] = []
@@ -102,11 +97,6 @@ class FusedDecode:
         """Allocate the split attention's scratch for batches up to `rows` (before graph capture)."""
         self.attn_workspace = K.AttentionWorkspace(rows, self.num_heads, self.num_kv, self.head_dim,
                                                    self.embed.device)
-        if self.fused_gemm:  # sized for every batch up to `rows` at its tuned split-K
-            sizes = [G.GemmWorkspace.size(m, w.shape[0], G.linear_residual_config(m, w.shape[0], w.shape[1]))
-                     for m in range(1, rows + 1) for w in (self.layers[0].o_w, self.layers[0].down_w)]
-            self.gemm_workspace = G.GemmWorkspace(max(f for f, _ in sizes), max(t for _, t in sizes),
-                                                  self.embed.device)
 
     @staticmethod
     def _param_ptrs(model) -> list[int]:
@@ -153,8 +143,6 @@ class FusedDecode:
         nq, nk = self.num_heads * self.head_dim, self.num_kv * self.head_dim
         inter = self.intermediate
         layers = self.layers[:num_layers] if num_layers is not None else self.layers
-        if self.fused_gemm:
-            return self._forward_gemm(tokens, pos, block_tables, k_cache, v_cache, layers, return_hidden)
         h = y = d = None
         for i, lw in enumerate(layers):
             if i == 0:
@@ -172,22 +160,4 @@ class FusedDecode:
         if return_hidden:
             return h + d
         h, y = K.add_rmsnorm(h, self.norm, self.norm_eps, residual=d, h_out=h)
-        return F.linear(y, self.lm_head_w, self.lm_head_b)
-
-    def _forward_gemm(self, tokens, pos, block_tables, k_cache, v_cache, layers, return_hidden: bool):
-        """`forward` with the fused GEMMs: h is the residual stream, updated in place by o/down."""
-        nq, nk = self.num_heads * self.head_dim, self.num_kv * self.head_dim
-        ws = self.gemm_workspace
-        h = self.embed.index_select(0, tokens)
-        for i, lw in enumerate(layers):
-            qkv = G.norm_linear(h, lw.ln1, lw.ln1_eps, lw.qkv_w, lw.qkv_b)
-            attn = K.attention(qkv[:, :nq], qkv[:, nq:nq + nk], qkv[:, nq + nk:], k_cache[i], v_cache[i],
-                               block_tables, pos, self.cos, self.sin, self.num_heads,
-                               q_norm=lw.q_norm, k_norm=lw.k_norm, eps=lw.qk_eps, workspace=self.attn_workspace)
-            G.linear_residual(attn, lw.o_w, h, lw.o_b, out=h, workspace=ws)
-            act = G.norm_linear(h, lw.ln2, lw.ln2_eps, lw.gu_w, lw.gu_b, gated=True)
-            G.linear_residual(act, lw.down_w, h, lw.down_b, out=h, workspace=ws)
-        if return_hidden:
-            return h
-        _, y = K.add_rmsnorm(h, self.norm, self.norm_eps)
         return F.linear(y, self.lm_head_w, self.lm_head_b)

@@ -37,13 +37,9 @@ if HAS_TRITON:
     # ---- norms / activations -----------------------------------------------------------------
     @triton.jit
     def _add_rmsnorm_kernel(X, R, TOK, W, Y, HOUT, H, s_x, s_r, s_y, s_h, eps,
-                            BLOCK: tl.constexpr, HAS_RES: tl.constexpr, EMBED: tl.constexpr,
-                            USE_GDC: tl.constexpr = False):
+                            BLOCK: tl.constexpr, HAS_RES: tl.constexpr, EMBED: tl.constexpr):
         """h = x + r (rounded to x's dtype), written to HOUT; y = round(h * rsqrt(mean(h^2) + eps) * w).
         EMBED: x is the embedding row TOK[row] of X."""
-        if USE_GDC:  # programmatic dependent launch: wait for the previous kernel's writes
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0)
         c = tl.arange(0, BLOCK)
         mask = c < H
@@ -63,11 +59,8 @@ if HAS_TRITON:
         tl.store(Y + row.to(tl.int64) * s_y + c, y.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _silu_mul_kernel(G, U, O, N, s_g, s_u, s_o, BLOCK: tl.constexpr, USE_GDC: tl.constexpr = False):
+    def _silu_mul_kernel(G, U, O, N, s_g, s_u, s_o, BLOCK: tl.constexpr):
         """o = round(round(silu(g)) * u), as F.silu(g) * u in the activation dtype."""
-        if USE_GDC:  # programmatic dependent launch: wait for the previous kernel's writes
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = c < N
@@ -98,8 +91,7 @@ if HAS_TRITON:
                           s_bt, s_cn, s_ct, s_ch, scale, eps, PML, PACC, CNT,
                           G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                           BS: tl.constexpr, TN: tl.constexpr, QK_NORM: tl.constexpr, IEEE: tl.constexpr,
-                          NBLK: tl.constexpr, SPLITS: tl.constexpr, SP2: tl.constexpr,
-                          USE_GDC: tl.constexpr = False):
+                          NBLK: tl.constexpr, SPLITS: tl.constexpr, SP2: tl.constexpr):
         """One program per (sequence b, kv head h, context split s): RoPE q (G heads) and k, write
         k/v at position POS[b] of the paged cache, attend over positions [0, POS[b]] (cache + the
         new token). D = head_dim, padded to DP (a power of 2) in registers.
@@ -109,9 +101,6 @@ if HAS_TRITON:
         max / sum / unnormalised output to PML/PACC and bumps the (b, h) counter CNT; the split
         that arrives last combines all partials, writes O and resets the counter to 0 (so the
         next launch, or the next replay of a CUDA graph, starts from zero)."""
-        if USE_GDC:  # programmatic dependent launch: wait for the previous kernel's writes
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
         b = tl.program_id(0)
         h = tl.program_id(1)
         sp = tl.program_id(2)
@@ -211,12 +200,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _rope_store_kernel(Q, K, V, s_q, s_k, s_v, KC, VC, SLOTS, POS, COS, SIN, QNW, KNW, QO, KO, s_qo, s_ko,
-                           s_ct, s_ch, eps, HQ: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                           QK_NORM: tl.constexpr):
-        """Prefill: one program per (token row, head). q heads -> RoPE'd into QO; kv heads -> RoPE'd k
-        into KO and the cache, v into the cache (slot SLOTS[row]; padded rows write the scratch block)."""
+                           s_ct, s_ch, eps, HQ: tl.constexpr, HQP: tl.constexpr, HKV: tl.constexpr,
+                           HKP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, QK_NORM: tl.constexpr):
+        """Prefill: one program per token row, all its heads: q heads RoPE'd into QO; k heads RoPE'd
+        into KO and the cache, v into the cache (slot SLOTS[row]; padded rows write the scratch block).
+        Head counts are padded to powers of 2 (HQP, HKP); padded rows re-read head 0, never stored."""
         r = tl.program_id(0).to(tl.int64)
-        hh = tl.program_id(1)
         pos = tl.load(POS + r)
         d = tl.arange(0, DP)
         dm = d < D
@@ -225,18 +214,20 @@ if HAS_TRITON:
         sign = tl.where(d < half, -1.0, 1.0)
         cos = tl.load(COS + pos * D + d, mask=dm, other=0.0)
         sin = tl.load(SIN + pos * D + d, mask=dm, other=0.0)
-        one = tl.arange(0, 1)
-        if hh < HQ:
-            x = _head_rope(Q + r * s_q, hh + one, d, d_rot, dm, sign, cos, sin, QNW, eps, D, QK_NORM)
-            tl.store(QO + r * s_qo + hh * D + one[:, None] * 0 + d[None, :], x, mask=dm[None, :])
-        else:
-            h = hh - HQ
-            x = _head_rope(K + r * s_k, h + one, d, d_rot, dm, sign, cos, sin, KNW, eps, D, QK_NORM)
-            tl.store(KO + r * s_ko + h * D + one[:, None] * 0 + d[None, :], x, mask=dm[None, :])
-            slot = tl.load(SLOTS + r)
-            tl.store(KC + slot * s_ct + h * s_ch + one[:, None] * 0 + d[None, :], x, mask=dm[None, :])
-            v = tl.load(V + r * s_v + h * D + d, mask=dm, other=0.0)
-            tl.store(VC + slot * s_ct + h * s_ch + d, v, mask=dm)
+        hq = tl.arange(0, HQP)
+        qm = (hq < HQ)[:, None] & dm[None, :]
+        x = _head_rope(Q + r * s_q, tl.where(hq < HQ, hq, 0), d, d_rot, dm, sign, cos, sin, QNW, eps, D, QK_NORM)
+        tl.store(QO + r * s_qo + hq[:, None] * D + d[None, :], x, mask=qm)
+        hk = tl.arange(0, HKP)
+        km = (hk < HKV)[:, None] & dm[None, :]
+        hk_ = tl.where(hk < HKV, hk, 0)
+        x = _head_rope(K + r * s_k, hk_, d, d_rot, dm, sign, cos, sin, KNW, eps, D, QK_NORM)
+        tl.store(KO + r * s_ko + hk[:, None] * D + d[None, :], x, mask=km)
+        slot = tl.load(SLOTS + r)
+        dst = slot * s_ct + hk[:, None] * s_ch + d[None, :]
+        tl.store(KC + dst, x, mask=km)
+        v = tl.load(V + r * s_v + hk_[:, None] * D + d[None, :], mask=km, other=0.0)
+        tl.store(VC + dst, v, mask=km)
 
     # ---- sampling ------------------------------------------------------------------------------
     @triton.jit
@@ -262,11 +253,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _sample_partial_kernel(L, s_l, TEMP, PM, PS, PI, V, NSPLIT,
-                               CH: tl.constexpr, BLOCK: tl.constexpr, ANY_GREEDY: tl.constexpr,
-                               USE_GDC: tl.constexpr = False):
-        if USE_GDC:  # programmatic dependent launch: wait for the previous kernel's writes
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+                               CH: tl.constexpr, BLOCK: tl.constexpr, ANY_GREEDY: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1)
         t = tl.load(TEMP + b)
@@ -298,11 +285,7 @@ if HAS_TRITON:
     @triton.jit
     def _sample_final_kernel(L, s_l, TEMP, PM, PS, PI, V, NSPLIT, SEED, STREAM, COUNTER, U,
                              OUT_TOK, OUT_LP, CH: tl.constexpr, BLOCK: tl.constexpr, NP: tl.constexpr,
-                             ANY_GREEDY: tl.constexpr, HAS_U: tl.constexpr,
-                             USE_GDC: tl.constexpr = False):
-        if USE_GDC:  # programmatic dependent launch: wait for the previous kernel's writes
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+                             ANY_GREEDY: tl.constexpr, HAS_U: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         c = tl.arange(0, NP)
         cm = c < NSPLIT
@@ -355,11 +338,8 @@ if HAS_TRITON:
         tl.store(OUT_LP + b, xt / t - lse)
 
     @triton.jit(do_not_specialize=["n"])  # the batch size must not pick a new compilation (a JIT mid-run)
-    def _advance_kernel(TOK_IN, POS, COUNTER, OUT_TOK, n, USE_GDC: tl.constexpr = False):
+    def _advance_kernel(TOK_IN, POS, COUNTER, OUT_TOK, n):
         """The next decode step of the same batch: feed the sampled tokens, move one position on."""
-        if USE_GDC:  # programmatic dependent launch: wait for the previous kernel's writes
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
         i = tl.program_id(0) * 256 + tl.arange(0, 256)
         mask = i < n
         tl.store(TOK_IN + i, tl.load(OUT_TOK + i, mask=mask).to(TOK_IN.dtype.element_ty), mask=mask)
@@ -368,22 +348,6 @@ if HAS_TRITON:
 
 
 # ---- Python wrappers ---------------------------------------------------------------------------
-# Programmatic dependent launch (Hopper+): the decode kernels are launched so that a kernel may be
-# scheduled before its predecessor ends; each waits (`gdc_wait`) for the predecessor's writes first
-PDL = True
-_PDL_OK: dict[int, bool] = {}
-
-
-def _pdl(device: torch.device) -> dict:
-    """Launch kwargs for programmatic dependent launch on this device ({} where it does not apply)."""
-    if not PDL or device.type != "cuda":
-        return {}
-    i = device.index if device.index is not None else torch.cuda.current_device()
-    if i not in _PDL_OK:
-        _PDL_OK[i] = torch.cuda.get_device_capability(i)[0] >= 9
-    return {"USE_GDC": True, "launch_pdl": True} if _PDL_OK[i] else {}
-
-
 def _np2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
@@ -401,7 +365,7 @@ def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: tor
     _add_rmsnorm_kernel[(m,)](x, r, tokens if tokens is not None else x, weight, y, h, hdim,
                               x.stride(0), r.stride(0), y.stride(0), h.stride(0), eps,
                               BLOCK=_np2(hdim), HAS_RES=residual is not None, EMBED=tokens is not None,
-                              num_warps=4 if hdim <= 4096 else 8, **_pdl(x.device))
+                              num_warps=4 if hdim <= 4096 else 8)
     return h, y
 
 
@@ -410,7 +374,7 @@ def silu_mul(g: torch.Tensor, u: torch.Tensor, out: torch.Tensor | None = None) 
     o = out if out is not None else torch.empty(m, n, dtype=g.dtype, device=g.device)
     block = min(2048, _np2(n))
     _silu_mul_kernel[(m, triton.cdiv(n, block))](g, u, o, n, g.stride(0), u.stride(0), o.stride(0),
-                                                  BLOCK=block, num_warps=4, **_pdl(g.device))
+                                                  BLOCK=block, num_warps=4)
     return o
 
 
@@ -505,7 +469,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
         G=g, GP=max(16, _np2(g)), D=d, DP=max(16, _np2(d)), BS=bs, TN=tn, QK_NORM=qk_norm,
         IEEE=q.dtype == torch.float32, NBLK=1 if tn == bs else (2 if tn == 2 * bs else 0),
         SPLITS=splits, SP2=max(2, _np2(splits)),
-        num_warps=num_warps or ATTN_WARPS, num_stages=num_stages or ATTN_STAGES, **_pdl(q.device),
+        num_warps=num_warps or ATTN_WARPS, num_stages=num_stages or ATTN_STAGES,
     )
     return o
 
@@ -520,11 +484,11 @@ def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch
     qo = torch.empty(n, num_heads * d, dtype=q.dtype, device=q.device)
     ko = torch.empty(n, hkv * d, dtype=q.dtype, device=q.device)
     qk_norm = q_norm is not None
-    _rope_store_kernel[(n, num_heads + hkv)](
+    _rope_store_kernel[(n,)](
         q, k, v, q.stride(0), k.stride(0), v.stride(0), k_cache, v_cache, slots, pos, cos, sin,
         q_norm if qk_norm else q, k_norm if qk_norm else q, qo, ko, qo.stride(0), ko.stride(0),
-        k_cache.stride(1), k_cache.stride(2), eps, HQ=num_heads, D=d, DP=max(16, _np2(d)), QK_NORM=qk_norm,
-        num_warps=1)
+        k_cache.stride(1), k_cache.stride(2), eps, HQ=num_heads, HQP=_np2(num_heads), HKV=hkv, HKP=_np2(hkv),
+        D=d, DP=max(16, _np2(d)), QK_NORM=qk_norm, num_warps=2 if num_heads * d <= 2048 else 4)
     return qo, ko
 
 
@@ -551,13 +515,12 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor, 
     tok = out_tokens if out_tokens is not None else torch.empty(b, dtype=torch.int64, device=dev)
     lp = out_logprobs if out_logprobs is not None else torch.empty(b, dtype=torch.float32, device=dev)
     _sample_partial_kernel[(b, nsplit)](logits, logits.stride(0), temperature, pm, ps, pi, vocab, nsplit,
-                                        CH=ch, BLOCK=block, ANY_GREEDY=any_greedy, num_warps=warps, **_pdl(dev))
+                                        CH=ch, BLOCK=block, ANY_GREEDY=any_greedy, num_warps=warps)
     _sample_final_kernel[(b,)](logits, logits.stride(0), temperature, pm, ps, pi, vocab, nsplit, seed, stream,
                                counter, u if u is not None else temperature, tok, lp, CH=ch, BLOCK=block,
-                               NP=max(2, _np2(nsplit)), ANY_GREEDY=any_greedy, HAS_U=u is not None, num_warps=8,
-                               **_pdl(dev))
+                               NP=max(2, _np2(nsplit)), ANY_GREEDY=any_greedy, HAS_U=u is not None, num_warps=8)
     return tok, lp
 
 
 def advance(tok_in: torch.Tensor, pos: torch.Tensor, counter: torch.Tensor, out_tokens: torch.Tensor, n: int) -> None:
-    _advance_kernel[(triton.cdiv(n, 256),)](tok_in, pos, counter, out_tokens, n, num_warps=4, **_pdl(pos.device))
+    _advance_kernel[(triton.cdiv(n, 256),)](tok_in, pos, counter, out_tokens, n, num_warps=4)

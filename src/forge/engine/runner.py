@@ -37,9 +37,6 @@ from forge.engine.triton_decode import paged_decode_attention, triton_supported
 from forge.models.decoder import CausalLM, apply_rope
 
 log = logging.getLogger(__name__)
-# the fused decode GEMMs of forge.engine.gemm when EngineConfig.fused_gemm is None (set from the H200
-# measurements in bench/NOTES_generate.md)
-FUSED_GEMM_DEFAULT = False
 
 
 def _interpreting() -> bool:
@@ -310,15 +307,10 @@ class ModelRunner:
             raise ValueError("fused_decode=True needs num_attention_heads % num_key_value_heads == 0, even head_dim")
         return ok
 
-    def _want_fused_gemm(self) -> bool:
-        """The fused decode GEMMs (forge.engine.gemm); None = the measured default (bench/NOTES_generate.md)."""
-        want = self.config.fused_gemm
-        return FUSED_GEMM_DEFAULT if want is None else bool(want)
-
     def _setup_fused(self) -> None:
         from forge.engine.fused import FusedDecode
 
-        self.fused = FusedDecode(self.model, self.model.args.max_position_embeddings, self._want_fused_gemm())
+        self.fused = FusedDecode(self.model, self.model.args.max_position_embeddings)
         self.fused.reserve(self.config.max_num_seqs)
         self._alloc_state(self.config.max_num_seqs)
         err = self._check_fused()
@@ -338,22 +330,29 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _warm_prefill(self) -> None:
-        """One eager prefill of a full `max_num_batched_tokens` chunk at start-up (vLLM's dummy run):
-        the allocator's segments for the largest activations and the GEMM heuristics for that M are
-        then in place before the first real prompt, instead of costing its step ~60 ms
+        """One prefill of a full `max_num_batched_tokens` chunk at start-up (vLLM's dummy run): the
+        allocator's segments for the largest activations and the GEMM heuristics for that M are then
+        in place before the first real prompt, instead of costing its step ~60 ms; with prefill
+        graphs on, that chunk's bucket (rows x 128 tokens, the shape a full chunk of short prompts
+        takes) is captured here too, instead of costing the first such step ~30 ms
         (bench/NOTES_generate.md). k/v of the zero tokens land in the scratch block 0."""
         t = min(128, self.max_model_len)
         b = max(1, self.config.max_num_batched_tokens // t)
-        dev = self.device
-        tok = torch.zeros(b, t, dtype=torch.int64, device=dev)
-        pos = torch.arange(t, device=dev).repeat(b, 1)
-        slots = torch.zeros(b * t, dtype=torch.int64, device=dev)
-        last = torch.full((b,), t - 1, dtype=torch.int64, device=dev)
-        meta = AttnMeta(slot_mapping=slots, block_tables=None, context_lens=None, decode=False, has_prefix=False)
         t0 = time.perf_counter()
-        self.fused.prefill(tok, pos, slots, last, meta, self.k_cache, self.v_cache)
-        torch.cuda.synchronize(dev)
-        log.info("warm-up prefill of %d x %d tokens: %.0f ms", b, t, (time.perf_counter() - t0) * 1e3)
+        key = self._prefill_graph_key(b, t, False) if self.config.enable_cuda_graphs else None
+        if key is not None:
+            self._prefill_graphs[key] = self._capture_prefill(*key)
+        else:
+            dev = self.device
+            tok = torch.zeros(b, t, dtype=torch.int64, device=dev)
+            pos = torch.arange(t, device=dev).repeat(b, 1)
+            slots = torch.zeros(b * t, dtype=torch.int64, device=dev)
+            last = torch.full((b,), t - 1, dtype=torch.int64, device=dev)
+            meta = AttnMeta(slot_mapping=slots, block_tables=None, context_lens=None, decode=False, has_prefix=False)
+            self.fused.prefill(tok, pos, slots, last, meta, self.k_cache, self.v_cache)
+        torch.cuda.synchronize(self.device)
+        log.info("warm-up prefill of %d x %d tokens%s: %.0f ms", b, t, " (graph captured)" if key else "",
+                 (time.perf_counter() - t0) * 1e3)
 
     def _refresh_fused(self) -> None:
         """Parameters were re-pointed (not copied into): rebuild the merged views and the graphs."""
@@ -362,7 +361,7 @@ class ModelRunner:
 
         self.graphs.clear()
         self._prefill_graphs.clear()
-        self.fused = FusedDecode(self.model, self.model.args.max_position_embeddings, self._want_fused_gemm())
+        self.fused = FusedDecode(self.model, self.model.args.max_position_embeddings)
         self.fused.reserve(self.config.max_num_seqs)
         self._key = None
         if self.device.type == "cuda" and self.config.enable_cuda_graphs:

@@ -51,14 +51,15 @@ class Scheduler:
         return len(self.running) + sum(s.fork_n for s in self.waiting if s.block_table)
 
     def schedule(self) -> Batch | None:
-        chunks = self._schedule_prefill()
+        chunks = self.schedule_prefill()
         if chunks:
             return Batch(prefill=chunks)
         if self.running:
             return Batch(decode=self._schedule_decode())
         return None
 
-    def _schedule_prefill(self) -> list[PrefillChunk]:
+    def schedule_prefill(self) -> list[PrefillChunk]:
+        """The prompt chunks of the next prefill step (empty: nothing waiting fits)."""
         budget = self.config.max_num_batched_tokens
         chunks: list[PrefillChunk] = []
         slots = self._slots_used()
