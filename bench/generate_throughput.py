@@ -88,6 +88,9 @@ VARIANTS = {
     "no-split": dict(kernels=dict(ATTN_MAX_SPLITS=1)),
     # prefill steps read their first tokens before the next prompts' prefill is queued (as before 2026-11-29)
     "no-prefill-overlap": dict(overlap_prefill=False),
+    # a decode batch that lost rows (sequences stopped) drains the in-flight step and re-uploads its state
+    # instead of going on from the device state (as before 2026-11-29; matters with --random-lengths)
+    "no-compaction": dict(engine_attrs=dict(compact_in_flight=False)),
     "defaults": dict(),  # fused decode + overlap + fused prefill in CUDA graphs: the main run, again, warm
 }
 
@@ -101,30 +104,36 @@ def engine_config(o, dev, dtype, **over) -> EngineConfig:
     return EngineConfig(**kw)
 
 
-def bench_forge(args, model, dev, dtype, o, kernels: dict | None = None, **over) -> dict:
+def bench_forge(args, model, dev, dtype, o, kernels: dict | None = None, engine_attrs: dict | None = None,
+                **over) -> dict:
     from forge.engine import kernels as K
 
     saved = {k: getattr(K, k) for k in kernels or {}}
     for k, v in (kernels or {}).items():
         setattr(K, k, v)
     try:
-        return _bench_forge(args, model, dev, dtype, o, **over)
+        return _bench_forge(args, model, dev, dtype, o, engine_attrs or {}, **over)
     finally:
         for k, v in saved.items():
             setattr(K, k, v)
 
 
-def _bench_forge(args, model, dev, dtype, o, **over) -> dict:
+def _bench_forge(args, model, dev, dtype, o, engine_attrs: dict, **over) -> dict:
     cfg = engine_config(o, dev, dtype, **over)
     t0 = time.perf_counter()
     eng = LLMEngine(model, cfg, eos_token_ids=[])
+    for k, v in engine_attrs.items():
+        setattr(eng, k, v)
     setup_s = time.perf_counter() - t0
     g = torch.Generator().manual_seed(0)
     sp = SamplingParams(temperature=1.0, max_tokens=o.new_tokens, ignore_eos=True)
     warm = [(torch.randint(0, args.vocab_size, (o.prompt_len,), generator=g), sp.replace(max_tokens=8))
             for _ in range(min(8, o.num_seqs))]
     eng.generate(warm)
-    reqs = [(torch.randint(0, args.vocab_size, (o.prompt_len,), generator=g), sp) for _ in range(o.num_seqs)]
+    lens = [o.new_tokens] * o.num_seqs
+    if o.random_lengths:  # an RL rollout's spread of answer lengths: the batch shrinks as sequences stop
+        lens = torch.randint(o.new_tokens // 8, o.new_tokens + 1, (o.num_seqs,), generator=g).tolist()
+    reqs = [(torch.randint(0, args.vocab_size, (o.prompt_len,), generator=g), sp.replace(max_tokens=n)) for n in lens]
     sync(dev)
     eng.stats.update(prefill_tokens=0, decode_tokens=0, steps=0, overlapped_steps=0)
     t0 = time.perf_counter()
@@ -139,7 +148,7 @@ def _bench_forge(args, model, dev, dtype, o, **over) -> dict:
     sync(dev)
     dt = time.perf_counter() - t0
     n = sum(len(s.token_ids) for r in outs for s in r.outputs)
-    assert n == o.num_seqs * o.new_tokens, f"expected {o.num_seqs * o.new_tokens} tokens, got {n}"
+    assert n == sum(lens), f"expected {sum(lens)} tokens, got {n}"
     r = eng.runner
     res = {"tokens": n, "seconds": dt, "tokens_per_s": n / dt, "setup_s": setup_s, "steps": eng.stats["steps"],
            "attention": "fused-triton" if r.fused is not None else ("triton" if r.use_triton else "torch"),
@@ -433,6 +442,8 @@ def main() -> int:
     ap.add_argument("--attention", default="auto", choices=["auto", "triton", "torch"])
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--random-lengths", action="store_true",
+                    help="each request's max_tokens uniform in [new/8, new] (the bound assumes fixed lengths)")
     ap.add_argument("--variants", default="", help=f"comma list of {list(VARIANTS)} or 'all': also run these")
     ap.add_argument("--profile", action="store_true", help="CUDA: where a decode step's time goes")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -444,7 +455,7 @@ def main() -> int:
     args = qwen25_05b(o.smoke)
     res: dict = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                  "dtype": str(dtype).removeprefix("torch."), "num_seqs": o.num_seqs, "prompt_len": o.prompt_len,
-                 "new_tokens": o.new_tokens, "torch": torch.__version__}
+                 "new_tokens": o.new_tokens, "random_lengths": o.random_lengths, "torch": torch.__version__}
     torch.manual_seed(0)
 
     res["hf"] = None

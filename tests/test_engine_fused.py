@@ -195,6 +195,19 @@ assert out[1].outputs[0].token_ids == outs[1].outputs[0].token_ids
 eng.step()  # the last in-flight step (if any) is read and dropped
 assert eng.blocks.num_free == eng.blocks.capacity_blocks
 
+# rows stopping at different steps: the others go on without a drain (their state gathered on the
+# device from the in-flight step's); tokens identical to the unfused engine, no step wasted
+ps = prompts([6, 13, 3, 21], seed=8)
+lens = [3, 9, 5, 12]
+reqs = [(p, SamplingParams(temperature=0.8, max_tokens=n, seed=i)) for i, (p, n) in enumerate(zip(ps, lens))]
+eng = LLMEngine(model, cfg(), eos_token_ids=[])
+a = eng.generate(reqs)
+b = LLMEngine(model, cfg(fused_decode=False, fast_sampler=False), eos_token_ids=[]).generate(reqs)
+assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
+assert [len(o.outputs[0].token_ids) for o in a] == lens
+assert eng.stats["steps"] == 1 + 11 and eng.stats["overlapped_steps"] == 10, eng.stats
+assert eng.blocks.num_free == eng.blocks.capacity_blocks and eng._pending is None
+
 # sampled (seeded, derived-seed, n>1, greedy mixed in): fused == unfused token for token; logprobs exact
 ps = prompts([4, 30, 11], seed=4)
 reqs = [(ps[0], SamplingParams(temperature=0.0, max_tokens=8)),

@@ -12,9 +12,11 @@ same batch as the one in flight (nothing waiting, nobody finished, blocks availa
 queues it on the device *before* reading the in-flight step's tokens, so the host's work per
 token (appending, stop checks, scheduling) runs while the GPU computes. The device feeds the
 sampled tokens to the next step itself. A row whose sequence turns out to have stopped is
-computed once more and dropped; its k/v write lands in blocks it still holds. Everything else
-(prefill, preemption, a changed batch) first drains the step in flight, so outputs are the
-same as without overlap.
+computed once more and dropped; its k/v write lands in blocks it still holds. When the next
+batch is the in-flight one minus rows that stopped, it is queued the same way, its state gathered
+on the device from the in-flight step's (`ModelRunner.decode_launch(keep=)`). Everything else
+(prefill, preemption, a batch that gains rows) first drains the step in flight, so outputs are
+the same as without overlap.
 
 Prefill overlap (`EngineConfig.overlap_prefill`): while prompts are still waiting, a prefill
 step's first tokens are read only after the next prompts' prefill is queued (a prefill needs
@@ -47,6 +49,10 @@ from forge.models.decoder import CausalLM
 
 
 class LLMEngine:
+    # a decode batch that only lost rows goes on from the in-flight step's device state (see `_shrunk`);
+    # off: it drains first, as before (kept for A/B measurement: bench/generate_throughput.py)
+    compact_in_flight = True
+
     def __init__(self, model: CausalLM, config: EngineConfig | dict | None = None,
                  eos_token_ids: Seq[int] | None = None, tokenizer: Any = None):
         self.config = c = EngineConfig.from_dict(config)
@@ -135,6 +141,15 @@ class LLMEngine:
                 self._consume(pend, done)
                 self.stats["forward_s"] += time.perf_counter() - t0
                 return done
+            keep = self._shrunk(pend)
+            if keep is not None:  # some rows stopped: the rest go on, gathered on the device
+                seqs = list(self.scheduler.running)
+                left = max(s.request.max_new_tokens - s.num_generated for s in seqs) - 1
+                self._pending = self._launch_decode(seqs, left, keep)
+                self.stats["overlapped_steps"] += 1
+                self._consume(pend, done)
+                self.stats["forward_s"] += time.perf_counter() - t0
+                return done
             self._consume(pend, done)
         batch = self.scheduler.schedule()
         if batch is None:
@@ -180,12 +195,13 @@ class LLMEngine:
         tokens, logprobs = self.sampler(logits, sb)
         return _PrefillHandle(seqs, tokens, logprobs, self.runner.pin)
 
-    def _launch_decode(self, seqs: list[Sequence], left: int):
+    def _launch_decode(self, seqs: list[Sequence], left: int, keep: list[int] | None = None):
         """Queue one decode step of `seqs`; returns a handle whose `result()` gives tokens and logprobs.
-        `left`: the most tokens any of them still has to generate, this step's included."""
+        `left`: the most tokens any of them still has to generate, this step's included. `keep`:
+        `seqs` are these rows of the step in flight (see `ModelRunner.decode_launch`)."""
         r = self.runner
         if r.fused is not None:
-            h = r.decode_launch(seqs, lambda: [self._sampling_row(s) for s in seqs], self.sampler)
+            h = r.decode_launch(seqs, lambda: [self._sampling_row(s) for s in seqs], self.sampler, keep)
         else:
             logits = r.decode(seqs)
             key = tuple(s.seq_id for s in seqs)
@@ -216,6 +232,27 @@ class LLMEngine:
             if not ensure(s, s.num_computed + 1):
                 return False  # the scheduler preempts, after draining
         return True
+
+    def _shrunk(self, pend) -> list[int] | None:
+        """When the next decode batch is the in-flight one minus rows that stopped (nothing waiting,
+        blocks available, the fast sampler), the in-flight rows it keeps, in order; else None."""
+        if (not (self.config.overlap_decode and pend.chainable and self._dirty and self.compact_in_flight)
+                or self.scheduler.waiting):
+            return None
+        running = self.scheduler.running
+        if not running or len(running) >= len(pend.seqs) or not self.runner.compact_ok(self.sampler):
+            return None
+        where = {id(s): i for i, s in enumerate(pend.seqs)}
+        keep = [where.get(id(s), -1) for s in running]
+        if min(keep) < 0 or keep != sorted(keep):
+            return None  # a sequence that was not in flight, or a new order
+        if max(s.request.max_new_tokens - s.num_generated for s in running) <= 1:
+            return None  # every row's last token is in flight
+        ensure = self.blocks.ensure
+        for s in running:  # the next step writes k/v at position num_computed
+            if not ensure(s, s.num_computed + 1):
+                return None  # the scheduler preempts, after draining
+        return keep
 
     def _consume(self, h, done: list[RequestOutput]) -> None:
         tokens, logprobs = h.result()

@@ -464,6 +464,31 @@ class ModelRunner:
         self.st_temp[:gb].copy_(self._tensor(temps, torch.float32))
         self.st_tables[:gb].copy_(self._tensor(tables, torch.int32).view(gb, mbps))
 
+    def compact_ok(self, sampler) -> bool:
+        """May the next decode step gather its state from the in-flight one (`decode_launch(keep=)`)?
+        Only where the in-flight batch was sampled in the graph (no per-row torch sampling state)."""
+        sb = self._rows_sb
+        return self.fused is not None and self._key is not None and sb is not None and sb.fast_ok and sampler.fast
+
+    def _compact(self, keep: list[int], b: int, gb: int) -> None:
+        """The next step's state from the in-flight step's, rows `keep` only, gathered on the device:
+        the in-flight step's sampled tokens become the inputs, positions and counters move on by one
+        (as `advance`). Rows b..gb-1 become padding (position 0 in the scratch block 0)."""
+        idx = self._tensor(keep, torch.int64)
+        moved = [(self.st_tok, self.st_out_tok.index_select(0, idx)),
+                 (self.st_pos, self.st_pos.index_select(0, idx) + 1),
+                 (self.st_counter, self.st_counter.index_select(0, idx) + 1),
+                 (self.st_seed, self.st_seed.index_select(0, idx)),
+                 (self.st_stream, self.st_stream.index_select(0, idx)),
+                 (self.st_temp, self.st_temp.index_select(0, idx)),
+                 (self.st_tables, self.st_tables.index_select(0, idx))]
+        for dst, src in moved:  # gathered into new tensors first: rows move up, so in place would race
+            dst[:b].copy_(src)
+        if gb > b:
+            for t in (self.st_tok, self.st_pos, self.st_seed, self.st_stream, self.st_counter, self.st_tables):
+                t[b:gb].zero_()
+            self.st_temp[b:gb].fill_(1.0)
+
     def _table_update(self, seqs: list[Sequence], nblk: list[int]) -> None:
         idx, val = [], []
         mbps = self.max_blocks_per_seq
@@ -475,16 +500,28 @@ class ModelRunner:
         self.st_tables.view(-1).index_copy_(0, self._tensor(idx, torch.int64), self._tensor(val, torch.int32))
 
     @torch.inference_mode()
-    def decode_launch(self, seqs: list[Sequence], rows_fn, sampler) -> DecodeHandle:
+    def decode_launch(self, seqs: list[Sequence], rows_fn, sampler, keep: list[int] | None = None) -> DecodeHandle:
         """Queue one fused decode step (forward + sampling) for `seqs`; nothing waits for the device.
 
         rows_fn() -> the sampling rows of `seqs` (`LLMEngine._sampling_row`), called only when the
-        batch differs from the last step's (else the state on the device moves on by itself)."""
+        batch differs from the last step's (else the state on the device moves on by itself).
+        `keep`: `seqs` are these rows of the step in flight, in order (a batch that only lost rows):
+        their state is gathered on the device from the in-flight step's, whose tokens the host
+        has not read yet."""
         b = len(seqs)
         gb = next((x for x in sorted(self.graphs) if x >= b), b)
         key = tuple(s.seq_id for s in seqs)
         nblk = [len(s.block_table) for s in seqs]
-        if key != self._key:
+        if key != self._key and keep is not None and self._key is not None and len(keep) == b:
+            rows = rows_fn()
+            self._compact(keep, b, gb)
+            self._rows_sb = SamplingBatch.build(rows, self.device, state=(
+                self.st_temp[:b], self.st_seed[:b], self.st_stream[:b], self.st_counter[:b]))
+            self._key, self._gb = key, gb
+            self._nblk = [self._nblk[i] for i in keep]
+            if nblk != self._nblk:
+                self._table_update(seqs, nblk)
+        elif key != self._key:
             rows = rows_fn()
             self._key = None
             self._state_upload(seqs, rows, gb)
