@@ -184,6 +184,37 @@ def test_shm_versions_are_pruned_and_bad_files_rejected(tmp_path):
         WeightSubscriber(other, "shm", name="p", directory=str(tmp_path)).fetch(3)
 
 
+def test_weight_files_are_private_and_foreign_ones_refused(tmp_path):
+    """Weight-sync files live in /dev/shm, writable by every local user: they are created 0600, and a
+    file others may write (or another user owns) is refused before it is parsed or unpickled."""
+    import os
+    import stat
+
+    from forge.weight_sync.cuda_ipc import CudaIpcReader
+
+    m = build_tiny_model("qwen2", seed=1)
+    WeightPublisher(m, "shm", name="p", directory=str(tmp_path)).publish(1)
+    for f in tmp_path.glob("forge_ws_p*"):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+    gen = build_tiny_model("qwen2", seed=2)
+    sub = WeightSubscriber(gen, "shm", name="p", directory=str(tmp_path))
+    os.chmod(tmp_path / "forge_ws_p_v1.bin", 0o666)
+    with pytest.raises(WeightSyncError, match="refusing weight-sync file .*forge_ws_p_v1.bin.*writable by group"):
+        sub.fetch(1)
+    os.chmod(tmp_path / "forge_ws_p_v1.bin", 0o600)
+    assert sub.fetch(1) == 1
+    if os.getuid() == 0:  # root can hand the file to another user: a foreign owner is refused too
+        os.chown(tmp_path / "forge_ws_p_v1.bin", 12345, -1)
+        with pytest.raises(WeightSyncError, match="owned by uid 12345"):
+            sub.fetch(1)
+    # the cuda_ipc descriptor carries pickled handles: refused before anything is unpickled
+    desc = tmp_path / "forge_ipc_q.json"
+    desc.write_text('{"version": 1, "handles": {}}')
+    os.chmod(desc, 0o646)
+    with pytest.raises(WeightSyncError, match="refusing weight-sync file"):
+        CudaIpcReader("q", tmp_path, device=torch.device("cpu")).weights(1)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Iterator
+from pathlib import Path
+from typing import BinaryIO, Iterator
 
 import torch
 from torch import nn
@@ -11,6 +13,46 @@ from torch import nn
 
 class WeightSyncError(RuntimeError):
     pass
+
+
+# /dev/shm is writable by every local user. Weight-sync files are created owner-only, and a reader
+# refuses a file another user owns or may write: the cuda_ipc descriptor is unpickled (code would
+# run) and a weight file becomes the policy.
+def create_private(path: Path) -> BinaryIO:
+    """Open `path` for writing, created (or truncated) with mode 0600; a file another user owns
+    there is an error that names it."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except PermissionError:
+        raise WeightSyncError(f"cannot write weight-sync file '{path}': it exists and belongs to another user "
+                              "(remove it, or set the transport's directory to one of your own)") from None
+    os.fchmod(fd, 0o600)  # an existing file of ours keeps its old mode otherwise
+    return os.fdopen(fd, "wb")
+
+
+def write_private_text(path: Path, text: str) -> None:
+    with create_private(path) as f:
+        f.write(text.encode())
+
+
+def open_private(path: Path) -> BinaryIO:
+    """Open a weight-sync file for reading after checking that this user owns it and nobody else
+    may write it (raises FileNotFoundError when it does not exist)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    st = os.fstat(fd)
+    uid = os.getuid() if hasattr(os, "getuid") else st.st_uid
+    if st.st_uid != uid or st.st_mode & 0o022:
+        os.close(fd)
+        raise WeightSyncError(f"refusing weight-sync file '{path}': owned by uid {st.st_uid} with mode "
+                              f"{oct(st.st_mode & 0o777)}; it must belong to this user (uid {uid}) and not be "
+                              "writable by group or others")
+    return os.fdopen(fd, "rb")
+
+
+def read_private_text(path: Path) -> str:
+    with open_private(path) as f:
+        return f.read().decode()
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from forge.weight_sync.common import Entry, WeightSyncError, iter_full_params, manifest, target_params
+from forge.weight_sync.common import (
+    Entry,
+    WeightSyncError,
+    iter_full_params,
+    manifest,
+    read_private_text,
+    target_params,
+    write_private_text,
+)
 from forge.weight_sync.shm import _DTYPE_NAMES, _is_rank0, default_dir
 
 
@@ -85,7 +93,7 @@ class CudaIpcPublisher:
                 "entries": [[e.name, str(e.dtype).removeprefix("torch."), list(e.shape)] for e in self.entries],
                 "handles": self._share()}
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(desc))
+        write_private_text(tmp, json.dumps(desc))
         os.replace(tmp, self.path)
         return version
 
@@ -107,7 +115,7 @@ class CudaIpcReader:
 
     def weights(self, version: int) -> dict[str, torch.Tensor]:
         try:
-            desc = json.loads(self.path.read_text())
+            desc = json.loads(read_private_text(self.path))  # owner-checked: the handles are unpickled
         except FileNotFoundError:
             raise WeightSyncError(f"cuda_ipc weight sync '{self.name}': nothing published at '{self.path}'") from None
         if desc["version"] != version:
@@ -141,7 +149,7 @@ class CudaIpcSubscriber:
 
     def available_version(self) -> int | None:
         try:
-            return int(json.loads(self.reader.path.read_text())["version"])
+            return int(json.loads(read_private_text(self.reader.path))["version"])
         except (FileNotFoundError, ValueError, KeyError):
             return None
 

@@ -26,9 +26,13 @@ from torch import nn
 from forge.weight_sync.common import (
     WeightSyncError,
     copy_into,
+    create_private,
     iter_full_params,
     manifest,
+    open_private,
+    read_private_text,
     target_params,
+    write_private_text,
 )
 
 MAGIC = b"FORGEWS1"
@@ -79,7 +83,7 @@ class ShmPublisher:
         buf = None
         if rank0:
             self.dir.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
+            with create_private(tmp) as f:
                 f.truncate(total)
                 f.write(MAGIC + struct.pack("<Q", len(header)) + header)
             buf = torch.from_file(str(tmp), shared=True, size=total, dtype=torch.uint8)
@@ -93,7 +97,7 @@ class ShmPublisher:
             os.replace(tmp, final)
             latest = self.dir / f"forge_ws_{self.name}.latest"
             ltmp = latest.with_suffix(".latest.tmp")
-            ltmp.write_text(json.dumps({"version": version, "file": final.name}))
+            write_private_text(ltmp, json.dumps({"version": version, "file": final.name}))
             os.replace(ltmp, latest)
             self._prune(version)
         return version
@@ -113,7 +117,7 @@ class ShmPublisher:
 
 
 def read_header(path: Path) -> tuple[dict, int]:
-    with open(path, "rb") as f:
+    with open_private(path) as f:
         head = f.read(len(MAGIC) + 8)
         if len(head) < len(MAGIC) + 8 or head[: len(MAGIC)] != MAGIC:
             raise WeightSyncError(f"'{path}' is not a forge weight file (bad magic)")
@@ -152,7 +156,7 @@ class ShmSubscriber:
     def available_version(self) -> int | None:
         latest = self.dir / f"forge_ws_{self.name}.latest"
         try:
-            return int(json.loads(latest.read_text())["version"])
+            return int(json.loads(read_private_text(latest))["version"])
         except (FileNotFoundError, ValueError, KeyError):
             return None
 
