@@ -91,7 +91,7 @@ if HAS_TRITON:
                           s_bt, s_cn, s_ct, s_ch, scale, eps, PML, PACC, CNT,
                           G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                           BS: tl.constexpr, TN: tl.constexpr, QK_NORM: tl.constexpr, IEEE: tl.constexpr,
-                          NBLK: tl.constexpr, SPLITS: tl.constexpr, SP2: tl.constexpr):
+                          NBLK: tl.constexpr, SPLITS: tl.constexpr, SP2: tl.constexpr, PREFETCH: tl.constexpr):
         """One program per (sequence b, kv head h, context split s): RoPE q (G heads) and k, write
         k/v at position POS[b] of the paged cache, attend over positions [0, POS[b]] (cache + the
         new token). D = head_dim, padded to DP (a power of 2) in registers.
@@ -132,10 +132,19 @@ if HAS_TRITON:
         t = tl.arange(0, TN)
         n_it = tl.cdiv(pos, TN)
         per = tl.cdiv(n_it, SPLITS)
-        for j in range(sp * per, tl.minimum(sp * per + per, n_it)):  # cached positions [0, pos), this split's share
+        j_lo = sp * per
+        j_hi = tl.minimum(j_lo + per, n_it)
+        # the block-table entry of the next iteration is loaded one iteration ahead: the K/V loads of an
+        # iteration then do not wait a full memory latency for their block number
+        nxt = tl.load(BT + b64 * s_bt + j_lo, mask=(j_lo < j_hi) & PREFETCH, other=0)
+        for j in range(j_lo, j_hi):  # cached positions [0, pos), this split's share
             tt = j * TN + t
             valid = tt < pos
-            if NBLK == 1:  # one cache block per iteration (TN == BS): one table entry
+            if NBLK == 1 and PREFETCH:
+                cur = nxt
+                nxt = tl.load(BT + b64 * s_bt + j + 1, mask=j + 1 < j_hi, other=0)
+                off = cur.to(tl.int64) * s_cn + t * s_ct + h * s_ch
+            elif NBLK == 1:  # one cache block per iteration (TN == BS): one table entry
                 off = tl.load(BT + b64 * s_bt + j).to(tl.int64) * s_cn + t * s_ct + h * s_ch
             elif NBLK == 2:  # two whole blocks per iteration (TN == 2 BS)
                 b0 = tl.load(BT + b64 * s_bt + 2 * j).to(tl.int64)
@@ -383,6 +392,12 @@ ATTN_TOKENS = 64  # tokens per iteration when the block size is not 32/64/128
 ATTN_BLOCKS = 1  # else whole cache blocks per iteration (1 or 2)
 ATTN_WARPS = 4
 ATTN_STAGES = 2
+# split (flash-decoding) launches: each program walks a long context, so the next iteration's block-table
+# entry is loaded one iteration ahead, with 3 pipeline stages. H200, every layer's cache read once from
+# HBM: 16 x 4096 at 8 splits 24.7 -> 19.1 us/layer; at B=256 x 384 (1 split) it costs 1.5%, so it is
+# off there (bench/NOTES_generate.md)
+ATTN_PREFETCH_TABLE = True
+ATTN_STAGES_SPLIT = 3
 
 
 ATTN_MAX_SPLITS = 8
@@ -468,8 +483,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
         block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), d ** -0.5, eps, *ws,
         G=g, GP=max(16, _np2(g)), D=d, DP=max(16, _np2(d)), BS=bs, TN=tn, QK_NORM=qk_norm,
         IEEE=q.dtype == torch.float32, NBLK=1 if tn == bs else (2 if tn == 2 * bs else 0),
-        SPLITS=splits, SP2=max(2, _np2(splits)),
-        num_warps=num_warps or ATTN_WARPS, num_stages=num_stages or ATTN_STAGES,
+        SPLITS=splits, SP2=max(2, _np2(splits)), PREFETCH=ATTN_PREFETCH_TABLE and splits > 1,
+        num_warps=num_warps or ATTN_WARPS, num_stages=num_stages or (ATTN_STAGES_SPLIT if splits > 1 else ATTN_STAGES),
     )
     return o
 
