@@ -277,10 +277,25 @@ def attention_long_context(a: ModelArgs, dev, dtype, batch: int = 16, context: i
 
 
 @torch.inference_mode()
+def _kernel_table(fn, dev, calls: int = 3) -> list:
+    """(ms per call, launches per call, kernel name) of every kernel fn() runs, largest first (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        sync(dev)
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0:
+            rows.append((t / calls / 1e3, e.count // calls, e.key[:90]))
+    return sorted(rows, reverse=True)
+
+
 def profile_forge(args, model, dev, dtype, o) -> dict:
     """Where one decode step at batch num_seqs and context ~prompt + new/2 spends its time."""
     import torch.nn.functional as F
-    from torch.profiler import ProfilerActivity, profile
 
     from forge.engine import kernels as K
 
@@ -310,16 +325,7 @@ def profile_forge(args, model, dev, dtype, o) -> dict:
     if graph is not None:
         out["graph_replay_ms"] = _time_ms(graph.replay)
     out["eager_fused_step_ms"] = _time_ms(lambda: r._fused_step(b), 10)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            r._fused_step(b)
-        sync(dev)
-    rows = []
-    for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if t > 0:
-            rows.append((t / 3 / 1e3, e.count // 3, e.key[:90]))
-    rows.sort(reverse=True)
+    rows = _kernel_table(lambda: r._fused_step(b), dev)
     out["kernels_ms_per_step"] = rows[:25]
     out["kernels_total_ms"] = sum(x[0] for x in rows)
     # prefill: one step of 4096 tokens (32 prompts) through the fused path vs the model's modules
@@ -387,16 +393,7 @@ def profile_forge(args, model, dev, dtype, o) -> dict:
             r.fused.prefill(tok_s, pos_s, slot_s, last_s, meta, r.k_cache, r.v_cache)
         sync(dev)
         out["prefill_eager_ms"] = (time.perf_counter() - t0) / 5 * 1e3
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                r.fused.prefill(tok_s, pos_s, slot_s, last_s, meta, r.k_cache, r.v_cache)
-            sync(dev)
-        rows = []
-        for e in prof.key_averages():
-            t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-            if t > 0:
-                rows.append((t / 3 / 1e3, e.count // 3, e.key[:90]))
-        rows.sort(reverse=True)
+        rows = _kernel_table(lambda: r.fused.prefill(tok_s, pos_s, slot_s, last_s, meta, r.k_cache, r.v_cache), dev)
         out["prefill_kernels_ms"] = rows[:20]
         out["prefill_kernels_total_ms"] = sum(x[0] for x in rows)
     del eng
