@@ -211,7 +211,7 @@ def test_fallback_without_bwrap_warns_once_and_isolates_network(monkeypatch, cap
     assert r1.stdout == "hi\n" and r1.isolation == "unshare"
     assert r2.stdout == "failed\n"
     assert sum("bubblewrap" in rec.getMessage() for rec in caplog.records) == 1
-    r3 = run_python("while True:\n    pass", timeout_s=1.0)
+    r3 = run_python("while True:\n    pass", timeout_s=1.0, cpu_time_s=30)  # the wall clock kills it, not RLIMIT_CPU
     assert r3.limit_hit == "time" and stray_processes(r3.run_id) == []
 
 

@@ -225,5 +225,7 @@ def test_code_reward_fraction_and_python_tool():
     code = json.dumps({"name": "python", "arguments": {"code": "print(6*7)"}})
     loop = json.dumps({"name": "python", "arguments": {"code": "while True: pass"}})
     results, stats = run(reg.run_calls(f"<tool_call>{code}</tool_call><tool_call>{loop}</tool_call>"))
-    assert results[0].text == "42" and results[1].status == "ok" and "time limit" in results[1].text
+    # the 1 s wall clock and the 1 s CPU limit race for the busy loop: either kill is the sandbox's
+    assert results[0].text == "42" and results[1].status == "ok"
+    assert results[1].metadata["sandbox_limit_hit"] in ("time", "cpu") and "limit" in results[1].text
     assert stats.ok == 2 and stats.sandbox_limit_hits == 1
