@@ -125,32 +125,13 @@ class LLMEngine:
         done, self._done_early = self._done_early, []
         t0 = time.perf_counter()
         pend, self._pending = self._pending, None
-        if isinstance(pend, _PrefillHandle):
-            chunks = self.scheduler.schedule_prefill()
-            if chunks:  # more prompts: queue their prefill before reading the in-flight one's first tokens
-                self._pending = self._launch_prefill(chunks)
-                self.stats["overlapped_steps"] += 1
-                self._consume(pend, done)
-                self.stats["forward_s"] += time.perf_counter() - t0
-                return done
+        if pend is not None:
+            queued, self._pending = self._launch_ahead(pend)
             self._consume(pend, done)
-        elif pend is not None:
-            if self._chainable(pend):
-                self._pending = self._launch_decode(pend.seqs, pend.left - 1)
+            if queued:
                 self.stats["overlapped_steps"] += 1
-                self._consume(pend, done)
                 self.stats["forward_s"] += time.perf_counter() - t0
                 return done
-            keep = self._shrunk(pend)
-            if keep is not None:  # some rows stopped: the rest go on, gathered on the device
-                seqs = list(self.scheduler.running)
-                left = max(s.request.max_new_tokens - s.num_generated for s in seqs) - 1
-                self._pending = self._launch_decode(seqs, left, keep)
-                self.stats["overlapped_steps"] += 1
-                self._consume(pend, done)
-                self.stats["forward_s"] += time.perf_counter() - t0
-                return done
-            self._consume(pend, done)
         batch = self.scheduler.schedule()
         if batch is None:
             return done
@@ -220,6 +201,28 @@ class LLMEngine:
         self._dirty = False
         return h
 
+    def _launch_ahead(self, pend) -> tuple[bool, Any]:
+        """Queue the next step before the in-flight one's tokens are read, where it needs none of
+        them: the next prompts' prefill after a prefill; after a decode, the same batch again
+        (`_chainable`) or the batch minus rows that stopped (`_shrunk`). (queued?, its handle)."""
+        if isinstance(pend, _PrefillHandle):
+            chunks = self.scheduler.schedule_prefill()
+            return (True, self._launch_prefill(chunks)) if chunks else (False, None)
+        if self._chainable(pend):
+            return True, self._launch_decode(pend.seqs, pend.left - 1)
+        keep = self._shrunk(pend)
+        if keep is None:
+            return False, None
+        seqs = list(self.scheduler.running)
+        left = max(s.request.max_new_tokens - s.num_generated for s in seqs) - 1  # pend's token is in flight
+        return True, self._launch_decode(seqs, left, keep)
+
+    def _blocks_for_next_token(self, seqs: list[Sequence]) -> bool:
+        """Make sure each sequence has the block its next k/v write (position num_computed) lands in;
+        False when the cache is full (the scheduler then preempts, after draining)."""
+        ensure = self.blocks.ensure
+        return all(ensure(s, s.num_computed + 1) for s in seqs)
+
     def _chainable(self, pend) -> bool:
         """May the next step reuse the in-flight batch as it stands (see the module docstring)?"""
         if not (self.config.overlap_decode and pend.chainable) or self._dirty or self.scheduler.waiting:
@@ -227,11 +230,7 @@ class LLMEngine:
         seqs = pend.seqs
         if pend.left <= 1 or len(seqs) != len(self.scheduler.running):
             return False  # every row's last token is in flight, or the running set moved
-        ensure = self.blocks.ensure
-        for s in seqs:  # the next step writes k/v at position num_computed
-            if not ensure(s, s.num_computed + 1):
-                return False  # the scheduler preempts, after draining
-        return True
+        return self._blocks_for_next_token(seqs)
 
     def _shrunk(self, pend) -> list[int] | None:
         """When the next decode batch is the in-flight one minus rows that stopped (nothing waiting,
@@ -248,11 +247,7 @@ class LLMEngine:
             return None  # a sequence that was not in flight, or a new order
         if max(s.request.max_new_tokens - s.num_generated for s in running) <= 1:
             return None  # every row's last token is in flight
-        ensure = self.blocks.ensure
-        for s in running:  # the next step writes k/v at position num_computed
-            if not ensure(s, s.num_computed + 1):
-                return None  # the scheduler preempts, after draining
-        return keep
+        return keep if self._blocks_for_next_token(running) else None
 
     def _consume(self, h, done: list[RequestOutput]) -> None:
         tokens, logprobs = h.result()
