@@ -91,6 +91,13 @@ VARIANTS = {
     # a decode batch that lost rows (sequences stopped) drains the in-flight step and re-uploads its state
     # instead of going on from the device state (as before 2026-11-29; matters with --random-lengths)
     "no-compaction": dict(engine_attrs=dict(compact_in_flight=False)),
+    # decode attention: both kv heads of a cache block in one program / K-V tiles through TMA descriptors
+    # (kernel-level sweep: bench/attention_decode.py)
+    "attn-kv2": dict(kernels=dict(ATTN_KV_PER_PROGRAM=2)),
+    "attn-tma": dict(kernels=dict(ATTN_TMA=True)),
+    "attn-kv2-tma": dict(kernels=dict(ATTN_KV_PER_PROGRAM=2, ATTN_TMA=True)),
+    "attn-pipe": dict(kernels=dict(ATTN_PIPELINE=True)),
+    "attn-pipe-s1": dict(kernels=dict(ATTN_PIPELINE=True, ATTN_STAGES=1, ATTN_STAGES_SPLIT=1)),
     "defaults": dict(),  # fused decode + overlap + fused prefill in CUDA graphs: the main run, again, warm
 }
 

@@ -80,7 +80,7 @@ torch.testing.assert_close(lp.double(), z.gather(1, tok[:, None]).squeeze(1) - l
 
 # attention with RoPE / q-k norm / cache write, GQA and MHA, odd head_dim, any block size
 for hq, hkv, d, bs, qkn in [(14, 2, 64, 16, False), (4, 4, 32, 32, True), (4, 2, 48, 8, True), (6, 2, 16, 12, False),
-                             (3, 1, 16, 8, True)]:
+                             (3, 1, 16, 8, True), (8, 2, 16, 16, True)]:
     nb, b = 30, 4
     kc, vc = torch.randn(nb, bs, hkv, d), torch.randn(nb, bs, hkv, d)
     pos = torch.tensor([0, bs - 1, bs, 3 * bs - 2], dtype=torch.int32)
@@ -109,6 +109,18 @@ for hq, hkv, d, bs, qkn in [(14, 2, 64, 16, False), (4, 4, 32, 32, True), (4, 2,
     if bs & (bs - 1) == 0:  # two whole blocks per iteration
         out2 = K.attention(q, k, v, kc3, vc3, bt, pos, cos, sin, hq, q_norm=qn, k_norm=kn, eps=1e-6, tokens=2 * bs)
         torch.testing.assert_close(out2, out, atol=1e-5, rtol=1e-5)
+    # two kv heads per program (q block-diagonal over both heads' columns), also split; TMA tiles of
+    # whole cache blocks (the interpreter emulates the descriptors) where the shapes allow them
+    variants = [dict(kv_per_program=2), dict(kv_per_program=2, splits=3, workspace=ws, tokens=16)] if hkv % 2 == 0 else []
+    if d & (d - 1) == 0 and bs >= 16 and bs & (bs - 1) == 0:
+        variants += [dict(tma=True, tokens=bs)] + ([dict(tma=True, tokens=bs, kv_per_program=2)] if hkv % 2 == 0 else [])
+        variants.append(dict(tma=True, tokens=bs, splits=2, workspace=ws))
+    for kw in variants:
+        kcs, vcs = kc0.clone(), vc0.clone()
+        outv = K.attention(q, k, v, kcs, vcs, bt, pos, cos, sin, hq, q_norm=qn, k_norm=kn, eps=1e-6, **kw)
+        torch.testing.assert_close(outv, out, atol=1e-5, rtol=1e-5, msg=lambda m: f"{kw}: {m}")
+        assert torch.equal(kcs, kc) and torch.equal(vcs, vc), kw
+        assert int(ws.count.abs().sum()) == 0
     qq, kk = q.view(b, 1, hq, d), k.view(b, 1, hkv, d)
     if qkn:
         nq, nk = RMSNorm(d, 1e-6), RMSNorm(d, 1e-6)

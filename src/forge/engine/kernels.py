@@ -28,6 +28,10 @@ try:
     import triton.language as tl
 
     HAS_TRITON = True
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except Exception:  # pragma: no cover - older Triton: no TMA path
+        TensorDescriptor = None
 except Exception:  # pragma: no cover - CPU-only installs
     HAS_TRITON = False
 
@@ -73,62 +77,81 @@ if HAS_TRITON:
 
     # ---- attention -----------------------------------------------------------------------------
     @triton.jit
-    def _head_rope(P, h, d, d_rot, dm, sign, cos, sin, NW, eps, D: tl.constexpr, QK_NORM: tl.constexpr):
-        """RMSNorm (optional) + rotate-half RoPE of the heads `h` ([R] head indices) at row P."""
-        x = tl.load(P + h[:, None] * D + d[None, :], mask=dm[None, :], other=0.0)
-        xr = tl.load(P + h[:, None] * D + d_rot[None, :], mask=dm[None, :], other=0.0)
+    def _rope_tile(P, row, col, col_rot, m, dd, dd_rot, cos, sin, sign, NW, eps, D: tl.constexpr,
+                   QK_NORM: tl.constexpr):
+        """RMSNorm (optional, over each row's masked-in columns: one head) + rotate-half RoPE of a
+        [R, C] tile of heads: element (r, c) is P[row[r] + col[c]], its rotation partner P[row[r] +
+        col_rot[c]]; dd / dd_rot are the columns' dims within their head, m the [R, C] mask."""
+        x = tl.load(P + row[:, None] + col[None, :], mask=m, other=0.0)
+        xr = tl.load(P + row[:, None] + col_rot[None, :], mask=m, other=0.0)
         xf, xrf = x.to(tl.float32), xr.to(tl.float32)
         if QK_NORM:
             rs = 1.0 / tl.sqrt(tl.sum(xf * xf, 1) / D + eps)
-            w = tl.load(NW + d, mask=dm, other=0.0).to(tl.float32)
-            wr = tl.load(NW + d_rot, mask=dm, other=0.0).to(tl.float32)
+            w = tl.load(NW + dd, mask=dd < D, other=0.0).to(tl.float32)
+            wr = tl.load(NW + dd_rot, mask=dd < D, other=0.0).to(tl.float32)
             xf = (xf * rs[:, None] * w[None, :]).to(x.dtype).to(tl.float32)
             xrf = (xrf * rs[:, None] * wr[None, :]).to(x.dtype).to(tl.float32)
         return (xf * cos[None, :] + (sign[None, :] * xrf) * sin[None, :]).to(x.dtype)
 
     @triton.jit
-    def _attention_kernel(Q, K, V, s_q, s_k, s_v, KC, VC, BT, POS, COS, SIN, QNW, KNW, O, s_o,
+    def _attention_kernel(Q, K, V, s_q, s_k, s_v, KC, VC, KD, VD, BT, POS, COS, SIN, QNW, KNW, O, s_o,
                           s_bt, s_cn, s_ct, s_ch, scale, eps, PML, PACC, CNT,
                           G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                           BS: tl.constexpr, TN: tl.constexpr, QK_NORM: tl.constexpr, IEEE: tl.constexpr,
-                          NBLK: tl.constexpr, SPLITS: tl.constexpr, SP2: tl.constexpr, PREFETCH: tl.constexpr):
-        """One program per (sequence b, kv head h, context split s): RoPE q (G heads) and k, write
-        k/v at position POS[b] of the paged cache, attend over positions [0, POS[b]] (cache + the
-        new token). D = head_dim, padded to DP (a power of 2) in registers.
+                          NBLK: tl.constexpr, SPLITS: tl.constexpr, SP2: tl.constexpr, PREFETCH: tl.constexpr,
+                          KVH: tl.constexpr, TMA: tl.constexpr, PIPE: tl.constexpr):
+        """One program per (sequence b, group of KVH kv heads, context split s): RoPE q (KVH x G
+        heads) and k, write k/v at position POS[b] of the paged cache, attend over positions
+        [0, POS[b]] (cache + the new token). D = head_dim, padded to DP (a power of 2) in registers.
+
+        The program's KVH heads are one tile: q is block-diagonal [GP, KVH*DP] (row r = q head
+        r of the group, non-zero only in its kv head's columns), so q @ K^T over all KVH heads'
+        columns gives each row the scores of its own head, and each row's output is read from its
+        own head's columns of p @ V. With KVH = 2 a cache block's K (or V) is one contiguous tile.
+        TMA: K/V tiles come through the tensor descriptors KD/VD (the caches as [blocks x BS,
+        heads x D]) one whole cache block at a time; positions past the context are read (the
+        cache is zero-initialised, so finite) and masked out of the softmax.
 
         SPLITS > 1 (flash-decoding): split s attends over its share of the cached iterations; the
         last split also owns the new token (and its cache write). Each split writes its running
-        max / sum / unnormalised output to PML/PACC and bumps the (b, h) counter CNT; the split
+        max / sum / unnormalised output to PML/PACC and bumps the (b, group) counter CNT; the split
         that arrives last combines all partials, writes O and resets the counter to 0 (so the
         next launch, or the next replay of a CUDA graph, starts from zero)."""
         b = tl.program_id(0)
-        h = tl.program_id(1)
+        hg = tl.program_id(1)
         sp = tl.program_id(2)
         b64 = b.to(tl.int64)
+        h0 = hg * KVH
+        CW: tl.constexpr = KVH * DP
         pos = tl.load(POS + b)
-        g = tl.arange(0, GP)
-        d = tl.arange(0, DP)
-        dm = d < D
+        r = tl.arange(0, GP)  # q rows: head h0 * G + r of the group
+        rm = r < G * KVH
+        c = tl.arange(0, CW)  # columns: kv head h0 + c // DP, dim c % DP
+        ch = c // DP
+        dd = c % DP
+        cm = dd < D
         half: tl.constexpr = D // 2
-        d_rot = tl.where(dm, (d + half) % D, 0)
-        sign = tl.where(d < half, -1.0, 1.0)
-        cos = tl.load(COS + pos.to(tl.int64) * D + d, mask=dm, other=0.0)
-        sin = tl.load(SIN + pos.to(tl.int64) * D + d, mask=dm, other=0.0)
-        gm = g < G
-        qh = tl.where(gm, h * G + g, h * G)  # padded rows re-read a real head; never stored
-        q = _head_rope(Q + b64 * s_q, qh, d, d_rot, dm, sign, cos, sin, QNW, eps, D, QK_NORM)  # [GP, DP]
-        one = tl.arange(0, 1)
-        k_new = _head_rope(K + b64 * s_k, h + one, d, d_rot, dm, sign, cos, sin, KNW, eps, D, QK_NORM)  # [1, DP]
-        v_new = tl.load(V + b64 * s_v + h * D + d, mask=dm, other=0.0)
+        dd_rot = tl.where(cm, (dd + half) % D, 0)
+        sign = tl.where(dd < half, -1.0, 1.0)
+        cos = tl.load(COS + pos.to(tl.int64) * D + dd, mask=cm, other=0.0)
+        sin = tl.load(SIN + pos.to(tl.int64) * D + dd, mask=cm, other=0.0)
+        qown = (ch[None, :] == (r // G)[:, None]) & cm[None, :] & rm[:, None]  # block-diagonal
+        q = _rope_tile(Q + b64 * s_q, (h0 * G + r) * D, dd, dd_rot, qown, dd, dd_rot, cos, sin, sign,
+                       QNW, eps, D, QK_NORM)  # [GP, CW]
+        kr = tl.arange(0, KVH)
+        kown = (ch[None, :] == kr[:, None]) & cm[None, :]
+        k_new = tl.sum(_rope_tile(K + b64 * s_k, (h0 + kr) * D, dd, dd_rot, kown, dd, dd_rot, cos, sin, sign,
+                                  KNW, eps, D, QK_NORM), 0)  # [CW]: the group's kv heads side by side
+        v_new = tl.load(V + b64 * s_v + (h0 + ch) * D + dd, mask=cm, other=0.0)
         own_new = sp == SPLITS - 1
         blk = tl.load(BT + b64 * s_bt + pos // BS).to(tl.int64)
-        dst = blk * s_cn + (pos % BS) * s_ct + h * s_ch
-        tl.store(KC + dst + one[:, None] * 0 + d[None, :], k_new, mask=dm[None, :] & own_new)
-        tl.store(VC + dst + d, v_new, mask=dm & own_new)
+        dst = blk * s_cn + (pos % BS) * s_ct + (h0 + ch) * s_ch + dd
+        tl.store(KC + dst, k_new, mask=cm & own_new)
+        tl.store(VC + dst, v_new, mask=cm & own_new)
 
         m = tl.full([GP], float("-inf"), tl.float32)
         l = tl.zeros([GP], tl.float32)
-        acc = tl.zeros([GP, DP], tl.float32)
+        acc = tl.zeros([GP, CW], tl.float32)
         t = tl.arange(0, TN)
         n_it = tl.cdiv(pos, TN)
         per = tl.cdiv(n_it, SPLITS)
@@ -136,26 +159,48 @@ if HAS_TRITON:
         j_hi = tl.minimum(j_lo + per, n_it)
         # the block-table entry of the next iteration is loaded one iteration ahead: the K/V loads of an
         # iteration then do not wait a full memory latency for their block number
-        nxt = tl.load(BT + b64 * s_bt + j_lo, mask=(j_lo < j_hi) & PREFETCH, other=0)
+        nxt = tl.load(BT + b64 * s_bt + j_lo, mask=(j_lo < j_hi) & (PREFETCH or PIPE), other=0)
+        col = (h0 + ch) * s_ch + dd
+        if PIPE:  # software pipeline by hand (one cache block per iteration): the next iteration's K/V
+            # tiles are loaded into registers before this iteration's math, the table entry two ahead
+            row = nxt.to(tl.int64) * s_cn + t * s_ct
+            nmask = ((j_lo * TN + t) < pos)[:, None] & cm[None, :] & (j_lo < j_hi)
+            kn = tl.load(KC + row[:, None] + col[None, :], mask=nmask, other=0.0)
+            vn = tl.load(VC + row[:, None] + col[None, :], mask=nmask, other=0.0)
+            nxt = tl.load(BT + b64 * s_bt + j_lo + 1, mask=j_lo + 1 < j_hi, other=0)
         for j in range(j_lo, j_hi):  # cached positions [0, pos), this split's share
             tt = j * TN + t
             valid = tt < pos
-            if NBLK == 1 and PREFETCH:
+            if PIPE:
+                kt, vt = kn, vn
+                row = nxt.to(tl.int64) * s_cn + t * s_ct
+                nmask = (((j + 1) * TN + t) < pos)[:, None] & cm[None, :] & (j + 1 < j_hi)
+                kn = tl.load(KC + row[:, None] + col[None, :], mask=nmask, other=0.0)
+                vn = tl.load(VC + row[:, None] + col[None, :], mask=nmask, other=0.0)
+                nxt = tl.load(BT + b64 * s_bt + j + 2, mask=j + 2 < j_hi, other=0)
+            elif NBLK == 1 and PREFETCH:
                 cur = nxt
                 nxt = tl.load(BT + b64 * s_bt + j + 1, mask=j + 1 < j_hi, other=0)
-                off = cur.to(tl.int64) * s_cn + t * s_ct + h * s_ch
+                row = cur.to(tl.int64) * s_cn + t * s_ct
             elif NBLK == 1:  # one cache block per iteration (TN == BS): one table entry
-                off = tl.load(BT + b64 * s_bt + j).to(tl.int64) * s_cn + t * s_ct + h * s_ch
+                cur = tl.load(BT + b64 * s_bt + j)
+                row = cur.to(tl.int64) * s_cn + t * s_ct
             elif NBLK == 2:  # two whole blocks per iteration (TN == 2 BS)
                 b0 = tl.load(BT + b64 * s_bt + 2 * j).to(tl.int64)
                 b1 = tl.load(BT + b64 * s_bt + 2 * j + 1, mask=(2 * j + 1) * BS < pos, other=0).to(tl.int64)
-                off = tl.where(t < BS, b0, b1) * s_cn + (t % BS) * s_ct + h * s_ch
+                row = tl.where(t < BS, b0, b1) * s_cn + (t % BS) * s_ct
             else:  # any block size: a table entry per token
                 tb = tl.load(BT + b64 * s_bt + tt // BS, mask=valid, other=0).to(tl.int64)
-                off = tb * s_cn + (tt % BS) * s_ct + h * s_ch
-            kv_mask = valid[:, None] & dm[None, :]
-            kt = tl.load(KC + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            vt = tl.load(VC + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+                row = tb * s_cn + (tt % BS) * s_ct
+            if PIPE:
+                pass
+            elif TMA:
+                kt = KD.load([cur * BS, h0 * D])
+                vt = VD.load([cur * BS, h0 * D])
+            else:
+                kv_mask = valid[:, None] & cm[None, :]
+                kt = tl.load(KC + row[:, None] + col[None, :], mask=kv_mask, other=0.0)
+                vt = tl.load(VC + row[:, None] + col[None, :], mask=kv_mask, other=0.0)
             if IEEE:
                 s = tl.dot(q, tl.trans(kt), input_precision="ieee") * scale
             else:
@@ -170,41 +215,41 @@ if HAS_TRITON:
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
             m = m_new
-        if own_new:  # the new token, from registers
-            s_n = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), 1) * scale  # [GP]
+        if own_new:  # the new token, from registers (q's zero columns pick each row's own head)
+            s_n = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale  # [GP]
             m_new = tl.maximum(m, s_n)
             alpha = tl.exp(m - m_new)
             p_n = tl.exp(s_n - m_new)
             l = l * alpha + p_n
             acc = acc * alpha[:, None] + p_n.to(v_new.dtype).to(tl.float32)[:, None] * v_new.to(tl.float32)[None, :]
             m = m_new
-        o_ptr = O + b64 * s_o + (h * G + g)[:, None] * D + d[None, :]
-        o_mask = gm[:, None] & dm[None, :]
+        # each row's output is its own head's columns of acc (the other heads' columns are cross terms)
+        o_ptr = O + b64 * s_o + (h0 * G + r)[:, None] * D + dd[None, :]
         if SPLITS == 1:
-            tl.store(o_ptr, (acc / l[:, None]).to(O.dtype.element_ty), mask=o_mask)
+            tl.store(o_ptr, (acc / l[:, None]).to(O.dtype.element_ty), mask=qown)
         else:
-            bh = b64 * tl.num_programs(1) + h
+            bh = b64 * tl.num_programs(1) + hg
             part = bh * SPLITS + sp
-            tl.store(PML + part * 2 * GP + g, m)
-            tl.store(PML + part * 2 * GP + GP + g, l)
-            tl.store(PACC + part * GP * DP + g[:, None] * DP + d[None, :], acc)
+            tl.store(PML + part * 2 * GP + r, m)
+            tl.store(PML + part * 2 * GP + GP + r, l)
+            tl.store(PACC + part * GP * CW + r[:, None] * CW + c[None, :], acc)
             # release: this split's partials are visible before the count; acquire: the last
             # split sees every other split's partials
             done = tl.atomic_add(CNT + bh, 1, sem="acq_rel")
             if done == SPLITS - 1:
                 s_ = tl.arange(0, SP2)
                 sm = s_ < SPLITS
-                ml = PML + (bh * SPLITS + s_)[:, None] * 2 * GP + g[None, :]
+                ml = PML + (bh * SPLITS + s_)[:, None] * 2 * GP + r[None, :]
                 ms = tl.load(ml, mask=sm[:, None], other=float("-inf"), cache_modifier=".cg")  # [SP2, GP]
                 ls = tl.load(ml + GP, mask=sm[:, None], other=0.0, cache_modifier=".cg")
                 m_all = tl.max(ms, 0)  # finite: the last split always holds the new token
                 w = tl.exp(ms - m_all[None, :])  # empty splits: exp(-inf) = 0
                 l_all = tl.sum(w * ls, 0)
-                pa = (PACC + (bh * SPLITS + s_)[:, None, None] * GP * DP + g[None, :, None] * DP
-                      + d[None, None, :])
-                accs = tl.load(pa, mask=sm[:, None, None], other=0.0, cache_modifier=".cg")  # [SP2, GP, DP]
+                pa = (PACC + (bh * SPLITS + s_)[:, None, None] * GP * CW + r[None, :, None] * CW
+                      + c[None, None, :])
+                accs = tl.load(pa, mask=sm[:, None, None], other=0.0, cache_modifier=".cg")  # [SP2, GP, CW]
                 out = tl.sum(accs * w[:, :, None], 0) / l_all[:, None]
-                tl.store(o_ptr, out.to(O.dtype.element_ty), mask=o_mask)
+                tl.store(o_ptr, out.to(O.dtype.element_ty), mask=qown)
                 tl.atomic_xchg(CNT + bh, 0)
 
     @triton.jit
@@ -213,7 +258,7 @@ if HAS_TRITON:
                            HKP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, QK_NORM: tl.constexpr):
         """Prefill: one program per token row, all its heads: q heads RoPE'd into QO; k heads RoPE'd
         into KO and the cache, v into the cache (slot SLOTS[row]; padded rows write the scratch block).
-        Head counts are padded to powers of 2 (HQP, HKP); padded rows re-read head 0, never stored."""
+        Head counts are padded to powers of 2 (HQP, HKP); padded rows are masked out."""
         r = tl.program_id(0).to(tl.int64)
         pos = tl.load(POS + r)
         d = tl.arange(0, DP)
@@ -225,12 +270,12 @@ if HAS_TRITON:
         sin = tl.load(SIN + pos * D + d, mask=dm, other=0.0)
         hq = tl.arange(0, HQP)
         qm = (hq < HQ)[:, None] & dm[None, :]
-        x = _head_rope(Q + r * s_q, tl.where(hq < HQ, hq, 0), d, d_rot, dm, sign, cos, sin, QNW, eps, D, QK_NORM)
+        x = _rope_tile(Q + r * s_q, hq * D, d, d_rot, qm, d, d_rot, cos, sin, sign, QNW, eps, D, QK_NORM)
         tl.store(QO + r * s_qo + hq[:, None] * D + d[None, :], x, mask=qm)
         hk = tl.arange(0, HKP)
         km = (hk < HKV)[:, None] & dm[None, :]
         hk_ = tl.where(hk < HKV, hk, 0)
-        x = _head_rope(K + r * s_k, hk_, d, d_rot, dm, sign, cos, sin, KNW, eps, D, QK_NORM)
+        x = _rope_tile(K + r * s_k, hk * D, d, d_rot, km, d, d_rot, cos, sin, sign, KNW, eps, D, QK_NORM)
         tl.store(KO + r * s_ko + hk[:, None] * D + d[None, :], x, mask=km)
         slot = tl.load(SLOTS + r)
         dst = slot * s_ct + hk[:, None] * s_ch + d[None, :]
@@ -398,6 +443,11 @@ ATTN_STAGES = 2
 # off there (bench/NOTES_generate.md)
 ATTN_PREFETCH_TABLE = True
 ATTN_STAGES_SPLIT = 3
+# kv heads per program at one split (each cache block's K/V one contiguous tile, q block-diagonal) and
+# K/V tiles through TMA descriptors (Hopper and later); measured in bench/attention_decode.py
+ATTN_KV_PER_PROGRAM = 1
+ATTN_TMA = False
+ATTN_PIPELINE = False  # next iteration's K/V prefetched into registers by hand (one block per iteration)
 
 
 ATTN_MAX_SPLITS = 8
@@ -446,12 +496,37 @@ class AttentionWorkspace:
         return rows <= self.rows and rows * self.num_kv * splits <= self.parts
 
 
+_DESCRIPTORS: dict[tuple, object] = {}
+
+
+def _cache_descriptor(cache: torch.Tensor, rows: int, cols: int):
+    """TMA descriptor of a [NB, BS, Hkv, D] cache seen as [NB x BS, Hkv x D], [rows, cols] tiles. Kept
+    per (address, shape, tile): the caches live for the engine's lifetime (a few dozen of them)."""
+    key = (cache.data_ptr(), tuple(cache.shape), cache.dtype, rows, cols)
+    desc = _DESCRIPTORS.get(key)
+    if desc is None:
+        if len(_DESCRIPTORS) >= 256:  # tests create many short-lived caches
+            _DESCRIPTORS.pop(next(iter(_DESCRIPTORS)))
+        nb, bs, hkv, d = cache.shape
+        desc = _DESCRIPTORS[key] = TensorDescriptor.from_tensor(cache.view(nb * bs, hkv * d), [rows, cols])
+    return desc
+
+
+def _tma_ok(device: torch.device) -> bool:
+    if TensorDescriptor is None:
+        return False
+    if device.type != "cuda":
+        return True  # the interpreter emulates descriptors
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
               block_tables: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
               num_heads: int, q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
               eps: float = 1e-6, out: torch.Tensor | None = None, tokens: int | None = None,
               num_warps: int | None = None, num_stages: int | None = None, splits: int | None = None,
-              workspace: AttentionWorkspace | None = None) -> torch.Tensor:
+              workspace: AttentionWorkspace | None = None, kv_per_program: int | None = None,
+              tma: bool | None = None, pipeline: bool | None = None) -> torch.Tensor:
     """Decode attention for one new token per row, RoPE and the cache write included.
 
     q [B, Hq*D], k/v [B, Hkv*D] (rows may be strided views of one qkv buffer; heads contiguous),
@@ -460,7 +535,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
 
     `splits` (default `attention_splits`) > 1 splits each row's context across that many programs
     and combines them in the kernel; it needs a `workspace` (allocated here when not given: pass
-    one when capturing a CUDA graph)."""
+    one when capturing a CUDA graph).
+
+    `kv_per_program` (default `ATTN_KV_PER_PROGRAM` at one split, else 1) kv heads share a program;
+    `tma` (default `ATTN_TMA` on Hopper+) loads whole cache blocks through TMA descriptors (needs
+    tokens per iteration == block size, head_dim a power of 2 and a contiguous cache)."""
     b = q.shape[0]
     nb, bs, hkv, d = k_cache.shape
     g = num_heads // hkv
@@ -476,13 +555,27 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
     if splits > 1 and not workspace.fits(b, splits):
         raise ValueError(f"attention: the workspace holds {workspace.parts} (row, kv head, split) partials for "
                          f"<= {workspace.rows} rows; asked for {b} rows x {hkv} kv heads x {splits} splits")
+    kvh = kv_per_program or (ATTN_KV_PER_PROGRAM if splits == 1 else 1)
+    if hkv % kvh:
+        kvh = 1
+    if kvh > 1 and splits > 1 and workspace.gp < max(16, _np2(g * kvh)):
+        raise ValueError(f"attention: {kvh} kv heads per program need a workspace for {g * kvh} q rows")
+    dp, nblk = max(16, _np2(d)), 1 if tn == bs else (2 if tn == 2 * bs else 0)
+    use_tma = (ATTN_TMA and q.is_cuda) if tma is None else tma
+    tma_fits = nblk == 1 and dp == d and k_cache.is_contiguous() and v_cache.is_contiguous() and _tma_ok(q.device)
+    if tma and not tma_fits:
+        raise ValueError("attention: TMA needs tokens per iteration == block size, a power-of-2 head_dim, "
+                         "contiguous caches and Triton descriptors on a Hopper (sm90+) GPU")
+    use_tma = use_tma and tma_fits
+    pipe = (ATTN_PIPELINE if pipeline is None else pipeline) and nblk == 1 and not use_tma
+    kd, vd = (_cache_descriptor(k_cache, bs, kvh * d), _cache_descriptor(v_cache, bs, kvh * d)) if use_tma else (k_cache, v_cache)
     ws = (workspace.ml, workspace.acc, workspace.count) if splits > 1 else (o, o, o)
-    _attention_kernel[(b, hkv, splits)](
-        q, k, v, q.stride(0), k.stride(0), v.stride(0), k_cache, v_cache, block_tables, pos, cos, sin,
+    _attention_kernel[(b, hkv // kvh, splits)](
+        q, k, v, q.stride(0), k.stride(0), v.stride(0), k_cache, v_cache, kd, vd, block_tables, pos, cos, sin,
         q_norm if qk_norm else q, k_norm if qk_norm else q, o, o.stride(0),
         block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), d ** -0.5, eps, *ws,
-        G=g, GP=max(16, _np2(g)), D=d, DP=max(16, _np2(d)), BS=bs, TN=tn, QK_NORM=qk_norm,
-        IEEE=q.dtype == torch.float32, NBLK=1 if tn == bs else (2 if tn == 2 * bs else 0),
+        G=g, GP=max(16, _np2(g * kvh)), D=d, DP=dp, BS=bs, TN=tn, QK_NORM=qk_norm,
+        IEEE=q.dtype == torch.float32, NBLK=nblk, KVH=kvh, TMA=use_tma, PIPE=pipe,
         SPLITS=splits, SP2=max(2, _np2(splits)), PREFETCH=ATTN_PREFETCH_TABLE and splits > 1,
         num_warps=num_warps or ATTN_WARPS, num_stages=num_stages or (ATTN_STAGES_SPLIT if splits > 1 else ATTN_STAGES),
     )

@@ -1,0 +1,142 @@
+"""Decode attention kernel variants, timed the way a decode step sees them.
+
+    python bench/attention_decode.py --out attn.json      # one GPU; Qwen2.5-0.5B heads, bf16
+    python bench/attention_decode.py --smoke              # CPU interpreter (TRITON_INTERPRET=1), seconds
+
+Every layer has its own cache (24 layers, as in the model) and one CUDA graph calls the kernel once
+per layer, so each call reads its K/V from HBM. Timing one layer's cache repeatedly leaves its
+33-50 MB in the 50 MB L2 of an H100/H200 and flatters every variant (bench/NOTES_generate.md).
+
+Variants: kv heads per program (1: one (row, kv head) per program; 2: both heads of a cache block
+as one contiguous tile, q block-diagonal), TMA descriptor loads of whole cache blocks vs pointer
+loads, context splits, warps, pipeline stages. Each row of the table: us per layer and the KV bytes
+read per second. Outputs are checked against the default variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from forge.engine import kernels as K  # noqa: E402
+
+
+def graph_us(fn, reps: int = 3) -> float:
+    """Median time of one fn() call replayed inside a CUDA graph (launch overhead excluded)."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    g.replay()
+    ts = []
+    for _ in range(7):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) / reps)
+    return sorted(ts)[len(ts) // 2] * 1e3
+
+
+def setup(b: int, ctx: int, layers: int, dev: torch.device, dtype: torch.dtype, hq=14, hkv=2, d=64, bs=64):
+    torch.manual_seed(0)
+    per = ctx // bs + 1
+    nb = b * per + 1
+    kc = torch.randn(layers, nb, bs, hkv, d, device=dev).to(dtype)
+    vc = torch.randn_like(kc)
+    bt = torch.randperm(nb - 1, device=dev).add(1).int()[: b * per].view(b, per).contiguous()
+    pos = torch.full((b,), ctx, device=dev, dtype=torch.int32)
+    qkv = torch.randn(b, (hq + 2 * hkv) * d, device=dev).to(dtype)
+    q, k, v = qkv[:, : hq * d], qkv[:, hq * d: (hq + hkv) * d], qkv[:, (hq + hkv) * d:]
+    inv = 1.0 / (1e6 ** (torch.arange(0, d, 2, device=dev).float() / d))
+    fr = torch.outer(torch.arange(ctx + 64, device=dev).float(), inv)
+    cos, sin = torch.cat([fr, fr], -1).cos(), torch.cat([fr, fr], -1).sin()
+    return dict(q=q, k=k, v=v, kc=kc, vc=vc, bt=bt, pos=pos, cos=cos, sin=sin, hq=hq, hkv=hkv, d=d)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes in the Triton interpreter (CPU; run it "
+                    "with TRITON_INTERPRET=1)")
+    ap.add_argument("--shapes", default="256x384,16x4096,64x1024", help="batch x context, comma separated")
+    ap.add_argument("--kv-per-program", default="1,2")
+    ap.add_argument("--tma", default="0,1")
+    ap.add_argument("--pipeline", default="0,1", help="1: next K/V tiles prefetched into registers by hand")
+    ap.add_argument("--warps", default="4,8")
+    ap.add_argument("--stages", default="2,3,4")
+    ap.add_argument("--splits", default="", help="default: 1 and 2 where the default is 1, else the default")
+    args = ap.parse_args()
+    ints = lambda x: [int(v) for v in x.split(",") if v]  # noqa: E731
+    dev = torch.device("cpu" if args.smoke else "cuda")
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    layers = 2 if args.smoke else 24
+    shapes = [(4, 100), (2, 300)] if args.smoke else [tuple(int(v) for v in x.split("x")) for x in args.shapes.split(",")]
+    rows, results = [], {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "runs": []}
+    for b, ctx in shapes:
+        s = setup(b, ctx, layers, dev, dtype)
+        default_splits = K.attention_splits(b, s["hkv"], dev)
+        ws = K.AttentionWorkspace(b, s["hq"], s["hkv"], s["d"], dev, splits=K.ATTN_MAX_SPLITS)
+        splits_opts = ints(args.splits) or (sorted({1, 2, default_splits}) if default_splits == 1 else [default_splits])
+        grid = itertools.product(ints(args.kv_per_program), [bool(v) for v in ints(args.tma)],
+                                 [bool(v) for v in ints(args.pipeline)], splits_opts, ints(args.warps), ints(args.stages))
+        if args.smoke:
+            grid = itertools.product((1, 2), (False, True), (False, True), splits_opts, (4,), (2,))
+        ref = None
+        for kvh, tma, pipe, sp, warps, stages in grid:
+            if tma and pipe:
+                continue
+            def call(i: int):
+                return K.attention(s["q"], s["k"], s["v"], s["kc"][i], s["vc"][i], s["bt"], s["pos"], s["cos"],
+                                   s["sin"], s["hq"], splits=sp, workspace=ws, kv_per_program=kvh, tma=tma,
+                                   pipeline=pipe, num_warps=warps, num_stages=stages)
+            key = dict(batch=b, ctx=ctx, kv_per_program=kvh, tma=tma, pipeline=pipe, splits=sp, warps=warps,
+                       stages=stages)
+            try:
+                out = call(0).float()
+                if ref is None:
+                    ref = out
+                err = float((out - ref).abs().max() / ref.abs().max())
+                us = graph_us(lambda: [call(i) for i in range(layers)]) / layers if dev.type == "cuda" else float("nan")
+            except Exception as e:  # a config that does not compile / fit is a row, not a crash
+                results["runs"].append({**key, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                print(key, "failed:", type(e).__name__, str(e)[:200], flush=True)
+                continue
+            kv_bytes = b * ctx * s["hkv"] * s["d"] * 2 * s["kc"].element_size()
+            row = {**key, "us_per_layer": round(us, 2), "kv_GBps": round(kv_bytes / us / 1e3, 1), "rel_err": err}
+            results["runs"].append(row)
+            rows.append(row)
+            print(f"B={b:4d} ctx={ctx:5d} kvh={kvh} tma={int(tma)} pipe={int(pipe)} splits={sp} warps={warps} stages={stages}: "
+                  f"{us:7.2f} us/layer {row['kv_GBps']:8.1f} GB/s  rel err {err:.1e}", flush=True)
+            assert err < (2e-2 if dtype == torch.bfloat16 else 1e-5), (key, err)
+    print("\n| batch x ctx | best variant | us/layer | GB/s | defaults |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for b, ctx in shapes:
+        mine = [r for r in rows if r["batch"] == b and r["ctx"] == ctx]
+        if not mine or dev.type != "cuda":
+            continue
+        best = min(mine, key=lambda r: r["us_per_layer"])
+        base = [r for r in mine if r["kv_per_program"] == K.ATTN_KV_PER_PROGRAM and r["tma"] == K.ATTN_TMA
+                and r["pipeline"] == K.ATTN_PIPELINE and r["warps"] == K.ATTN_WARPS
+                and r["stages"] == (K.ATTN_STAGES_SPLIT if r["splits"] > 1 else K.ATTN_STAGES)
+                and r["splits"] == K.attention_splits(b, 2, dev)]
+        name = f"kvh {best['kv_per_program']}, tma {int(best['tma'])}, pipe {int(best['pipeline'])}, splits {best['splits']}, " \
+               f"warps {best['warps']}, stages {best['stages']}"
+        print(f"| {b} x {ctx} | {name} | {best['us_per_layer']} | {best['kv_GBps']} | "
+              f"{base[0]['us_per_layer'] if base else '-'} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
