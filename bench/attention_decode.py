@@ -7,10 +7,12 @@ Every layer has its own cache (24 layers, as in the model) and one CUDA graph ca
 per layer, so each call reads its K/V from HBM. Timing one layer's cache repeatedly leaves its
 33-50 MB in the 50 MB L2 of an H100/H200 and flatters every variant (bench/NOTES_generate.md).
 
-Variants: kv heads per program (1: one (row, kv head) per program; 2: both heads of a cache block
-as one contiguous tile, q block-diagonal), TMA descriptor loads of whole cache blocks vs pointer
-loads, context splits, warps, pipeline stages. Each row of the table: us per layer and the KV bytes
-read per second. Outputs are checked against the default variant.
+Variants: context splits, warps, pipeline stages, tokens per iteration. Each row: us per layer and
+the KV bytes read per second; outputs are checked against the first variant. Sweep batch x context
+to separate a launch's fixed cost from its per-block cost (bench/NOTES_generate.md). Two kv heads
+per program, TMA loads of cache blocks and a hand-written register prefetch were measured with this
+script and dropped (commit 312631f), as was issuing the first block's loads before the RoPE
+prologue (1.4 us slower per layer).
 """
 
 from __future__ import annotations
@@ -26,26 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from forge.engine import kernels as K  # noqa: E402
-
-
-def graph_us(fn, reps: int = 3) -> float:
-    """Median time of one fn() call replayed inside a CUDA graph (launch overhead excluded)."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    ts = []
-    for _ in range(7):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) / reps)
-    return sorted(ts)[len(ts) // 2] * 1e3
+from forge.engine.timing import graph_time_us  # noqa: E402
 
 
 def setup(b: int, ctx: int, layers: int, dev: torch.device, dtype: torch.dtype, hq=14, hkv=2, d=64, bs=64):
@@ -70,9 +53,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes in the Triton interpreter (CPU; run it "
                     "with TRITON_INTERPRET=1)")
     ap.add_argument("--shapes", default="256x384,16x4096,64x1024", help="batch x context, comma separated")
-    ap.add_argument("--kv-per-program", default="1,2")
-    ap.add_argument("--tma", default="0,1")
-    ap.add_argument("--pipeline", default="0,1", help="1: next K/V tiles prefetched into registers by hand")
+    ap.add_argument("--tokens", default="", help="tokens per iteration (default: the block size)")
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--stages", default="2,3,4")
     ap.add_argument("--splits", default="", help="default: 1 and 2 where the default is 1, else the default")
@@ -88,26 +69,22 @@ def main() -> None:
         default_splits = K.attention_splits(b, s["hkv"], dev)
         ws = K.AttentionWorkspace(b, s["hq"], s["hkv"], s["d"], dev, splits=K.ATTN_MAX_SPLITS)
         splits_opts = ints(args.splits) or (sorted({1, 2, default_splits}) if default_splits == 1 else [default_splits])
-        grid = itertools.product(ints(args.kv_per_program), [bool(v) for v in ints(args.tma)],
-                                 [bool(v) for v in ints(args.pipeline)], splits_opts, ints(args.warps), ints(args.stages))
+        grid = itertools.product(ints(args.tokens) or [None], splits_opts, ints(args.warps), ints(args.stages))
         if args.smoke:
-            grid = itertools.product((1, 2), (False, True), (False, True), splits_opts, (4,), (2,))
+            grid = itertools.product((None, 32), sorted({1, *splits_opts}), (4,), (2,))
         ref = None
-        for kvh, tma, pipe, sp, warps, stages in grid:
-            if tma and pipe:
-                continue
+        for tokens, sp, warps, stages in grid:
             def call(i: int):
                 return K.attention(s["q"], s["k"], s["v"], s["kc"][i], s["vc"][i], s["bt"], s["pos"], s["cos"],
-                                   s["sin"], s["hq"], splits=sp, workspace=ws, kv_per_program=kvh, tma=tma,
-                                   pipeline=pipe, num_warps=warps, num_stages=stages)
-            key = dict(batch=b, ctx=ctx, kv_per_program=kvh, tma=tma, pipeline=pipe, splits=sp, warps=warps,
-                       stages=stages)
+                                   s["sin"], s["hq"], splits=sp, workspace=ws, tokens=tokens, num_warps=warps,
+                                   num_stages=stages)
+            key = dict(batch=b, ctx=ctx, tokens=tokens, splits=sp, warps=warps, stages=stages)
             try:
                 out = call(0).float()
                 if ref is None:
                     ref = out
                 err = float((out - ref).abs().max() / ref.abs().max())
-                us = graph_us(lambda: [call(i) for i in range(layers)]) / layers if dev.type == "cuda" else float("nan")
+                us = graph_time_us(lambda: [call(i) for i in range(layers)]) / layers if dev.type == "cuda" else float("nan")
             except Exception as e:  # a config that does not compile / fit is a row, not a crash
                 results["runs"].append({**key, "error": f"{type(e).__name__}: {str(e)[:200]}"})
                 print(key, "failed:", type(e).__name__, str(e)[:200], flush=True)
@@ -116,7 +93,7 @@ def main() -> None:
             row = {**key, "us_per_layer": round(us, 2), "kv_GBps": round(kv_bytes / us / 1e3, 1), "rel_err": err}
             results["runs"].append(row)
             rows.append(row)
-            print(f"B={b:4d} ctx={ctx:5d} kvh={kvh} tma={int(tma)} pipe={int(pipe)} splits={sp} warps={warps} stages={stages}: "
+            print(f"B={b:4d} ctx={ctx:5d} tokens={tokens or 'block'} splits={sp} warps={warps} stages={stages}: "
                   f"{us:7.2f} us/layer {row['kv_GBps']:8.1f} GB/s  rel err {err:.1e}", flush=True)
             assert err < (2e-2 if dtype == torch.bfloat16 else 1e-5), (key, err)
     print("\n| batch x ctx | best variant | us/layer | GB/s | defaults |")
@@ -126,11 +103,10 @@ def main() -> None:
         if not mine or dev.type != "cuda":
             continue
         best = min(mine, key=lambda r: r["us_per_layer"])
-        base = [r for r in mine if r["kv_per_program"] == K.ATTN_KV_PER_PROGRAM and r["tma"] == K.ATTN_TMA
-                and r["pipeline"] == K.ATTN_PIPELINE and r["warps"] == K.ATTN_WARPS
+        base = [r for r in mine if r["tokens"] is None and r["warps"] == K.ATTN_WARPS
                 and r["stages"] == (K.ATTN_STAGES_SPLIT if r["splits"] > 1 else K.ATTN_STAGES)
                 and r["splits"] == K.attention_splits(b, 2, dev)]
-        name = f"kvh {best['kv_per_program']}, tma {int(best['tma'])}, pipe {int(best['pipeline'])}, splits {best['splits']}, " \
+        name = f"tokens {best['tokens'] or 'block'}, splits {best['splits']}, " \
                f"warps {best['warps']}, stages {best['stages']}"
         print(f"| {b} x {ctx} | {name} | {best['us_per_layer']} | {best['kv_GBps']} | "
               f"{base[0]['us_per_layer'] if base else '-'} |")

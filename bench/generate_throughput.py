@@ -91,13 +91,13 @@ VARIANTS = {
     # a decode batch that lost rows (sequences stopped) drains the in-flight step and re-uploads its state
     # instead of going on from the device state (as before 2026-11-29; matters with --random-lengths)
     "no-compaction": dict(engine_attrs=dict(compact_in_flight=False)),
-    # decode attention: both kv heads of a cache block in one program / K-V tiles through TMA descriptors
-    # (kernel-level sweep: bench/attention_decode.py)
-    "attn-kv2": dict(kernels=dict(ATTN_KV_PER_PROGRAM=2)),
-    "attn-tma": dict(kernels=dict(ATTN_TMA=True)),
-    "attn-kv2-tma": dict(kernels=dict(ATTN_KV_PER_PROGRAM=2, ATTN_TMA=True)),
-    "attn-pipe": dict(kernels=dict(ATTN_PIPELINE=True)),
-    "attn-pipe-s1": dict(kernels=dict(ATTN_PIPELINE=True, ATTN_STAGES=1, ATTN_STAGES_SPLIT=1)),
+    # decode GEMMs with F.linear's cuBLAS pick instead of the fastest cuBLASLt candidate (before 2026-11-29)
+    "no-gemm-tuning": dict(tune_gemms=False),
+    # the decode after a prefill waits for the prefill's first tokens to be read (a drain per arrival; before
+    # 2026-11-29 evening): matters with --arrival-waves
+    "no-decode-join": dict(engine_attrs=dict(join_prefilled=False)),
+    # the decode step with its 48 RMSNorm launches (norm weights not folded into the projections; before 2026-11-29)
+    "no-norm-folding": dict(fold_norms=False),
     "defaults": dict(),  # fused decode + overlap + fused prefill in CUDA graphs: the main run, again, warm
 }
 
@@ -142,11 +142,18 @@ def _bench_forge(args, model, dev, dtype, o, engine_attrs: dict, **over) -> dict
         lens = torch.randint(o.new_tokens // 8, o.new_tokens + 1, (o.num_seqs,), generator=g).tolist()
     reqs = [(torch.randint(0, args.vocab_size, (o.prompt_len,), generator=g), sp.replace(max_tokens=n)) for n in lens]
     sync(dev)
-    eng.stats.update(prefill_tokens=0, decode_tokens=0, steps=0, overlapped_steps=0)
+    eng.stats.update(prefill_tokens=0, decode_tokens=0, steps=0, overlapped_steps=0, prefills_ahead_of_decode=0,
+                     decodes_joining_prefill=0)
+    # --arrival-waves K: the requests come in K waves, one every new_tokens / K engine steps (an RL app's
+    # rollout workers submitting groups while others decode); 1: all at once
+    waves = max(1, o.arrival_waves)
+    per_wave, gap = -(-len(reqs) // waves), max(1, o.new_tokens // waves)
     t0 = time.perf_counter()
-    ids = [eng.add_request(p, q) for p, q in reqs]
+    ids = [eng.add_request(p, q) for p, q in reqs[:per_wave]]
     got, steps = {}, []  # (seconds, was a prefill step) per engine step
-    while eng.has_unfinished():
+    while eng.has_unfinished() or len(ids) < len(reqs):
+        if len(steps) % gap == 0 and len(ids) < len(reqs) and steps:
+            ids += [eng.add_request(p, q) for p, q in reqs[len(ids):len(ids) + per_wave]]
         pre, ts = eng.stats["prefill_tokens"], time.perf_counter()
         for out in eng.step():
             got[out.request_id] = out
@@ -161,8 +168,11 @@ def _bench_forge(args, model, dev, dtype, o, engine_attrs: dict, **over) -> dict
            "attention": "fused-triton" if r.fused is not None else ("triton" if r.use_triton else "torch"),
            "fused_decode": r.fused is not None, "compiled": r.compiled, "fast_sampler": eng.sampler.fast,
            "overlapped_steps": eng.stats["overlapped_steps"], "cuda_graphs": sorted(r.graphs),
+           "prefills_ahead_of_decode": eng.stats["prefills_ahead_of_decode"],
+           "decodes_joining_prefill": eng.stats["decodes_joining_prefill"],
            "kv_bytes_per_token": r.kv_bytes_per_token(), "preemptions": eng.scheduler.num_preemptions,
-           "logprob_mean": sum(x for rr in outs for s in rr.outputs for x in s.logprobs) / n}
+           "logprob_mean": sum(x for rr in outs for s in rr.outputs for x in s.logprobs) / n,
+           "gemm_tuning": r.gemm_tuner.summary() if r.gemm_tuner is not None else None}
     dec = sorted(t for t, p in steps if not p)
     res["prefill_s"] = sum(t for t, p in steps if p)
     res["prefill_steps_ms"] = [round(t * 1e3, 2) for t, p in steps if p]  # the first pays any graph capture
@@ -177,23 +187,9 @@ def _bench_forge(args, model, dev, dtype, o, engine_attrs: dict, **over) -> dict
 def _graph_ms(fn, reps: int = 20) -> float:
     """Device time of one fn() call in ms: `reps` calls captured in a CUDA graph, median of 5 replays
     (no launch gaps: what the calls cost inside the decode graph)."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    ts = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) / reps)
-    del g
-    return sorted(ts)[2]
+    from forge.engine.timing import graph_time_us
+
+    return graph_time_us(fn, calls=reps) / 1e3
 
 
 def _time_ms(fn, iters: int = 30) -> float:
@@ -448,6 +444,9 @@ def main() -> int:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--random-lengths", action="store_true",
                     help="each request's max_tokens uniform in [new/8, new] (the bound assumes fixed lengths)")
+    ap.add_argument("--arrival-waves", type=int, default=1,
+                    help="submit the requests in this many waves, one every new_tokens / waves engine steps "
+                         "(the bound assumes all at once)")
     ap.add_argument("--variants", default="", help=f"comma list of {list(VARIANTS)} or 'all': also run these")
     ap.add_argument("--profile", action="store_true", help="CUDA: where a decode step's time goes")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -459,7 +458,8 @@ def main() -> int:
     args = qwen25_05b(o.smoke)
     res: dict = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                  "dtype": str(dtype).removeprefix("torch."), "num_seqs": o.num_seqs, "prompt_len": o.prompt_len,
-                 "new_tokens": o.new_tokens, "random_lengths": o.random_lengths, "torch": torch.__version__}
+                 "new_tokens": o.new_tokens, "random_lengths": o.random_lengths, "arrival_waves": o.arrival_waves,
+                 "torch": torch.__version__}
     torch.manual_seed(0)
 
     res["hf"] = None

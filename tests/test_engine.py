@@ -197,6 +197,42 @@ def test_bad_input_is_a_clear_error():
         engine(model, kv_cache_tokens=64, max_model_len=128)
     with pytest.raises(ValueError, match="exceeds max_num_seqs"):
         eng.add_request([1, 2], SamplingParams(n=17))
+    with pytest.raises(ValueError, match="tune_gemms=True needs CUDA"):  # cuBLASLt tuning: CUDA graphs only
+        engine(model, tune_gemms=True)
+    with pytest.raises(ValueError, match="fold_norms=True needs the fused decode"):  # no fused path on CPU
+        engine(model, fold_norms=True)
+    assert engine(model).runner.fold_norms is False  # None: CUDA only
+
+
+def test_folded_norm_copies_follow_in_place_updates():
+    """fold_norms: the q/k/v and gate/up copies are W * g (one rounding), re-folded when a norm weight or a
+    projection changes in place (and only then); a gate/up bias is refused (it comes after the row scale)."""
+    from forge.engine.fused import FusedDecode, fold_bytes
+
+    model = build_tiny_model("qwen2", seed=5)
+    fd = FusedDecode(model, 64, fold_norms=True)
+    layer, lw = model.model.layers[1], fd.layers[1]
+    at = layer.self_attn
+    w = torch.cat([at.q_proj.weight, at.k_proj.weight, at.v_proj.weight])
+    assert torch.equal(lw.qkv_f, w * layer.input_layernorm.weight)
+    assert fold_bytes(model) == sum(x.qkv_f.nbytes + x.gu_f.nbytes for x in fd.layers)
+    assert not fd.refresh_folds()  # nothing changed
+    g = torch.rand_like(layer.post_attention_layernorm.weight) + 0.5
+    with torch.no_grad():
+        layer.post_attention_layernorm.weight.copy_(g)
+    assert fd.refresh_folds() and not fd.refresh_folds()
+    mlp = layer.mlp
+    assert torch.equal(lw.gu_f, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]) * g)
+    with pytest.raises(ValueError, match="gate/up projections have a bias"):
+        FusedDecode(build_tiny_model("llama", seed=5, mlp_bias=True), 64, fold_norms=True)
+
+
+def test_cublaslt_tuner_absent_without_cuda():
+    from forge.engine import cublaslt
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU behaviour")
+    assert cublaslt.load() is None and not cublaslt.GemmTuner.supported(torch.device("cpu"), torch.bfloat16)
 
 
 TRITON_CHECK = r"""

@@ -105,42 +105,63 @@ def test_fused_engine_fp32_greedy_matches_transformers(family):
     outs = eng.generate([(p, SamplingParams(temperature=0.0, max_tokens=n)) for p, n in zip(ps, lens)])
     for p, o, n in zip(ps, outs, lens):
         assert o.outputs[0].token_ids == hf_greedy(hf, p, n)
-    assert eng.stats["overlapped_steps"] == max(lens) - 2, eng.stats
+    # every decode step queued before the previous step's tokens were read (the first: before the prefill's)
+    assert eng.stats["overlapped_steps"] == max(lens) - 1 and eng.stats["decodes_joining_prefill"] == 1, eng.stats
     assert eng.blocks.num_free == eng.blocks.capacity_blocks
+
+
+def qwen05_shape(layers: int, vocab: int, max_positions: int) -> CausalLM:
+    """A float32 model of Qwen2.5-0.5B's widths (random weights) on the GPU."""
+    args = ModelArgs(family="qwen2", vocab_size=vocab, hidden_size=896, intermediate_size=4864, num_hidden_layers=layers,
+                     num_attention_heads=14, num_key_value_heads=2, attention_bias=True, rope_theta=1e6,
+                     max_position_embeddings=max_positions, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        model = CausalLM(args)
+    model.init_weights(std=0.02, seed=0)
+    return model
+
+
+def decode_logits(eng: LLMEngine, ids: list[list[int]]) -> torch.Tensor:
+    """Logits of one decode step on each prompt's last token, after prefilling the rest."""
+    for p in ids:
+        eng.add_request(p[:-1], SamplingParams(temperature=0.0, max_tokens=2))
+    while eng.scheduler.waiting:
+        eng.step()
+    seqs = list(eng.scheduler.running)
+    for s, p in zip(seqs, ids):
+        s.token_ids[-1] = p[-1]
+    if eng.runner.fused is None:
+        return eng.runner.decode(seqs).float()
+    eng.runner.decode_launch(seqs, lambda: [eng._sampling_row(s) for s in seqs], eng.sampler).result()
+    rows = min(b for b in eng.runner.graphs if b >= len(seqs))  # the graph the step replayed
+    return eng.runner.graphs[rows][1][:len(seqs)].float()
 
 
 def test_fused_bf16_as_close_to_float32_as_eager_bf16():
     """Qwen2.5-0.5B shape, 6 layers: the fused bf16 step and the eager bf16 step sit at the same
     distance from a float32 reference (both bf16-rounding far; neither is the reference)."""
-    args = ModelArgs(family="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=6,
-                     num_attention_heads=14, num_key_value_heads=2, attention_bias=True, rope_theta=1e6,
-                     max_position_embeddings=4096, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    with torch.device(DEV):
-        m32 = CausalLM(args)
-    m32.init_weights(std=0.02, seed=0)
+    m32 = qwen05_shape(layers=6, vocab=151936, max_positions=4096)
+    with torch.no_grad():  # norm weights away from 1: folding them into the projections must show
+        for name, p in m32.named_parameters():
+            if "layernorm" in name:
+                p.copy_(torch.rand_like(p) + 0.5)
+    args = m32.args
     m16 = copy.deepcopy(m32).to(torch.bfloat16)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, args.vocab_size, (4, 40), generator=g).tolist()
     outs = {}
-    for name, model, fused in [("ref", m32, False), ("eager", m16, False), ("fused", m16, True)]:
+    for name, model, fused, fold in [("ref", m32, False, False), ("eager", m16, False, False),
+                                     ("fused", m16, True, False), ("folded", m16, True, True)]:
         eng = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=64, block_size=16, kv_cache_tokens=1024,
-                                            fused_decode=fused, enable_cuda_graphs=fused, compile=False,
+                                            fused_decode=fused, enable_cuda_graphs=fused, compile=False, fold_norms=fold,
                                             dtype="float32" if name == "ref" else "bfloat16"), eos_token_ids=[])
-        for p in ids:  # prefill 39 tokens, then one decode step on the 40th
-            eng.add_request(p[:-1], SamplingParams(temperature=0.0, max_tokens=2))
-        while eng.scheduler.waiting:
-            eng.step()
-        seqs = list(eng.scheduler.running)
-        for s, p in zip(seqs, ids):
-            s.token_ids[-1] = p[-1]
-        if fused:
-            eng.runner.decode_launch(seqs, lambda: [eng._sampling_row(s) for s in seqs], eng.sampler).result()
-            outs[name] = eng.runner.graphs[4][1][:4].float()
-        else:
-            outs[name] = eng.runner.decode(seqs).float()
-    e_eager, e_fused = rel(outs["eager"], outs["ref"]), rel(outs["fused"], outs["ref"])
-    assert e_fused < 3e-2 and e_fused < 1.5 * e_eager + 1e-3, (e_fused, e_eager)
+        assert fused is False or eng.runner.fused.fold_norms == fold
+        outs[name] = decode_logits(eng, ids)
+    e_eager = rel(outs["eager"], outs["ref"])
+    for name in ("fused", "folded"):
+        e = rel(outs[name], outs["ref"])
+        assert e < 3e-2 and e < 1.5 * e_eager + 1e-3, (name, e, e_eager)
 
 
 def test_fast_sampler_distribution_and_seeds_on_gpu():
@@ -164,3 +185,84 @@ def test_fast_sampler_distribution_and_seeds_on_gpu():
     a = eng.generate([(prompt, sp)])[0]
     b = eng.generate([([1, 2, 3], SamplingParams(max_tokens=5)), (prompt, sp)])[1]
     assert [s.token_ids for s in a.outputs] == [s.token_ids for s in b.outputs]
+
+
+def test_cublaslt_candidates_match_f_linear_inside_graphs():
+    """Every cuBLASLt candidate the tuner may pick computes F.linear (bias epilogue included) on the
+    decode shapes; a tuned GEMM replays inside a CUDA graph on new inputs; untuned shapes fall back."""
+    import torch.nn.functional as F
+
+    from forge.engine.cublaslt import GemmTuner, LtMatmul
+
+    bf = torch.bfloat16
+    tuner = GemmTuner(DEV, bf)
+    torch.manual_seed(0)
+    for kind, n, k, bias in [("qkv", 1152, 896, True), ("o", 896, 896, False), ("down", 896, 4864, False)]:
+        ws = [((torch.randn(n, k, device=DEV) * k ** -0.5).to(bf), torch.randn(n, device=DEV).to(bf) if bias else None)
+              for _ in range(4)]
+        x = torch.randn(256, k, device=DEV).to(bf)
+        choice = tuner.tune(kind, x, ws)
+        assert 0 < choice.us <= choice.us_torch
+        op = LtMatmul(tuner.lib, tuner.handle, 256, n, k, bias, bf, tuner.ws)
+        cands = op.candidates()
+        assert cands, kind
+        for algo in cands:
+            assert rel(op(x, ws[1][0], ws[1][1], algo), F.linear(x, ws[1][0], ws[1][1])) < 1e-2, (kind, algo.waves)
+        op.close()
+        xin = x.clone()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            y = tuner.linear(kind, xin, ws[2][0], ws[2][1])
+        xin.copy_(torch.randn_like(x))
+        g.replay()
+        assert rel(y, F.linear(xin, ws[2][0], ws[2][1])) < 1e-2
+    x = torch.randn(8, 896, device=DEV).to(bf)  # never tuned: F.linear
+    w = torch.randn(896, 896, device=DEV).to(bf)
+    assert torch.equal(tuner.linear("o", x, w, None), F.linear(x, w, None))
+    # accumulating into the output (the residual add of the folded-norm decode): beta = 1, in place
+    for kind, n, k in [("o", 896, 896), ("down", 896, 4864)]:
+        ws = [((torch.randn(n, k, device=DEV) * k ** -0.5).to(bf), None) for _ in range(4)]
+        x = torch.randn(256, k, device=DEV).to(bf)
+        choice = tuner.tune(kind, x, ws, accumulate=True)
+        assert 0 < choice.us <= choice.us_torch
+        op = LtMatmul(tuner.lib, tuner.handle, 256, n, k, False, bf, tuner.ws, accumulate=True)
+        h0 = torch.randn(256, n, device=DEV).to(bf)
+        ref = h0.float() + F.linear(x, ws[1][0]).float()
+        for algo in op.candidates():
+            h = h0.clone()
+            op(x, ws[1][0], None, algo, out=h)
+            assert rel(h, ref) < 1e-2, (kind, algo.waves)
+        op.close()
+        h = h0.clone()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            tuner.add_linear(kind, h, x, ws[2][0])
+        h.copy_(h0)
+        g.replay()
+        assert rel(h, h0.float() + F.linear(x, ws[2][0]).float()) < 1e-2
+    tuner.close()
+
+
+def test_engine_with_tuned_gemms_matches_untuned():
+    """The fused decode with cuBLASLt-tuned GEMMs (batch >= tune_gemms_min_rows) gives the same step
+    as with F.linear up to summation order."""
+    model = qwen05_shape(layers=2, vocab=4096, max_positions=512).to(torch.bfloat16)
+    args = model.args
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, args.vocab_size, (20, 12), generator=g).tolist()
+    outs = {}
+    for tune in (False, True):
+        for fold in (False, True):
+            eng = LLMEngine(model, EngineConfig(max_num_seqs=32, max_model_len=64, block_size=16, kv_cache_tokens=2048,
+                                                tune_gemms=tune, cuda_graph_batch_sizes=[32], fold_norms=fold),
+                            eos_token_ids=[])
+            if tune:
+                t = eng.runner.gemm_tuner
+                assert t is not None and {k[0] for k in t.choices} == {"qkv", "o", "gate_up", "down", "lm_head"}
+                assert any(k[-1] for k in t.choices) == fold  # o / down accumulate into the residual when folded
+            else:
+                assert eng.runner.gemm_tuner is None
+            outs[tune, fold] = decode_logits(eng, ids)
+    for fold in (False, True):
+        assert rel(outs[True, fold], outs[False, fold]) < 1e-2
+    assert rel(outs[False, True], outs[False, False]) < 3e-2

@@ -37,12 +37,19 @@ class EngineConfig:
     prefill_cuda_graphs: bool = True  # fused prefill of fresh prompts: replay graphs of padded (rows, length) buckets
     fast_sampler: bool | None = None  # Triton sampling kernels when no row needs top-k/top-p/min-p; None = on CUDA
     overlap_decode: bool = True  # fused decode: queue step t+1 before reading step t's tokens (see LLMEngine.step)
-    overlap_prefill: bool = True  # queue the next prompts' prefill before reading a prefill's first tokens
+    overlap_prefill: bool = True  # queue waiting prompts' prefill before reading the in-flight step's tokens
+    # fused decode in CUDA graphs, bf16/fp16: time cuBLASLt's candidate algorithms per decode GEMM shape at start-up
+    # and keep the fastest (forge.engine.cublaslt); None = on where cuBLASLt is found
+    tune_gemms: bool | None = None
+    tune_gemms_min_rows: int = 16  # smaller batches keep F.linear (their GEMMs are launch-bound)
+    # fused decode: the RMSNorm weights folded into copies of the q/k/v and gate/up weights, 6 launches per layer
+    # instead of 8 (forge.engine.fused); None = on for CUDA when the copies take <= 1 GiB
+    fold_norms: bool | None = None
     long_prompt: str = "reject"  # reject | truncate
     seed: int = 0  # for requests without their own seed
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size", "tune_gemms_min_rows"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:

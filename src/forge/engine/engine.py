@@ -14,15 +14,19 @@ token (appending, stop checks, scheduling) runs while the GPU computes. The devi
 sampled tokens to the next step itself. A row whose sequence turns out to have stopped is
 computed once more and dropped; its k/v write lands in blocks it still holds. When the next
 batch is the in-flight one minus rows that stopped, it is queued the same way, its state gathered
-on the device from the in-flight step's (`ModelRunner.decode_launch(keep=)`). Everything else
-(prefill, preemption, a batch that gains rows) first drains the step in flight, so outputs are
-the same as without overlap.
+on the device from the in-flight step's (`ModelRunner.decode_launch(keep=)`). The decode step
+after a prefill (new rows joining, or the first decode) is queued before the prefill's first
+tokens are read: they are copied into the decode state on the device
+(`decode_launch(first_tokens=)`, `stats["decodes_joining_prefill"]`). Everything else (preemption,
+a full cache, a prefilled row whose first token is its last) first drains the step in flight,
+so outputs are the same as without overlap.
 
-Prefill overlap (`EngineConfig.overlap_prefill`): while prompts are still waiting, a prefill
-step's first tokens are read only after the next prompts' prefill is queued (a prefill needs
-no sampled token), so the host's work for a prefill chunk (scheduling, building its inputs)
-runs while the device computes the previous one. Tokens are the same; a request that
-finishes with its first token is returned one step later.
+Prefill overlap (`EngineConfig.overlap_prefill`): while prompts are waiting, the in-flight step's
+tokens are read only after their prefill is queued (a prefill needs no sampled token): after a
+prefill step, the next prompts' chunk; after a decode step, the prompts that arrived while it
+ran. The host's work for a prefill chunk (scheduling, building its inputs) then runs while the
+device computes the previous step. Tokens are the same (sampling is per request, seeded); a
+request that finishes with its first token is returned one step later.
 
 Length rules: generation stops at `max_tokens` or when prompt + generated reaches
 `max_model_len` (stop_reason "length"). A prompt that leaves no room for one new token
@@ -52,6 +56,9 @@ class LLMEngine:
     # a decode batch that only lost rows goes on from the in-flight step's device state (see `_shrunk`);
     # off: it drains first, as before (kept for A/B measurement: bench/generate_throughput.py)
     compact_in_flight = True
+    # the decode after a prefill is queued before the prefill's first tokens are read (`_decode_joining`);
+    # off: it drains first, as before (A/B measurement)
+    join_prefilled = True
 
     def __init__(self, model: CausalLM, config: EngineConfig | dict | None = None,
                  eos_token_ids: Seq[int] | None = None, tokenizer: Any = None):
@@ -76,7 +83,8 @@ class LLMEngine:
         self._last_sb: tuple | None = None
         self._pending = None  # a launched decode step whose tokens are not read yet (overlap)
         self._dirty = False  # a sequence of the in-flight batch stopped since its launch
-        self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "steps": 0, "forward_s": 0.0, "overlapped_steps": 0}
+        self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "steps": 0, "forward_s": 0.0, "overlapped_steps": 0,
+                      "prefills_ahead_of_decode": 0, "decodes_joining_prefill": 0}
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, prompt_ids: Seq[int] | torch.Tensor, params: SamplingParams | dict | None = None,
@@ -137,8 +145,9 @@ class LLMEngine:
             return done
         if batch.prefill:
             h = self._launch_prefill(batch.prefill)
-            if h is not None and self.config.overlap_prefill and self.scheduler.waiting:
-                self._pending = h  # read at the next step, after queueing the next prompts' prefill
+            if h is not None and self.config.overlap_prefill and (self.scheduler.waiting or self._may_join(h)):
+                # read at the next step, after queueing the next prompts' prefill or the decode they join
+                self._pending = h
             elif h is not None:
                 self._consume(h, done)
         else:
@@ -176,13 +185,16 @@ class LLMEngine:
         tokens, logprobs = self.sampler(logits, sb)
         return _PrefillHandle(seqs, tokens, logprobs, self.runner.pin)
 
-    def _launch_decode(self, seqs: list[Sequence], left: int, keep: list[int] | None = None):
+    def _launch_decode(self, seqs: list[Sequence], left: int, keep: list[int] | None = None,
+                       rows: list[tuple] | None = None, first_tokens: tuple | None = None):
         """Queue one decode step of `seqs`; returns a handle whose `result()` gives tokens and logprobs.
         `left`: the most tokens any of them still has to generate, this step's included. `keep`:
-        `seqs` are these rows of the step in flight (see `ModelRunner.decode_launch`)."""
+        `seqs` are these rows of the step in flight; `rows` / `first_tokens`: their sampling rows and
+        the prefilled rows' unread first tokens (see `ModelRunner.decode_launch`)."""
         r = self.runner
         if r.fused is not None:
-            h = r.decode_launch(seqs, lambda: [self._sampling_row(s) for s in seqs], self.sampler, keep)
+            h = r.decode_launch(seqs, (lambda: rows) if rows is not None else
+                                (lambda: [self._sampling_row(s) for s in seqs]), self.sampler, keep, first_tokens)
         else:
             logits = r.decode(seqs)
             key = tuple(s.seq_id for s in seqs)
@@ -204,18 +216,59 @@ class LLMEngine:
     def _launch_ahead(self, pend) -> tuple[bool, Any]:
         """Queue the next step before the in-flight one's tokens are read, where it needs none of
         them: the next prompts' prefill after a prefill; after a decode, the same batch again
-        (`_chainable`) or the batch minus rows that stopped (`_shrunk`). (queued?, its handle)."""
+        (`_chainable`), the batch minus rows that stopped (`_shrunk`), or the prefill of prompts
+        that arrived meanwhile. (queued?, its handle)."""
         if isinstance(pend, _PrefillHandle):
             chunks = self.scheduler.schedule_prefill()
-            return (True, self._launch_prefill(chunks)) if chunks else (False, None)
+            if chunks:
+                return True, self._launch_prefill(chunks)
+            h = self._decode_joining(pend)
+            return (True, h) if h is not None else (False, None)
         if self._chainable(pend):
             return True, self._launch_decode(pend.seqs, pend.left - 1)
         keep = self._shrunk(pend)
-        if keep is None:
-            return False, None
+        if keep is not None:
+            seqs = list(self.scheduler.running)
+            left = max(s.request.max_new_tokens - s.num_generated for s in seqs) - 1  # pend's token is in flight
+            return True, self._launch_decode(seqs, left, keep)
+        if self.config.overlap_prefill and self.scheduler.waiting:
+            # new prompts while a decode step is in flight: their prefill needs none of its tokens
+            chunks = self.scheduler.schedule_prefill()
+            if chunks:
+                self.stats["prefills_ahead_of_decode"] += 1
+                return True, self._launch_prefill(chunks)
+        return False, None
+
+    def _may_join(self, h: "_PrefillHandle") -> bool:
+        """Can the decode step after this prefill be queued before its first tokens are read (fused path)?"""
+        return (self.join_prefilled and self.config.overlap_decode and self.runner.fused is not None
+                and all(s.request.max_new_tokens - s.num_generated > 1 for s in h.seqs))  # not its last token
+
+    def _decode_joining(self, pend: "_PrefillHandle"):
+        """After a prefill step whose first tokens are not read yet, with no prompt left to prefill:
+        queue the decode of every running sequence now, the prefilled rows' inputs being those first
+        tokens, copied on the device (`decode_launch(first_tokens=)`), so that the device does not
+        idle while the host reads them. None where that does not apply (the caller drains first)."""
+        if self.scheduler.waiting or not self._may_join(pend):
+            return None
         seqs = list(self.scheduler.running)
-        left = max(s.request.max_new_tokens - s.num_generated for s in seqs) - 1  # pend's token is in flight
-        return True, self._launch_decode(seqs, left, keep)
+        new = {id(s): i for i, s in enumerate(pend.seqs)}
+        if not seqs or sum(id(s) in new for s in seqs) != len(pend.seqs):
+            return None
+        if not self._blocks_for_next_token(seqs):
+            return None  # the cache is full: drain, then the scheduler preempts
+        rows = []
+        for s in seqs:
+            row = self._sampling_row(s)
+            if id(s) in new:  # its first token (counter 0) is the one in flight
+                row = row[:6] + (row[6] + 1,) + row[7:]
+            rows.append(row)
+        idx = [i for i, s in enumerate(seqs) if id(s) in new]
+        src = self.runner._tensor([new[id(seqs[i])] for i in idx], torch.int64)
+        left = max(s.request.max_new_tokens - s.num_generated - (id(s) in new) for s in seqs)
+        h = self._launch_decode(seqs, left, rows=rows, first_tokens=(idx, pend.device_tokens.index_select(0, src)))
+        self.stats["decodes_joining_prefill"] += 1
+        return h
 
     def _blocks_for_next_token(self, seqs: list[Sequence]) -> bool:
         """Make sure each sequence has the block its next k/v write (position num_computed) lands in;
@@ -346,6 +399,7 @@ class _PrefillHandle:
 
     def __init__(self, seqs: list[Sequence], tokens: torch.Tensor, logprobs: torch.Tensor, pin: bool):
         self.seqs, self.event = seqs, None
+        self.device_tokens = tokens  # a decode step may take them as inputs before they are read
         if tokens.is_cuda:
             self.tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=pin)
             self.logprobs = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=pin)

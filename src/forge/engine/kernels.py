@@ -4,17 +4,20 @@ One decode layer is 8 launches: `add_rmsnorm` (residual add + RMSNorm; the first
 gathers the embedding rows), the merged q/k/v projection (cuBLAS), `attention` (q/k RMSNorm
 for Qwen3, RoPE, the k/v write into the paged cache and paged attention, all in one program
 per (sequence, kv head)), o_proj (cuBLAS), `add_rmsnorm`, the merged gate/up projection
-(cuBLAS), `silu_mul`, down_proj (cuBLAS). A small decode batch at a long context splits each
+(cuBLAS), `silu_mul`, down_proj (cuBLAS); 6 with the RMSNorms folded into the projections
+(`forge.engine.fused`, `fold_norms`: attention and silu_mul then apply each row's norm scale, the
+residual adds run in the o/down GEMMs). A small decode batch at a long context splits each
 row's context across several attention programs (flash-decoding, combined in the same launch;
-`attention_splits`). Every kernel rounds to the activation dtype exactly
+`attention_splits`). With the norms unfolded every kernel rounds to the activation dtype exactly
 where the eager modules of `forge.models.decoder` do, so the fused step computes the same
 function as `CausalLM.forward` (up to summation order).
 
 Sampling (`sample`): two launches over the [B, V] logits, read once in their own dtype. The
-first splits each row into chunks and writes each chunk's max, sum of exp and argmax; the
-second combines them (log-sum-exp, greedy token), draws the row's uniform (the counter hash of
+first splits each row into chunks and writes each chunk's max and sum of exp; the second
+combines them (log-sum-exp), draws the row's uniform (the counter hash of
 `forge.engine.sampler.counter_uniform`, or a given one), finds the chunk where the cumulative
-mass crosses it and scans only that chunk. Inverse-CDF sampling over the full
+mass crosses it and scans only that chunk (a greedy row: the first chunk holding the maximum,
+for the maximum's first index). Inverse-CDF sampling over the full
 temperature-scaled softmax, as the torch sampler does, with no sort, no float32 copy of the
 logits and no cumulative sum over the whole vocabulary.
 """
@@ -28,10 +31,6 @@ try:
     import triton.language as tl
 
     HAS_TRITON = True
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-    except Exception:  # pragma: no cover - older Triton: no TMA path
-        TensorDescriptor = None
 except Exception:  # pragma: no cover - CPU-only installs
     HAS_TRITON = False
 
@@ -63,95 +62,122 @@ if HAS_TRITON:
         tl.store(Y + row.to(tl.int64) * s_y + c, y.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _silu_mul_kernel(G, U, O, N, s_g, s_u, s_o, BLOCK: tl.constexpr):
-        """o = round(round(silu(g)) * u), as F.silu(g) * u in the activation dtype."""
+    def _silu_mul_kernel(G, U, O, N, s_g, s_u, s_o, X, s_x, HID, eps,
+                         BLOCK: tl.constexpr, ROWSCALE: tl.constexpr, HP: tl.constexpr):
+        """o = round(round(silu(g)) * u), as F.silu(g) * u in the activation dtype.
+        ROWSCALE (a folded RMSNorm): g and u are first multiplied by the RMSNorm scale of row X[row]."""
         row = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = c < N
+        if ROWSCALE:  # issued first: its load overlaps g's and u's
+            hc = tl.arange(0, HP)
+            x = tl.load(X + row * s_x + hc, mask=hc < HID, other=0.0).to(tl.float32)
         g = tl.load(G + row * s_g + c, mask=mask, other=0.0)
         u = tl.load(U + row * s_u + c, mask=mask, other=0.0)
-        gf = g.to(tl.float32)
+        gf, uf = g.to(tl.float32), u.to(tl.float32)
+        if ROWSCALE:
+            rs = 1.0 / tl.sqrt(tl.sum(x * x, 0) / HID + eps)
+            gf, uf = gf * rs, uf * rs
         s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
-        o = s.to(tl.float32) * u.to(tl.float32)
+        o = s.to(tl.float32) * uf
         tl.store(O + row * s_o + c, o.to(O.dtype.element_ty), mask=mask)
 
     # ---- attention -----------------------------------------------------------------------------
     @triton.jit
-    def _rope_tile(P, row, col, col_rot, m, dd, dd_rot, cos, sin, sign, NW, eps, D: tl.constexpr,
-                   QK_NORM: tl.constexpr):
-        """RMSNorm (optional, over each row's masked-in columns: one head) + rotate-half RoPE of a
-        [R, C] tile of heads: element (r, c) is P[row[r] + col[c]], its rotation partner P[row[r] +
-        col_rot[c]]; dd / dd_rot are the columns' dims within their head, m the [R, C] mask."""
-        x = tl.load(P + row[:, None] + col[None, :], mask=m, other=0.0)
-        xr = tl.load(P + row[:, None] + col_rot[None, :], mask=m, other=0.0)
+    def _head_load(P, h, d, d_rot, dm, BP, D: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """The heads `h` ([R] head indices) at row P, as is and rotated by half (for RoPE), and the
+        projection's bias at the same places (zeros without HAS_BIAS). Issued before anything waits on
+        them: the prologue's loads then overlap instead of queueing behind one another."""
+        x = tl.load(P + h[:, None] * D + d[None, :], mask=dm[None, :], other=0.0)
+        xr = tl.load(P + h[:, None] * D + d_rot[None, :], mask=dm[None, :], other=0.0)
+        if HAS_BIAS:
+            bx = tl.load(BP + h[:, None] * D + d[None, :], mask=dm[None, :], other=0.0).to(tl.float32)
+            bxr = tl.load(BP + h[:, None] * D + d_rot[None, :], mask=dm[None, :], other=0.0).to(tl.float32)
+        else:
+            bx = tl.zeros(x.shape, tl.float32)
+            bxr = bx
+        return x, xr, bx, bxr
+
+    @triton.jit
+    def _head_rope(x, xr, bx, bxr, d, d_rot, dm, sign, cos, sin, NW, eps, rs,
+                   D: tl.constexpr, QK_NORM: tl.constexpr, ROWSCALE: tl.constexpr):
+        """RMSNorm (optional) + rotate-half RoPE of heads loaded by `_head_load`.
+        ROWSCALE: the projection was computed from the un-normalised residual with the norm weight
+        folded into its weight: x * rs + bias, rounded as the projection's output."""
         xf, xrf = x.to(tl.float32), xr.to(tl.float32)
+        if ROWSCALE:
+            xf = (xf * rs + bx).to(x.dtype).to(tl.float32)
+            xrf = (xrf * rs + bxr).to(x.dtype).to(tl.float32)
         if QK_NORM:
-            rs = 1.0 / tl.sqrt(tl.sum(xf * xf, 1) / D + eps)
-            w = tl.load(NW + dd, mask=dd < D, other=0.0).to(tl.float32)
-            wr = tl.load(NW + dd_rot, mask=dd < D, other=0.0).to(tl.float32)
-            xf = (xf * rs[:, None] * w[None, :]).to(x.dtype).to(tl.float32)
-            xrf = (xrf * rs[:, None] * wr[None, :]).to(x.dtype).to(tl.float32)
+            rs_h = 1.0 / tl.sqrt(tl.sum(xf * xf, 1) / D + eps)
+            w = tl.load(NW + d, mask=dm, other=0.0).to(tl.float32)
+            wr = tl.load(NW + d_rot, mask=dm, other=0.0).to(tl.float32)
+            xf = (xf * rs_h[:, None] * w[None, :]).to(x.dtype).to(tl.float32)
+            xrf = (xrf * rs_h[:, None] * wr[None, :]).to(x.dtype).to(tl.float32)
         return (xf * cos[None, :] + (sign[None, :] * xrf) * sin[None, :]).to(x.dtype)
 
     @triton.jit
-    def _attention_kernel(Q, K, V, s_q, s_k, s_v, KC, VC, KD, VD, BT, POS, COS, SIN, QNW, KNW, O, s_o,
-                          s_bt, s_cn, s_ct, s_ch, scale, eps, PML, PACC, CNT,
+    def _attention_kernel(Q, K, V, s_q, s_k, s_v, KC, VC, BT, POS, COS, SIN, QNW, KNW, O, s_o,
+                          s_bt, s_cn, s_ct, s_ch, scale, eps, PML, PACC, CNT, X, s_x, HID, norm_eps, QB, KB, VB,
                           G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                           BS: tl.constexpr, TN: tl.constexpr, QK_NORM: tl.constexpr, IEEE: tl.constexpr,
                           NBLK: tl.constexpr, SPLITS: tl.constexpr, SP2: tl.constexpr, PREFETCH: tl.constexpr,
-                          KVH: tl.constexpr, TMA: tl.constexpr, PIPE: tl.constexpr):
-        """One program per (sequence b, group of KVH kv heads, context split s): RoPE q (KVH x G
-        heads) and k, write k/v at position POS[b] of the paged cache, attend over positions
-        [0, POS[b]] (cache + the new token). D = head_dim, padded to DP (a power of 2) in registers.
-
-        The program's KVH heads are one tile: q is block-diagonal [GP, KVH*DP] (row r = q head
-        r of the group, non-zero only in its kv head's columns), so q @ K^T over all KVH heads'
-        columns gives each row the scores of its own head, and each row's output is read from its
-        own head's columns of p @ V. With KVH = 2 a cache block's K (or V) is one contiguous tile.
-        TMA: K/V tiles come through the tensor descriptors KD/VD (the caches as [blocks x BS,
-        heads x D]) one whole cache block at a time; positions past the context are read (the
-        cache is zero-initialised, so finite) and masked out of the softmax.
+                          ROWSCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HP: tl.constexpr):
+        """One program per (sequence b, kv head h, context split s): RoPE q (G heads) and k, write
+        k/v at position POS[b] of the paged cache, attend over positions [0, POS[b]] (cache + the
+        new token). D = head_dim, padded to DP (a power of 2) in registers.
 
         SPLITS > 1 (flash-decoding): split s attends over its share of the cached iterations; the
         last split also owns the new token (and its cache write). Each split writes its running
-        max / sum / unnormalised output to PML/PACC and bumps the (b, group) counter CNT; the split
+        max / sum / unnormalised output to PML/PACC and bumps the (b, h) counter CNT; the split
         that arrives last combines all partials, writes O and resets the counter to 0 (so the
-        next launch, or the next replay of a CUDA graph, starts from zero)."""
+        next launch, or the next replay of a CUDA graph, starts from zero).
+
+        ROWSCALE (the layer's input RMSNorm folded into the q/k/v weight): q/k/v were projected from
+        the un-normalised residual X[b]; each is scaled by that row's RMSNorm scale (and gets the
+        projection's bias QB/KB/VB) here, before RoPE."""
         b = tl.program_id(0)
-        hg = tl.program_id(1)
+        h = tl.program_id(1)
         sp = tl.program_id(2)
         b64 = b.to(tl.int64)
-        h0 = hg * KVH
-        CW: tl.constexpr = KVH * DP
-        pos = tl.load(POS + b)
-        r = tl.arange(0, GP)  # q rows: head h0 * G + r of the group
-        rm = r < G * KVH
-        c = tl.arange(0, CW)  # columns: kv head h0 + c // DP, dim c % DP
-        ch = c // DP
-        dd = c % DP
-        cm = dd < D
+        g = tl.arange(0, GP)
+        d = tl.arange(0, DP)
+        dm = d < D
         half: tl.constexpr = D // 2
-        dd_rot = tl.where(cm, (dd + half) % D, 0)
-        sign = tl.where(dd < half, -1.0, 1.0)
-        cos = tl.load(COS + pos.to(tl.int64) * D + dd, mask=cm, other=0.0)
-        sin = tl.load(SIN + pos.to(tl.int64) * D + dd, mask=cm, other=0.0)
-        qown = (ch[None, :] == (r // G)[:, None]) & cm[None, :] & rm[:, None]  # block-diagonal
-        q = _rope_tile(Q + b64 * s_q, (h0 * G + r) * D, dd, dd_rot, qown, dd, dd_rot, cos, sin, sign,
-                       QNW, eps, D, QK_NORM)  # [GP, CW]
-        kr = tl.arange(0, KVH)
-        kown = (ch[None, :] == kr[:, None]) & cm[None, :]
-        k_new = tl.sum(_rope_tile(K + b64 * s_k, (h0 + kr) * D, dd, dd_rot, kown, dd, dd_rot, cos, sin, sign,
-                                  KNW, eps, D, QK_NORM), 0)  # [CW]: the group's kv heads side by side
-        v_new = tl.load(V + b64 * s_v + (h0 + ch) * D + dd, mask=cm, other=0.0)
+        d_rot = tl.where(dm, (d + half) % D, 0)
+        sign = tl.where(d < half, -1.0, 1.0)
+        gm = g < G
+        qh = tl.where(gm, h * G + g, h * G)  # padded rows re-read a real head; never stored
+        one = tl.arange(0, 1)
+        if ROWSCALE:  # the residual row for the folded norm's scale, loaded first (reduced below)
+            hc = tl.arange(0, HP)
+            xrow = tl.load(X + b64 * s_x + hc, mask=hc < HID, other=0.0).to(tl.float32)
+        qx, qxr, qb, qbr = _head_load(Q + b64 * s_q, qh, d, d_rot, dm, QB, D, HAS_BIAS)  # [GP, DP]
+        kx, kxr, kb, kbr = _head_load(K + b64 * s_k, h + one, d, d_rot, dm, KB, D, HAS_BIAS)  # [1, DP]
+        v_new = tl.load(V + b64 * s_v + h * D + d, mask=dm, other=0.0)
+        if HAS_BIAS:
+            vb = tl.load(VB + h * D + d, mask=dm, other=0.0).to(tl.float32)
+        pos = tl.load(POS + b)
+        cos = tl.load(COS + pos.to(tl.int64) * D + d, mask=dm, other=0.0)
+        sin = tl.load(SIN + pos.to(tl.int64) * D + d, mask=dm, other=0.0)
+        rs = 1.0
+        if ROWSCALE:
+            rs = 1.0 / tl.sqrt(tl.sum(xrow * xrow, 0) / HID + norm_eps)
+            vf = v_new.to(tl.float32) * rs
+            if HAS_BIAS:
+                vf += vb
+            v_new = vf.to(v_new.dtype)
+        q = _head_rope(qx, qxr, qb, qbr, d, d_rot, dm, sign, cos, sin, QNW, eps, rs, D, QK_NORM, ROWSCALE)
+        k_new = _head_rope(kx, kxr, kb, kbr, d, d_rot, dm, sign, cos, sin, KNW, eps, rs, D, QK_NORM, ROWSCALE)
         own_new = sp == SPLITS - 1
         blk = tl.load(BT + b64 * s_bt + pos // BS).to(tl.int64)
-        dst = blk * s_cn + (pos % BS) * s_ct + (h0 + ch) * s_ch + dd
-        tl.store(KC + dst, k_new, mask=cm & own_new)
-        tl.store(VC + dst, v_new, mask=cm & own_new)
+        dst = blk * s_cn + (pos % BS) * s_ct + h * s_ch
+        tl.store(KC + dst + one[:, None] * 0 + d[None, :], k_new, mask=dm[None, :] & own_new)
+        tl.store(VC + dst + d, v_new, mask=dm & own_new)
 
         m = tl.full([GP], float("-inf"), tl.float32)
         l = tl.zeros([GP], tl.float32)
-        acc = tl.zeros([GP, CW], tl.float32)
+        acc = tl.zeros([GP, DP], tl.float32)
         t = tl.arange(0, TN)
         n_it = tl.cdiv(pos, TN)
         per = tl.cdiv(n_it, SPLITS)
@@ -159,48 +185,26 @@ if HAS_TRITON:
         j_hi = tl.minimum(j_lo + per, n_it)
         # the block-table entry of the next iteration is loaded one iteration ahead: the K/V loads of an
         # iteration then do not wait a full memory latency for their block number
-        nxt = tl.load(BT + b64 * s_bt + j_lo, mask=(j_lo < j_hi) & (PREFETCH or PIPE), other=0)
-        col = (h0 + ch) * s_ch + dd
-        if PIPE:  # software pipeline by hand (one cache block per iteration): the next iteration's K/V
-            # tiles are loaded into registers before this iteration's math, the table entry two ahead
-            row = nxt.to(tl.int64) * s_cn + t * s_ct
-            nmask = ((j_lo * TN + t) < pos)[:, None] & cm[None, :] & (j_lo < j_hi)
-            kn = tl.load(KC + row[:, None] + col[None, :], mask=nmask, other=0.0)
-            vn = tl.load(VC + row[:, None] + col[None, :], mask=nmask, other=0.0)
-            nxt = tl.load(BT + b64 * s_bt + j_lo + 1, mask=j_lo + 1 < j_hi, other=0)
+        nxt = tl.load(BT + b64 * s_bt + j_lo, mask=(j_lo < j_hi) & PREFETCH, other=0)
         for j in range(j_lo, j_hi):  # cached positions [0, pos), this split's share
             tt = j * TN + t
             valid = tt < pos
-            if PIPE:
-                kt, vt = kn, vn
-                row = nxt.to(tl.int64) * s_cn + t * s_ct
-                nmask = (((j + 1) * TN + t) < pos)[:, None] & cm[None, :] & (j + 1 < j_hi)
-                kn = tl.load(KC + row[:, None] + col[None, :], mask=nmask, other=0.0)
-                vn = tl.load(VC + row[:, None] + col[None, :], mask=nmask, other=0.0)
-                nxt = tl.load(BT + b64 * s_bt + j + 2, mask=j + 2 < j_hi, other=0)
-            elif NBLK == 1 and PREFETCH:
+            if NBLK == 1 and PREFETCH:
                 cur = nxt
                 nxt = tl.load(BT + b64 * s_bt + j + 1, mask=j + 1 < j_hi, other=0)
-                row = cur.to(tl.int64) * s_cn + t * s_ct
+                off = cur.to(tl.int64) * s_cn + t * s_ct + h * s_ch
             elif NBLK == 1:  # one cache block per iteration (TN == BS): one table entry
-                cur = tl.load(BT + b64 * s_bt + j)
-                row = cur.to(tl.int64) * s_cn + t * s_ct
+                off = tl.load(BT + b64 * s_bt + j).to(tl.int64) * s_cn + t * s_ct + h * s_ch
             elif NBLK == 2:  # two whole blocks per iteration (TN == 2 BS)
                 b0 = tl.load(BT + b64 * s_bt + 2 * j).to(tl.int64)
                 b1 = tl.load(BT + b64 * s_bt + 2 * j + 1, mask=(2 * j + 1) * BS < pos, other=0).to(tl.int64)
-                row = tl.where(t < BS, b0, b1) * s_cn + (t % BS) * s_ct
+                off = tl.where(t < BS, b0, b1) * s_cn + (t % BS) * s_ct + h * s_ch
             else:  # any block size: a table entry per token
                 tb = tl.load(BT + b64 * s_bt + tt // BS, mask=valid, other=0).to(tl.int64)
-                row = tb * s_cn + (tt % BS) * s_ct
-            if PIPE:
-                pass
-            elif TMA:
-                kt = KD.load([cur * BS, h0 * D])
-                vt = VD.load([cur * BS, h0 * D])
-            else:
-                kv_mask = valid[:, None] & cm[None, :]
-                kt = tl.load(KC + row[:, None] + col[None, :], mask=kv_mask, other=0.0)
-                vt = tl.load(VC + row[:, None] + col[None, :], mask=kv_mask, other=0.0)
+                off = tb * s_cn + (tt % BS) * s_ct + h * s_ch
+            kv_mask = valid[:, None] & dm[None, :]
+            kt = tl.load(KC + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            vt = tl.load(VC + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
             if IEEE:
                 s = tl.dot(q, tl.trans(kt), input_precision="ieee") * scale
             else:
@@ -215,41 +219,41 @@ if HAS_TRITON:
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
             m = m_new
-        if own_new:  # the new token, from registers (q's zero columns pick each row's own head)
-            s_n = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale  # [GP]
+        if own_new:  # the new token, from registers
+            s_n = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), 1) * scale  # [GP]
             m_new = tl.maximum(m, s_n)
             alpha = tl.exp(m - m_new)
             p_n = tl.exp(s_n - m_new)
             l = l * alpha + p_n
             acc = acc * alpha[:, None] + p_n.to(v_new.dtype).to(tl.float32)[:, None] * v_new.to(tl.float32)[None, :]
             m = m_new
-        # each row's output is its own head's columns of acc (the other heads' columns are cross terms)
-        o_ptr = O + b64 * s_o + (h0 * G + r)[:, None] * D + dd[None, :]
+        o_ptr = O + b64 * s_o + (h * G + g)[:, None] * D + d[None, :]
+        o_mask = gm[:, None] & dm[None, :]
         if SPLITS == 1:
-            tl.store(o_ptr, (acc / l[:, None]).to(O.dtype.element_ty), mask=qown)
+            tl.store(o_ptr, (acc / l[:, None]).to(O.dtype.element_ty), mask=o_mask)
         else:
-            bh = b64 * tl.num_programs(1) + hg
+            bh = b64 * tl.num_programs(1) + h
             part = bh * SPLITS + sp
-            tl.store(PML + part * 2 * GP + r, m)
-            tl.store(PML + part * 2 * GP + GP + r, l)
-            tl.store(PACC + part * GP * CW + r[:, None] * CW + c[None, :], acc)
+            tl.store(PML + part * 2 * GP + g, m)
+            tl.store(PML + part * 2 * GP + GP + g, l)
+            tl.store(PACC + part * GP * DP + g[:, None] * DP + d[None, :], acc)
             # release: this split's partials are visible before the count; acquire: the last
             # split sees every other split's partials
             done = tl.atomic_add(CNT + bh, 1, sem="acq_rel")
             if done == SPLITS - 1:
                 s_ = tl.arange(0, SP2)
                 sm = s_ < SPLITS
-                ml = PML + (bh * SPLITS + s_)[:, None] * 2 * GP + r[None, :]
+                ml = PML + (bh * SPLITS + s_)[:, None] * 2 * GP + g[None, :]
                 ms = tl.load(ml, mask=sm[:, None], other=float("-inf"), cache_modifier=".cg")  # [SP2, GP]
                 ls = tl.load(ml + GP, mask=sm[:, None], other=0.0, cache_modifier=".cg")
                 m_all = tl.max(ms, 0)  # finite: the last split always holds the new token
                 w = tl.exp(ms - m_all[None, :])  # empty splits: exp(-inf) = 0
                 l_all = tl.sum(w * ls, 0)
-                pa = (PACC + (bh * SPLITS + s_)[:, None, None] * GP * CW + r[None, :, None] * CW
-                      + c[None, None, :])
-                accs = tl.load(pa, mask=sm[:, None, None], other=0.0, cache_modifier=".cg")  # [SP2, GP, CW]
+                pa = (PACC + (bh * SPLITS + s_)[:, None, None] * GP * DP + g[None, :, None] * DP
+                      + d[None, None, :])
+                accs = tl.load(pa, mask=sm[:, None, None], other=0.0, cache_modifier=".cg")  # [SP2, GP, DP]
                 out = tl.sum(accs * w[:, :, None], 0) / l_all[:, None]
-                tl.store(o_ptr, out.to(O.dtype.element_ty), mask=qown)
+                tl.store(o_ptr, out.to(O.dtype.element_ty), mask=o_mask)
                 tl.atomic_xchg(CNT + bh, 0)
 
     @triton.jit
@@ -258,7 +262,7 @@ if HAS_TRITON:
                            HKP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, QK_NORM: tl.constexpr):
         """Prefill: one program per token row, all its heads: q heads RoPE'd into QO; k heads RoPE'd
         into KO and the cache, v into the cache (slot SLOTS[row]; padded rows write the scratch block).
-        Head counts are padded to powers of 2 (HQP, HKP); padded rows are masked out."""
+        Head counts are padded to powers of 2 (HQP, HKP); padded rows re-read head 0, never stored."""
         r = tl.program_id(0).to(tl.int64)
         pos = tl.load(POS + r)
         d = tl.arange(0, DP)
@@ -270,12 +274,14 @@ if HAS_TRITON:
         sin = tl.load(SIN + pos * D + d, mask=dm, other=0.0)
         hq = tl.arange(0, HQP)
         qm = (hq < HQ)[:, None] & dm[None, :]
-        x = _rope_tile(Q + r * s_q, hq * D, d, d_rot, qm, d, d_rot, cos, sin, sign, QNW, eps, D, QK_NORM)
+        xq, xqr, _, _ = _head_load(Q + r * s_q, tl.where(hq < HQ, hq, 0), d, d_rot, dm, Q, D, False)
+        x = _head_rope(xq, xqr, xq, xqr, d, d_rot, dm, sign, cos, sin, QNW, eps, 1.0, D, QK_NORM, False)
         tl.store(QO + r * s_qo + hq[:, None] * D + d[None, :], x, mask=qm)
         hk = tl.arange(0, HKP)
         km = (hk < HKV)[:, None] & dm[None, :]
         hk_ = tl.where(hk < HKV, hk, 0)
-        x = _rope_tile(K + r * s_k, hk * D, d, d_rot, km, d, d_rot, cos, sin, sign, KNW, eps, D, QK_NORM)
+        xk, xkr, _, _ = _head_load(K + r * s_k, hk_, d, d_rot, dm, K, D, False)
+        x = _head_rope(xk, xkr, xk, xkr, d, d_rot, dm, sign, cos, sin, KNW, eps, 1.0, D, QK_NORM, False)
         tl.store(KO + r * s_ko + hk[:, None] * D + d[None, :], x, mask=km)
         slot = tl.load(SLOTS + r)
         dst = slot * s_ct + hk[:, None] * s_ch + d[None, :]
@@ -306,38 +312,32 @@ if HAS_TRITON:
         return (bits.to(tl.float64) + 0.5) / 9007199254740992.0
 
     @triton.jit
-    def _sample_partial_kernel(L, s_l, TEMP, PM, PS, PI, V, NSPLIT,
-                               CH: tl.constexpr, BLOCK: tl.constexpr, ANY_GREEDY: tl.constexpr):
+    def _sample_partial_kernel(L, s_l, TEMP, PM, PS, V, NSPLIT, CH: tl.constexpr, BLOCK: tl.constexpr):
+        """Chunk c of row b: max and sum of exp of z = logits * (1 / T) (T = 1 for greedy rows).
+
+        A multiply by the reciprocal, not a division per logit: the pass reads 78 MB at B=256 and a
+        float32 division is a dozen instructions, which made it instruction-bound."""
         b = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1)
         t = tl.load(TEMP + b)
-        t = tl.where(t > 0, t, 1.0)
+        tinv = 1.0 / tl.where(t > 0, t, 1.0)
         start = c * CH
         m = tl.full([], float("-inf"), tl.float32)
         s = tl.full([], 0.0, tl.float32)
-        bv = m
-        bi = start
+        k = tinv * 1.4426950408889634  # log2(e) / T: exp(x / T - m) = exp2(x * k - m * log2(e)), one FMA
         for it in range(0, CH // BLOCK):
             idx = start + it * BLOCK + tl.arange(0, BLOCK)
-            x = tl.load(L + b * s_l + idx, mask=idx < V, other=float("-inf")).to(tl.float32)
-            z = x / t
-            zm = tl.max(z, 0)
-            m_new = tl.maximum(m, zm)
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
+            x = tl.load(L + b * s_l + idx, mask=idx < V, other=float("-inf"))
+            # max(x) * (1/T) == max(x * (1/T)) exactly (rounding is monotone): the max needs no multiply
+            m_new = tl.maximum(m, tl.max(x, 0).to(tl.float32) * tinv)
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp2(x.to(tl.float32) * k - m_new * 1.4426950408889634), 0)
             m = m_new
-            if ANY_GREEDY:
-                zi = tl.argmax(z, 0, tie_break_left=True)
-                better = zm > bv
-                bi = tl.where(better, start + it * BLOCK + zi, bi)
-                bv = tl.where(better, zm, bv)
         o = b * NSPLIT + c
         tl.store(PM + o, m)
         tl.store(PS + o, s)
-        if ANY_GREEDY:
-            tl.store(PI + o, bi)
 
     @triton.jit
-    def _sample_final_kernel(L, s_l, TEMP, PM, PS, PI, V, NSPLIT, SEED, STREAM, COUNTER, U,
+    def _sample_final_kernel(L, s_l, TEMP, PM, PS, V, NSPLIT, SEED, STREAM, COUNTER, U,
                              OUT_TOK, OUT_LP, CH: tl.constexpr, BLOCK: tl.constexpr, NP: tl.constexpr,
                              ANY_GREEDY: tl.constexpr, HAS_U: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
@@ -351,7 +351,7 @@ if HAS_TRITON:
         lse = mx + tl.log(total)
         t = tl.load(TEMP + b)
         greedy = t <= 0
-        t = tl.where(t > 0, t, 1.0)
+        tinv = 1.0 / tl.where(t > 0, t, 1.0)
         # the row's uniform
         u = _counter_uniform(tl.load(SEED + b), tl.load(STREAM + b), tl.load(COUNTER + b))
         if HAS_U:
@@ -363,6 +363,8 @@ if HAS_TRITON:
         target = tl.minimum(target, clast * 0.99999988)
         cs_ = tl.minimum(tl.sum((cw <= target).to(tl.int32), 0), NSPLIT - 1)
         prev = tl.sum(tl.where(c == cs_ - 1, cw, 0.0), 0)
+        if ANY_GREEDY:  # greedy rows: the first chunk holding the maximum, scanned for its first occurrence
+            cs_ = tl.where(greedy, tl.min(tl.where(pm == mx, c, NP), 0), cs_)
         pm_c = tl.sum(tl.where(c == cs_, pm, 0.0), 0)
         r = (target - prev) / tl.exp(pm_c - mx)  # in units of exp(z - pm_c)
         start = cs_ * CH
@@ -372,24 +374,23 @@ if HAS_TRITON:
         for it in range(0, CH // BLOCK):
             idx = start + it * BLOCK + tl.arange(0, BLOCK)
             valid = idx < V
-            x = tl.load(L + b * s_l + idx, mask=valid, other=float("-inf")).to(tl.float32)
-            e = tl.where(valid, tl.exp(x / t - pm_c), 0.0)
+            z = tl.load(L + b * s_l + idx, mask=valid, other=float("-inf")).to(tl.float32) * tinv
+            e = tl.where(valid, tl.exp(z - pm_c), 0.0)
             cum = tl.cumsum(e, 0) + run
             top = tl.max(cum, 0)
             n_le = tl.sum((cum <= r).to(tl.int32), 0)
             hit = (found < 0) & (top > r)
+            if ANY_GREEDY:  # greedy: the first index where z reaches the chunk's (= the row's) maximum
+                first = tl.min(tl.where(valid & (z == pm_c), idx, V), 0)
+                hit = tl.where(greedy, (found < 0) & (first < V), hit)
+                n_le = tl.where(greedy, first - start - it * BLOCK, n_le)
             found = tl.where(hit, start + it * BLOCK + n_le, found)
             last = tl.maximum(last, tl.max(tl.where(e > 0, idx, -1), 0))
             run = top
         tok = tl.where(found >= 0, found, last)
-        if ANY_GREEDY:
-            pi = tl.load(PI + b * NSPLIT + c, mask=cm, other=0)
-            first = tl.min(tl.where(pm == mx, c, NP), 0)
-            gt = tl.sum(tl.where(c == first, pi, 0), 0)
-            tok = tl.where(greedy, gt, tok)
         xt = tl.load(L + b * s_l + tok).to(tl.float32)
         tl.store(OUT_TOK + b, tok.to(tl.int64))
-        tl.store(OUT_LP + b, xt / t - lse)
+        tl.store(OUT_LP + b, xt * tinv - lse)
 
     @triton.jit(do_not_specialize=["n"])  # the batch size must not pick a new compilation (a JIT mid-run)
     def _advance_kernel(TOK_IN, POS, COUNTER, OUT_TOK, n):
@@ -408,7 +409,7 @@ def _np2(x: int) -> int:
 
 def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
                 tokens: torch.Tensor | None = None, h_out: torch.Tensor | None = None,
-                y_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                y_out: torch.Tensor | None = None, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, y): h = x + residual (or x, or the embedding rows x[tokens]); y = RMSNorm(h) * weight.
     `h_out` may be `x` itself (in place). Rows: x is [M, H] (or [V, H] with tokens [M])."""
     hdim = x.shape[-1]
@@ -419,16 +420,23 @@ def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: tor
     _add_rmsnorm_kernel[(m,)](x, r, tokens if tokens is not None else x, weight, y, h, hdim,
                               x.stride(0), r.stride(0), y.stride(0), h.stride(0), eps,
                               BLOCK=_np2(hdim), HAS_RES=residual is not None, EMBED=tokens is not None,
-                              num_warps=4 if hdim <= 4096 else 8)
+                              num_warps=num_warps or max(1, min(8, hdim // 1024)))  # H200, 896: 1 warp 1.83 us, 4: 1.90
     return h, y
 
 
-def silu_mul(g: torch.Tensor, u: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def silu_mul(g: torch.Tensor, u: torch.Tensor, out: torch.Tensor | None = None, block: int | None = None,
+             num_warps: int = 4, norm_x: torch.Tensor | None = None, norm_eps: float = 1e-6) -> torch.Tensor:
+    """silu(g) * u. `norm_x` [M, H] (a folded RMSNorm, see `forge.engine.fused`): g and u were
+    projected from the un-normalised rows norm_x with the norm weight folded into the gate/up
+    weight; both are first scaled by each row's rsqrt(mean(norm_x^2) + norm_eps)."""
     m, n = g.shape
     o = out if out is not None else torch.empty(m, n, dtype=g.dtype, device=g.device)
-    block = min(2048, _np2(n))
+    block = min(block or 1024, _np2(n))  # H200, B=256 x 4864: 1024 x 4 warps 2.42 us, 2048 x 4: 2.58 (bench/decode_kernels.py)
+    x = norm_x if norm_x is not None else g
     _silu_mul_kernel[(m, triton.cdiv(n, block))](g, u, o, n, g.stride(0), u.stride(0), o.stride(0),
-                                                  BLOCK=block, num_warps=4)
+                                                  x, x.stride(0), x.shape[1], norm_eps,
+                                                  BLOCK=block, ROWSCALE=norm_x is not None, HP=_np2(x.shape[1]),
+                                                  num_warps=num_warps)
     return o
 
 
@@ -443,11 +451,6 @@ ATTN_STAGES = 2
 # off there (bench/NOTES_generate.md)
 ATTN_PREFETCH_TABLE = True
 ATTN_STAGES_SPLIT = 3
-# kv heads per program at one split (each cache block's K/V one contiguous tile, q block-diagonal) and
-# K/V tiles through TMA descriptors (Hopper and later); measured in bench/attention_decode.py
-ATTN_KV_PER_PROGRAM = 1
-ATTN_TMA = False
-ATTN_PIPELINE = False  # next iteration's K/V prefetched into registers by hand (one block per iteration)
 
 
 ATTN_MAX_SPLITS = 8
@@ -496,37 +499,13 @@ class AttentionWorkspace:
         return rows <= self.rows and rows * self.num_kv * splits <= self.parts
 
 
-_DESCRIPTORS: dict[tuple, object] = {}
-
-
-def _cache_descriptor(cache: torch.Tensor, rows: int, cols: int):
-    """TMA descriptor of a [NB, BS, Hkv, D] cache seen as [NB x BS, Hkv x D], [rows, cols] tiles. Kept
-    per (address, shape, tile): the caches live for the engine's lifetime (a few dozen of them)."""
-    key = (cache.data_ptr(), tuple(cache.shape), cache.dtype, rows, cols)
-    desc = _DESCRIPTORS.get(key)
-    if desc is None:
-        if len(_DESCRIPTORS) >= 256:  # tests create many short-lived caches
-            _DESCRIPTORS.pop(next(iter(_DESCRIPTORS)))
-        nb, bs, hkv, d = cache.shape
-        desc = _DESCRIPTORS[key] = TensorDescriptor.from_tensor(cache.view(nb * bs, hkv * d), [rows, cols])
-    return desc
-
-
-def _tma_ok(device: torch.device) -> bool:
-    if TensorDescriptor is None:
-        return False
-    if device.type != "cuda":
-        return True  # the interpreter emulates descriptors
-    return torch.cuda.get_device_capability(device)[0] >= 9
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
               block_tables: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
               num_heads: int, q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
               eps: float = 1e-6, out: torch.Tensor | None = None, tokens: int | None = None,
               num_warps: int | None = None, num_stages: int | None = None, splits: int | None = None,
-              workspace: AttentionWorkspace | None = None, kv_per_program: int | None = None,
-              tma: bool | None = None, pipeline: bool | None = None) -> torch.Tensor:
+              workspace: AttentionWorkspace | None = None, norm_x: torch.Tensor | None = None,
+              norm_eps: float = 1e-6, qkv_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention for one new token per row, RoPE and the cache write included.
 
     q [B, Hq*D], k/v [B, Hkv*D] (rows may be strided views of one qkv buffer; heads contiguous),
@@ -537,11 +516,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
     and combines them in the kernel; it needs a `workspace` (allocated here when not given: pass
     one when capturing a CUDA graph).
 
-    `kv_per_program` (default `ATTN_KV_PER_PROGRAM` at one split, else 1) kv heads share a program;
-    `tma` (default `ATTN_TMA` on Hopper+) loads whole cache blocks through TMA descriptors (needs
-    tokens per iteration == block size, head_dim a power of 2 and a contiguous cache)."""
+    `norm_x` [B, H] (the input RMSNorm folded into the q/k/v weight, see `forge.engine.fused`): q/k/v
+    were projected from these un-normalised rows without bias; each row is scaled by its
+    rsqrt(mean(norm_x^2) + norm_eps) and gets `qkv_bias` [(Hq + 2 Hkv) * D] here."""
     b = q.shape[0]
     nb, bs, hkv, d = k_cache.shape
+    if qkv_bias is not None and norm_x is None:
+        raise ValueError("attention: qkv_bias is only applied with norm_x (a folded norm)")
     g = num_heads // hkv
     o = out if out is not None else torch.empty(b, num_heads * d, dtype=q.dtype, device=q.device)
     qk_norm = q_norm is not None
@@ -555,28 +536,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
     if splits > 1 and not workspace.fits(b, splits):
         raise ValueError(f"attention: the workspace holds {workspace.parts} (row, kv head, split) partials for "
                          f"<= {workspace.rows} rows; asked for {b} rows x {hkv} kv heads x {splits} splits")
-    kvh = kv_per_program or (ATTN_KV_PER_PROGRAM if splits == 1 else 1)
-    if hkv % kvh:
-        kvh = 1
-    if kvh > 1 and splits > 1 and workspace.gp < max(16, _np2(g * kvh)):
-        raise ValueError(f"attention: {kvh} kv heads per program need a workspace for {g * kvh} q rows")
-    dp, nblk = max(16, _np2(d)), 1 if tn == bs else (2 if tn == 2 * bs else 0)
-    use_tma = (ATTN_TMA and q.is_cuda) if tma is None else tma
-    tma_fits = nblk == 1 and dp == d and k_cache.is_contiguous() and v_cache.is_contiguous() and _tma_ok(q.device)
-    if tma and not tma_fits:
-        raise ValueError("attention: TMA needs tokens per iteration == block size, a power-of-2 head_dim, "
-                         "contiguous caches and Triton descriptors on a Hopper (sm90+) GPU")
-    use_tma = use_tma and tma_fits
-    pipe = (ATTN_PIPELINE if pipeline is None else pipeline) and nblk == 1 and not use_tma
-    kd, vd = (_cache_descriptor(k_cache, bs, kvh * d), _cache_descriptor(v_cache, bs, kvh * d)) if use_tma else (k_cache, v_cache)
     ws = (workspace.ml, workspace.acc, workspace.count) if splits > 1 else (o, o, o)
-    _attention_kernel[(b, hkv // kvh, splits)](
-        q, k, v, q.stride(0), k.stride(0), v.stride(0), k_cache, v_cache, kd, vd, block_tables, pos, cos, sin,
+    x = norm_x if norm_x is not None else q
+    nq, nk = num_heads * d, hkv * d
+    qkv_b = (qkv_bias[:nq], qkv_bias[nq:nq + nk], qkv_bias[nq + nk:]) if qkv_bias is not None else (q, q, q)
+    _attention_kernel[(b, hkv, splits)](
+        q, k, v, q.stride(0), k.stride(0), v.stride(0), k_cache, v_cache, block_tables, pos, cos, sin,
         q_norm if qk_norm else q, k_norm if qk_norm else q, o, o.stride(0),
         block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), d ** -0.5, eps, *ws,
-        G=g, GP=max(16, _np2(g * kvh)), D=d, DP=dp, BS=bs, TN=tn, QK_NORM=qk_norm,
-        IEEE=q.dtype == torch.float32, NBLK=nblk, KVH=kvh, TMA=use_tma, PIPE=pipe,
+        x, x.stride(0), x.shape[1], norm_eps, *qkv_b,
+        G=g, GP=max(16, _np2(g)), D=d, DP=max(16, _np2(d)), BS=bs, TN=tn, QK_NORM=qk_norm,
+        IEEE=q.dtype == torch.float32, NBLK=1 if tn == bs else (2 if tn == 2 * bs else 0),
         SPLITS=splits, SP2=max(2, _np2(splits)), PREFETCH=ATTN_PREFETCH_TABLE and splits > 1,
+        ROWSCALE=norm_x is not None, HAS_BIAS=qkv_bias is not None, HP=_np2(x.shape[1]),
         num_warps=num_warps or ATTN_WARPS, num_stages=num_stages or (ATTN_STAGES_SPLIT if splits > 1 else ATTN_STAGES),
     )
     return o
@@ -600,7 +572,9 @@ def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch
     return qo, ko
 
 
-SAMPLE_CFG = (4096, 2, 8)  # first pass: logits per load, loads per program, warps (H100: 54 us vs 64 for 2048x4)
+# first pass: logits per load, loads per program, warps. H200, B=256 x 151,936 bf16 from HBM: 34.3 us (37.3 for
+# 4096 x 2; 53.3 before the reciprocal multiply), bench/decode_kernels.py
+SAMPLE_CFG = (4096, 1, 8)
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor, stream: torch.Tensor,
@@ -619,12 +593,11 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor, 
     dev = logits.device
     pm = torch.empty(b, nsplit, dtype=torch.float32, device=dev)
     ps = torch.empty(b, nsplit, dtype=torch.float32, device=dev)
-    pi = torch.empty(b, nsplit, dtype=torch.int32, device=dev)
     tok = out_tokens if out_tokens is not None else torch.empty(b, dtype=torch.int64, device=dev)
     lp = out_logprobs if out_logprobs is not None else torch.empty(b, dtype=torch.float32, device=dev)
-    _sample_partial_kernel[(b, nsplit)](logits, logits.stride(0), temperature, pm, ps, pi, vocab, nsplit,
-                                        CH=ch, BLOCK=block, ANY_GREEDY=any_greedy, num_warps=warps)
-    _sample_final_kernel[(b,)](logits, logits.stride(0), temperature, pm, ps, pi, vocab, nsplit, seed, stream,
+    _sample_partial_kernel[(b, nsplit)](logits, logits.stride(0), temperature, pm, ps, vocab, nsplit,
+                                        CH=ch, BLOCK=block, num_warps=warps)
+    _sample_final_kernel[(b,)](logits, logits.stride(0), temperature, pm, ps, vocab, nsplit, seed, stream,
                                counter, u if u is not None else temperature, tok, lp, CH=ch, BLOCK=block,
                                NP=max(2, _np2(nsplit)), ANY_GREEDY=any_greedy, HAS_U=u is not None, num_warps=8)
     return tok, lp

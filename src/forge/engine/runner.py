@@ -67,6 +67,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
+        self.fold_norms = self._want_fold()  # before the KV budget: the folded copies take memory
         self.num_blocks = self._num_blocks(max_model_len)
         shape = (self.num_layers, self.num_blocks, self.block_size, self.num_kv, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
@@ -81,6 +82,18 @@ class ModelRunner:
         self._prefill_pool = None
         self.prefill_capture_log: list[dict] = []
         self.use_triton = False
+        self.gemm_tuner = None  # forge.engine.cublaslt.GemmTuner once the fused decode graphs are captured
+        if config.tune_gemms and not (device.type == "cuda" and config.enable_cuda_graphs
+                                      and self.dtype in (torch.bfloat16, torch.float16)):
+            raise ValueError("EngineConfig.tune_gemms=True needs CUDA with enable_cuda_graphs and a bfloat16/float16 "
+                             f"model (got device {device.type}, dtype {self.dtype}, "
+                             f"enable_cuda_graphs={config.enable_cuda_graphs})")
+        if config.tune_gemms:
+            from forge.engine.cublaslt import GemmTuner
+
+            if not GemmTuner.supported(device, self.dtype):  # here, not inside the graph capture's fallback
+                raise ValueError("EngineConfig.tune_gemms=True: cuBLASLt was not found in this process "
+                                 "(Linux CUDA build of torch needed); leave tune_gemms unset to fall back to F.linear")
         if self._want_fused():
             try:
                 self._setup_fused()
@@ -111,6 +124,10 @@ class ModelRunner:
             # leave room for activations of the largest prefill and the sampler's [B, V] float32 temporaries
             work = c.max_num_batched_tokens * (a.hidden_size * 6 + a.intermediate_size * 3) * 4
             work += c.max_num_seqs * a.vocab_size * 4 * 8 + (1 << 30)
+            if self.fold_norms:
+                from forge.engine.fused import fold_bytes
+
+                work += fold_bytes(self.model)
             tokens = min(useful, max(0, int(free * c.gpu_memory_fraction) - work) // per_tok)
         else:
             tokens = useful
@@ -307,10 +324,31 @@ class ModelRunner:
             raise ValueError("fused_decode=True needs num_attention_heads % num_key_value_heads == 0, even head_dim")
         return ok
 
+    FOLD_AUTO_MAX_BYTES = 1 << 30
+
+    def _want_fold(self) -> bool:
+        """EngineConfig.fold_norms: None = on for the fused decode on CUDA when the folded copies of the
+        q/k/v and gate/up weights take <= 1 GiB (small models, where the norm launches are a visible
+        share of a step; bench/NOTES_generate.md) and the gate/up projections have no bias."""
+        want = self.config.fold_norms
+        if want is False:
+            return False
+        if not self._want_fused():
+            if want:
+                raise ValueError("EngineConfig.fold_norms=True needs the fused decode path (CUDA with triton, "
+                                 "fused_decode not False)")
+            return False
+        if want:
+            return True
+        from forge.engine.fused import fold_bytes
+
+        gu_bias = any(layer.mlp.gate_proj.bias is not None for layer in self.model.model.layers)
+        return self.device.type == "cuda" and not gu_bias and fold_bytes(self.model) <= self.FOLD_AUTO_MAX_BYTES
+
     def _setup_fused(self) -> None:
         from forge.engine.fused import FusedDecode
 
-        self.fused = FusedDecode(self.model, self.model.args.max_position_embeddings)
+        self.fused = FusedDecode(self.model, self.model.args.max_position_embeddings, fold_norms=self.fold_norms)
         self.fused.reserve(self.config.max_num_seqs)
         self._alloc_state(self.config.max_num_seqs)
         err = self._check_fused()
@@ -326,6 +364,7 @@ class ModelRunner:
             except Exception as e:  # noqa: BLE001
                 log.warning("CUDA graph capture of the fused decode failed (%s); running it without graphs", e)
                 self.graphs.clear()
+                self.fused.gemm_tuner = None
                 torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
@@ -361,7 +400,7 @@ class ModelRunner:
 
         self.graphs.clear()
         self._prefill_graphs.clear()
-        self.fused = FusedDecode(self.model, self.model.args.max_position_embeddings)
+        self.fused = FusedDecode(self.model, self.model.args.max_position_embeddings, fold_norms=self.fold_norms)
         self.fused.reserve(self.config.max_num_seqs)
         self._key = None
         if self.device.type == "cuda" and self.config.enable_cuda_graphs:
@@ -396,7 +435,17 @@ class ModelRunner:
         sizes = self.graph_sizes()
         pool = None
         self._key = None
+        tuner = self._gemm_tuner()
+        t0 = time.perf_counter()
         for b in sizes:  # largest first, so smaller graphs reuse its memory pool
+            if tuner is not None and b >= self.config.tune_gemms_min_rows:
+                try:
+                    self.fused.tune_gemms(b, tuner)
+                except Exception as e:  # noqa: BLE001 - a library problem must not cost the CUDA graphs
+                    if self.config.tune_gemms:
+                        raise
+                    log.warning("cuBLASLt GEMM tuning failed (%s); the decode GEMMs stay F.linear", e)
+                    tuner = self.fused.gemm_tuner = None
             self.st_pos[:b].zero_()
             self.st_tables[:b].zero_()  # scratch block 0
             self._fused_step(b)  # warm-up: kernel selection, triton compilation
@@ -407,6 +456,24 @@ class ModelRunner:
             self.graphs[b] = (g, out)
         torch.cuda.synchronize(self.device)
         log.info("captured fused decode CUDA graphs for batch sizes %s", sorted(self.graphs))
+        if tuner is not None:
+            t = tuner.summary()
+            log.info("decode GEMMs: cuBLASLt algorithms for %d of %d shapes, %.0f -> %.0f us per step's calls "
+                     "(tuning and capture %.1f s)", t["replaced"], t["shapes"], t["torch_us"], t["tuned_us"],
+                     time.perf_counter() - t0)
+
+    def _gemm_tuner(self):
+        """The runner's cuBLASLt tuner (kept across fused-path rebuilds: its choices are per shape)."""
+        want = self.config.tune_gemms
+        if want is False:
+            return None
+        if self.gemm_tuner is None:
+            from forge.engine.cublaslt import GemmTuner
+
+            if not GemmTuner.supported(self.device, self.dtype):  # tune_gemms=True was checked at start
+                return None
+            self.gemm_tuner = GemmTuner(self.device, self.dtype)
+        return self.gemm_tuner
 
     @torch.inference_mode()
     def _check_fused(self) -> float:
@@ -500,14 +567,18 @@ class ModelRunner:
         self.st_tables.view(-1).index_copy_(0, self._tensor(idx, torch.int64), self._tensor(val, torch.int32))
 
     @torch.inference_mode()
-    def decode_launch(self, seqs: list[Sequence], rows_fn, sampler, keep: list[int] | None = None) -> DecodeHandle:
+    def decode_launch(self, seqs: list[Sequence], rows_fn, sampler, keep: list[int] | None = None,
+                      first_tokens: tuple[list[int], torch.Tensor] | None = None) -> DecodeHandle:
         """Queue one fused decode step (forward + sampling) for `seqs`; nothing waits for the device.
 
         rows_fn() -> the sampling rows of `seqs` (`LLMEngine._sampling_row`), called only when the
         batch differs from the last step's (else the state on the device moves on by itself).
         `keep`: `seqs` are these rows of the step in flight, in order (a batch that only lost rows):
         their state is gathered on the device from the in-flight step's, whose tokens the host
-        has not read yet."""
+        has not read yet. `first_tokens` (rows, tokens on the device): these rows' input tokens are the
+        first tokens a prefill step sampled, which the host has not read yet (their `token_ids` end with
+        the prompt)."""
+        self.fused.refresh_folds()  # parameters updated in place since the last step: re-fold first
         b = len(seqs)
         gb = next((x for x in sorted(self.graphs) if x >= b), b)
         key = tuple(s.seq_id for s in seqs)
@@ -525,6 +596,9 @@ class ModelRunner:
             rows = rows_fn()
             self._key = None
             self._state_upload(seqs, rows, gb)
+            if first_tokens is not None:
+                self.st_tok.index_copy_(0, self._tensor(first_tokens[0], torch.int64),
+                                        first_tokens[1].to(self.st_tok.dtype))
             self._rows_sb = SamplingBatch.build(rows, self.device, state=(
                 self.st_temp[:b], self.st_seed[:b], self.st_stream[:b], self.st_counter[:b]))
             self._key, self._gb = key, gb
