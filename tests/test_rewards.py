@@ -216,3 +216,30 @@ def test_reward_actor_process_isolation_kills_hangs():
         await actor.shutdown()
 
     asyncio.run(main())
+
+
+def test_abandoned_reward_thread_finishes_without_an_error(monkeypatch):
+    """A reward that outlives its timeout still ends cleanly: the caller's timeout must not cancel the
+    future the thread later reports into (that raised InvalidStateError inside the thread)."""
+    import threading
+
+    from forge.actors.reward import _call_in_daemon_thread
+
+    errors = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value))
+    value = random.random()
+
+    def slow():
+        time.sleep(0.3)
+        return value
+
+    async def main():
+        fut, thread = _call_in_daemon_thread(slow)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.wrap_future(fut), 0.05)
+        return fut, thread
+
+    fut, thread = asyncio.run(main())
+    thread.join(5)
+    assert not errors, errors
+    assert fut.result() == value

@@ -43,6 +43,10 @@ def _call_in_daemon_thread(fn: Callable[[], float]) -> tuple[Future, threading.T
     fut: Future = Future()
 
     def run() -> None:
+        # once running, the future cannot be cancelled (an awaiting task that times out tries to), so the
+        # result below always has somewhere to go; one cancelled before the thread starts is not run
+        if not fut.set_running_or_notify_cancel():
+            return
         try:
             fut.set_result(fn())
         except BaseException as e:  # noqa: BLE001 — handed to the awaiting caller
