@@ -12,6 +12,9 @@ forge: all --num-seqs requests submitted at once, wall time from submission to t
 to keep it short; reported per second). Bound: every decode step must read all weights once
 plus each sequence's KV cache (average context = prompt + new/2), at the measured device copy
 bandwidth: bound tok/s = bandwidth / (weight bytes + batch * avg_ctx * kv bytes/token) * batch.
+Roofline (printed beside it): the weight GEMMs take at least max(weight bytes / bandwidth, 2 * batch *
+weight elements / measured GEMM peak), plus the KV read; at B=256 on an H200 the GEMMs are compute-bound
+(256 FLOP per weight byte, above its ridge point), so there the roofline is the tighter of the two.
 """
 
 from __future__ import annotations
@@ -62,6 +65,22 @@ def copy_bandwidth(dev: torch.device, nbytes: int) -> float:
         y.copy_(x)
     sync(dev)
     return 2 * nbytes * iters / (time.perf_counter() - t0)
+
+
+def gemm_peak_flops(dev: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a large square matmul: what the GEMMs of a decode step could reach at best."""
+    n = 8192 if dev.type == "cuda" else 512
+    a = torch.randn(n, n, device=dev).to(dtype)
+    b = torch.randn(n, n, device=dev).to(dtype)
+    for _ in range(3):
+        a @ b
+    sync(dev)
+    iters = 20
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    sync(dev)
+    return 2 * n ** 3 * iters / (time.perf_counter() - t0)
 
 
 def build_model(args: ModelArgs, dev: torch.device, dtype: torch.dtype) -> CausalLM:
@@ -491,6 +510,12 @@ def main() -> int:
     step_bytes = weight_bytes + o.num_seqs * avg_ctx * kv_tok
     bound = res["bandwidth_bytes_per_s"] / step_bytes * o.num_seqs
     res["bound"] = {"tokens_per_s": bound, "weight_bytes": weight_bytes, "kv_bytes_per_step": o.num_seqs * avg_ctx * kv_tok}
+    res["gemm_peak_flops"] = peak = gemm_peak_flops(dev, dtype)
+    gemm_elems = sum(p.numel() for p in model.parameters() if p.dim() == 2)  # the tied embedding = lm_head
+    bw = res["bandwidth_bytes_per_s"]
+    step_s = max(weight_bytes / bw, 2 * o.num_seqs * gemm_elems / peak) + o.num_seqs * avg_ctx * kv_tok / bw
+    res["roofline"] = {"tokens_per_s": o.num_seqs / step_s, "step_ms": 1e3 * step_s,
+                       "weight_gemm_flops_per_step": 2 * o.num_seqs * gemm_elems}
 
     # "all": every variant, the defaults last (the main run above measured them first in a cold process)
     names = list(VARIANTS) if o.variants == "all" else [v for v in o.variants.split(",") if v]
@@ -515,15 +540,19 @@ def main() -> int:
     h = res["hf"]["tokens_per_s"] if res["hf"] else float("nan")
     res["forge_over_hf"] = f / h if res["hf"] else None
     res["forge_over_bound"] = f / bound
+    roof = res["roofline"]["tokens_per_s"]
+    res["forge_over_roofline"] = f / roof
     rows = [("forge LLMEngine", f, f"{o.num_seqs} seqs x {o.new_tokens} tok"),
             ("HF generate", h, f"{o.hf_batch} seqs x {o.hf_new_tokens} tok"),
-            ("bandwidth bound", bound, f"{res['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s, {step_bytes / 1e9:.2f} GB/step")]
+            ("bandwidth bound", bound, f"{res['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s, {step_bytes / 1e9:.2f} GB/step"),
+            ("roofline", roof, f"+ GEMM FLOPs at {peak / 1e12:.1f} TFLOP/s (measured), "
+                               f"{res['roofline']['step_ms']:.3f} ms/step")]
     print(f"\ndevice {res['device']}  dtype {res['dtype']}  prompt {o.prompt_len}")
     print(f"{'':18}{'tokens/s':>12}  note")
     for name, v, note in rows:
         print(f"{name:18}{v:>12,.0f}  {note}")
     print(f"forge / HF    = {res['forge_over_hf'] or float('nan'):.1f}x")
-    print(f"forge / bound = {100 * res['forge_over_bound']:.1f}%")
+    print(f"forge / bound = {100 * res['forge_over_bound']:.1f}%   (/ roofline = {100 * f / roof:.1f}%)")
     if res["forge"]:
         fr = res["forge"]
         print(f"(attention: {fr['attention']}, graphs: {len(fr['cuda_graphs'])}, steps: {fr['steps']}, "

@@ -19,5 +19,10 @@ def test_generate_throughput_smoke(tmp_path):
     assert res["forge"]["tokens"] == 8 * 16 and res["forge"]["tokens_per_s"] > 0
     assert res["hf"]["tokens_per_s"] > 0 and res["bound"]["tokens_per_s"] > 0
     assert res["forge_over_hf"] > 0 and 0 < res["forge_over_bound"] < 1
-    for line in ("forge LLMEngine", "HF generate", "bandwidth bound", "forge / HF", "forge / bound"):
+    # roofline: the smoke model's GEMM weights by hand (hidden 64, 4 q / 2 kv heads of 16, mlp 128, 2 layers,
+    # vocab 512 tied): per layer q 64x64, k and v 32x64, o 64x64, gate / up 128x64, down 64x128; + lm_head 512x64
+    elems = 2 * (64 * 64 + 2 * 32 * 64 + 64 * 64 + 3 * 128 * 64) + 512 * 64
+    assert res["roofline"]["weight_gemm_flops_per_step"] == 2 * 8 * elems
+    assert 0 < res["roofline"]["tokens_per_s"] <= res["bound"]["tokens_per_s"] * (1 + 1e-9)
+    for line in ("forge LLMEngine", "HF generate", "bandwidth bound", "roofline", "forge / HF", "forge / bound"):
         assert line in r.stdout
