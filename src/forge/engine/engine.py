@@ -257,12 +257,8 @@ class LLMEngine:
             return None
         if not self._blocks_for_next_token(seqs):
             return None  # the cache is full: drain, then the scheduler preempts
-        rows = []
-        for s in seqs:
-            row = self._sampling_row(s)
-            if id(s) in new:  # its first token (counter 0) is the one in flight
-                row = row[:6] + (row[6] + 1,) + row[7:]
-            rows.append(row)
+        # a prefilled row's first token (counter 0) is the one in flight: this step samples its second
+        rows = [self._sampling_row(s, ahead=int(id(s) in new)) for s in seqs]
         idx = [i for i, s in enumerate(seqs) if id(s) in new]
         src = self.runner._tensor([new[id(seqs[i])] for i in idx], torch.int64)
         left = max(s.request.max_new_tokens - s.num_generated - (id(s) in new) for s in seqs)
@@ -361,9 +357,10 @@ class LLMEngine:
         return group
 
     @staticmethod
-    def _sampling_row(s: Sequence) -> tuple:
+    def _sampling_row(s: Sequence, ahead: int = 0) -> tuple:
+        """`ahead`: tokens of `s` sampled on the device but not read yet (the seeded stream's counter)."""
         p = s.params
-        return (p.temperature, p.top_k, p.top_p, p.min_p, s.request.seed, s.index, s.num_generated,
+        return (p.temperature, p.top_k, p.top_p, p.min_p, s.request.seed, s.index, s.num_generated + ahead,
                 p.truncated_logprobs and p.temperature > 0)
 
     def _stop_reason(self, s: Sequence, tok: int) -> str | None:
