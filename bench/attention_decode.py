@@ -30,13 +30,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from forge.engine import kernels as K  # noqa: E402
 from forge.engine.timing import graph_time_us  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernel_settings  # noqa: E402
 
-def setup(b: int, ctx: int, layers: int, dev: torch.device, dtype: torch.dtype, hq=14, hkv=2, d=64, bs=64):
+
+def setup(b: int, ctx: int, layers: int, dev: torch.device, dtype: torch.dtype, hq=14, hkv=2, d=64, bs=64,
+          head_major: bool = False):
     torch.manual_seed(0)
     per = ctx // bs + 1
     nb = b * per + 1
     kc = torch.randn(layers, nb, bs, hkv, d, device=dev).to(dtype)
     vc = torch.randn_like(kc)
+    if head_major:  # blocks stored [Hkv, BS, D]: one head's block is contiguous; the kernel reads the strides
+        kc = kc.permute(0, 1, 3, 2, 4).contiguous().permute(0, 1, 3, 2, 4)
+        vc = vc.permute(0, 1, 3, 2, 4).contiguous().permute(0, 1, 3, 2, 4)
     bt = torch.randperm(nb - 1, device=dev).add(1).int()[: b * per].view(b, per).contiguous()
     pos = torch.full((b,), ctx, device=dev, dtype=torch.int32)
     qkv = torch.randn(b, (hq + 2 * hkv) * d, device=dev).to(dtype)
@@ -44,7 +51,11 @@ def setup(b: int, ctx: int, layers: int, dev: torch.device, dtype: torch.dtype, 
     inv = 1.0 / (1e6 ** (torch.arange(0, d, 2, device=dev).float() / d))
     fr = torch.outer(torch.arange(ctx + 64, device=dev).float(), inv)
     cos, sin = torch.cat([fr, fr], -1).cos(), torch.cat([fr, fr], -1).sin()
-    return dict(q=q, k=k, v=v, kc=kc, vc=vc, bt=bt, pos=pos, cos=cos, sin=sin, hq=hq, hkv=hkv, d=d)
+    # the folded-norm step's extra inputs: the residual rows the norm scale comes from, the q/k/v bias
+    x = torch.randn(b, 896, device=dev).to(dtype)
+    bias = (torch.randn((hq + 2 * hkv) * d, device=dev) * 0.1).to(dtype)
+    return dict(q=q, k=k, v=v, kc=kc, vc=vc, bt=bt, pos=pos, cos=cos, sin=sin, inv=inv, x=x, bias=bias,
+                hq=hq, hkv=hkv, d=d)
 
 
 def main() -> None:
@@ -57,43 +68,60 @@ def main() -> None:
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--stages", default="2,3,4")
     ap.add_argument("--splits", default="", help="default: 1 and 2 where the default is 1, else the default")
+    ap.add_argument("--settings", default="", help="';'-separated forge.engine.kernels settings to run every "
+                    "variant under, e.g. 'ATTN_EARLY=False,ATTN_ROPE_INV=False;' (empty: the defaults)")
+    ap.add_argument("--layouts", default="token-major", help="cache block layouts, comma separated: token-major "
+                    "([BS, Hkv, D], the engine's) and/or head-major ([Hkv, BS, D], same values)")
+    ap.add_argument("--folded", action="store_true", help="as the engine's default step calls it: the folded "
+                    "norm's row scale and the q/k/v bias applied in the prologue, cos/sin from inv_freq")
     args = ap.parse_args()
     ints = lambda x: [int(v) for v in x.split(",") if v]  # noqa: E731
+    if args.smoke:  # triton 3.6's interpreter loads a scalar as a 1-element array; numpy >= 2.4 refuses int() of it
+        import triton.runtime.interpreter as interp
+
+        patch = interp._patch_lang_tensor
+        interp._patch_lang_tensor = lambda t, scope: (patch(t, scope), scope.set_attr(
+            t, "__index__", lambda self: int(self.handle.data.reshape(-1)[0])))
     dev = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.float32 if args.smoke else torch.bfloat16
     layers = 2 if args.smoke else 24
     shapes = [(4, 100), (2, 300)] if args.smoke else [tuple(int(v) for v in x.split("x")) for x in args.shapes.split(",")]
+    refs: dict[tuple[int, int], torch.Tensor] = {}
     rows, results = [], {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "runs": []}
-    for b, ctx in shapes:
-        s = setup(b, ctx, layers, dev, dtype)
+    for (b, ctx), layout in itertools.product(shapes, args.layouts.split(",")):
+        s = setup(b, ctx, layers, dev, dtype, head_major=layout == "head-major")
         default_splits = K.attention_splits(b, s["hkv"], dev)
         ws = K.AttentionWorkspace(b, s["hq"], s["hkv"], s["d"], dev, splits=K.ATTN_MAX_SPLITS)
         splits_opts = ints(args.splits) or (sorted({1, 2, default_splits}) if default_splits == 1 else [default_splits])
         grid = itertools.product(ints(args.tokens) or [None], splits_opts, ints(args.warps), ints(args.stages))
         if args.smoke:
             grid = itertools.product((None, 32), sorted({1, *splits_opts}), (4,), (2,))
-        ref = None
-        for tokens, sp, warps, stages in grid:
+        ref = refs.get((b, ctx))  # the layouts hold the same values: one reference per shape
+        fold = dict(norm_x=s["x"], qkv_bias=s["bias"]) if args.folded else {}
+        for spec, (tokens, sp, warps, stages) in itertools.product(args.settings.split(";"), list(grid)):
             def call(i: int):
                 return K.attention(s["q"], s["k"], s["v"], s["kc"][i], s["vc"][i], s["bt"], s["pos"], s["cos"],
                                    s["sin"], s["hq"], splits=sp, workspace=ws, tokens=tokens, num_warps=warps,
-                                   num_stages=stages)
-            key = dict(batch=b, ctx=ctx, tokens=tokens, splits=sp, warps=warps, stages=stages)
+                                   num_stages=stages, **fold)
+            saved = kernel_settings.apply(spec)
+            key = dict(batch=b, ctx=ctx, layout=layout, settings=spec, tokens=tokens, splits=sp, warps=warps, stages=stages)
             try:
                 out = call(0).float()
                 if ref is None:
-                    ref = out
+                    ref = refs[(b, ctx)] = out
                 err = float((out - ref).abs().max() / ref.abs().max())
                 us = graph_time_us(lambda: [call(i) for i in range(layers)]) / layers if dev.type == "cuda" else float("nan")
             except Exception as e:  # a config that does not compile / fit is a row, not a crash
                 results["runs"].append({**key, "error": f"{type(e).__name__}: {str(e)[:200]}"})
                 print(key, "failed:", type(e).__name__, str(e)[:200], flush=True)
                 continue
+            finally:
+                kernel_settings.apply(saved)
             kv_bytes = b * ctx * s["hkv"] * s["d"] * 2 * s["kc"].element_size()
             row = {**key, "us_per_layer": round(us, 2), "kv_GBps": round(kv_bytes / us / 1e3, 1), "rel_err": err}
             results["runs"].append(row)
             rows.append(row)
-            print(f"B={b:4d} ctx={ctx:5d} tokens={tokens or 'block'} splits={sp} warps={warps} stages={stages}: "
+            print(f"{layout:11} {spec or 'defaults':40} B={b:4d} ctx={ctx:5d} tokens={tokens or 'block'} splits={sp} warps={warps} stages={stages}: "
                   f"{us:7.2f} us/layer {row['kv_GBps']:8.1f} GB/s  rel err {err:.1e}", flush=True)
             assert err < (2e-2 if dtype == torch.bfloat16 else 1e-5), (key, err)
     print("\n| batch x ctx | best variant | us/layer | GB/s | defaults |")
@@ -103,10 +131,10 @@ def main() -> None:
         if not mine or dev.type != "cuda":
             continue
         best = min(mine, key=lambda r: r["us_per_layer"])
-        base = [r for r in mine if r["tokens"] is None and r["warps"] == K.ATTN_WARPS
+        base = [r for r in mine if r["tokens"] is None and not r["settings"] and r["warps"] == K.ATTN_WARPS
                 and r["stages"] == (K.ATTN_STAGES_SPLIT if r["splits"] > 1 else K.ATTN_STAGES)
                 and r["splits"] == K.attention_splits(b, 2, dev)]
-        name = f"tokens {best['tokens'] or 'block'}, splits {best['splits']}, " \
+        name = f"{best['settings'] or 'defaults'}, tokens {best['tokens'] or 'block'}, splits {best['splits']}, " \
                f"warps {best['warps']}, stages {best['stages']}"
         print(f"| {b} x {ctx} | {name} | {best['us_per_layer']} | {best['kv_GBps']} | "
               f"{base[0]['us_per_layer'] if base else '-'} |")

@@ -36,6 +36,10 @@ from forge.engine.attention import AttnMeta  # noqa: E402
 from forge.models.args import ModelArgs  # noqa: E402
 from forge.models.decoder import CausalLM  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_settings import apply as apply_kernel_settings  # noqa: E402
+from kernel_settings import parse as parse_kernel_settings  # noqa: E402
+
 
 def qwen25_05b(smoke: bool) -> ModelArgs:
     if smoke:
@@ -117,6 +121,11 @@ VARIANTS = {
     "no-decode-join": dict(engine_attrs=dict(join_prefilled=False)),
     # the decode step with its 48 RMSNorm launches (norm weights not folded into the projections; before 2026-11-29)
     "no-norm-folding": dict(fold_norms=False),
+    # the next layer's KV cache not prefetched into L2 beside this layer's GEMMs (kernels.KV_PREFETCH_BYTES)
+    "no-kv-prefetch": dict(kernels=dict(KV_PREFETCH_BYTES=0)),
+    # the attention prologue as before 2026-12-03: position -> cos/sin rows -> RoPE -> first table entry -> K/V,
+    # one memory round trip after another, the new token's cache write before the loop
+    "no-early-attention": dict(kernels=dict(ATTN_EARLY=False, ATTN_ROPE_INV=False)),
     "defaults": dict(),  # fused decode + overlap + fused prefill in CUDA graphs: the main run, again, warm
 }
 
@@ -467,9 +476,13 @@ def main() -> int:
                     help="submit the requests in this many waves, one every new_tokens / waves engine steps "
                          "(the bound assumes all at once)")
     ap.add_argument("--variants", default="", help=f"comma list of {list(VARIANTS)} or 'all': also run these")
+    ap.add_argument("--kernels", default="", help="KEY=VALUE,... forge.engine.kernels settings for every run, "
+                    "e.g. KV_PREFETCH_BYTES=25165824,KV_PREFETCH_AT=gate_up")
     ap.add_argument("--profile", action="store_true", help="CUDA: where a decode step's time goes")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     o = ap.parse_args()
+    kernel_settings = parse_kernel_settings(o.kernels)
+    apply_kernel_settings(kernel_settings)
     if o.smoke:
         o.num_seqs, o.prompt_len, o.new_tokens, o.hf_batch, o.hf_new_tokens, o.block_size = 8, 16, 16, 4, 8, 16
     dev = torch.device(o.device or ("cuda" if torch.cuda.is_available() and not o.smoke else "cpu"))
@@ -478,7 +491,7 @@ def main() -> int:
     res: dict = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                  "dtype": str(dtype).removeprefix("torch."), "num_seqs": o.num_seqs, "prompt_len": o.prompt_len,
                  "new_tokens": o.new_tokens, "random_lengths": o.random_lengths, "arrival_waves": o.arrival_waves,
-                 "torch": torch.__version__}
+                 "torch": torch.__version__, "kernel_settings": kernel_settings}
     torch.manual_seed(0)
 
     res["hf"] = None

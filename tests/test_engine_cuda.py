@@ -266,3 +266,52 @@ def test_engine_with_tuned_gemms_matches_untuned():
     for fold in (False, True):
         assert rel(outs[True, fold], outs[False, fold]) < 1e-2
     assert rel(outs[False, True], outs[False, False]) < 3e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9, reason="sm_90+")
+def test_kv_prefetch_leaves_the_decode_step_bit_identical(monkeypatch):
+    """The next layer's KV blocks prefetched into L2 beside this layer's GEMMs (kernels.kv_prefetch): a
+    cache hint, so every issue point and size gives exactly the logits of the step without it, eagerly
+    and replayed in a CUDA graph; rows at different positions (one with an empty cache) included."""
+    from forge.engine.fused import FusedDecode
+    from forge.engine.timing import graph_time_us
+
+    model = qwen05_shape(layers=4, vocab=4096, max_positions=4096).to(torch.bfloat16)
+    fd = FusedDecode(model, 4096, fold_norms=True)
+    b, bs, hkv, d = 24, 64, 2, 64
+    fd.reserve(b)
+    g = torch.Generator(device=DEV).manual_seed(3)
+    nb = b * 10 + 1
+    kc = torch.randn(4, nb, bs, hkv, d, device=DEV, generator=g).to(torch.bfloat16)
+    vc = torch.randn(4, nb, bs, hkv, d, device=DEV, generator=g).to(torch.bfloat16)
+    bt = torch.randperm(nb - 1, device=DEV, generator=g)[: b * 10].add(1).view(b, 10).int()
+    pos = torch.randint(1, 640, (b,), device=DEV, generator=g).int()
+    pos[0] = 0
+    tok = torch.randint(0, 4096, (b,), device=DEV, generator=g)
+    run = lambda: fd.forward(tok, pos, bt, kc.clone(), vc.clone()).float()  # noqa: E731 - same caches each call
+    monkeypatch.setattr(K, "KV_PREFETCH_BYTES", 0)
+    with torch.inference_mode():
+        ref = run()
+        for at in ("o", "gate_up", "silu", "down"):
+            for nbytes in (1, 3 * 2 * b * bs * hkv * d * 2, 1 << 30):  # one block column, three, every block
+                monkeypatch.setattr(K, "KV_PREFETCH_BYTES", nbytes)
+                monkeypatch.setattr(K, "KV_PREFETCH_AT", at)
+                assert torch.equal(run(), ref), (at, nbytes)
+        out = torch.empty_like(ref)
+        graph_time_us(lambda: out.copy_(run()), replays=1)  # captured with the side stream's fork and joins
+        assert torch.equal(out, ref)
+
+
+def test_engine_with_kv_prefetch_matches_transformers_greedy(monkeypatch):
+    from test_engine import hf_greedy, hf_twin, prompts
+
+    monkeypatch.setattr(K, "KV_PREFETCH_BYTES", 1)  # at least one block column per layer
+    model = build_tiny_model("qwen2", seed=1)
+    hf = hf_twin(model)
+    ps = prompts([1, 5, 37, 90, 13], seed=2)
+    eng = LLMEngine(model.to(DEV), EngineConfig(max_num_seqs=16, max_model_len=256, block_size=16, dtype="float32"),
+                    eos_token_ids=[])
+    lens = [20, 14, 9, 17, 4]
+    outs = eng.generate([(p, SamplingParams(temperature=0.0, max_tokens=n)) for p, n in zip(ps, lens)])
+    for p, o, n in zip(ps, outs, lens):
+        assert o.outputs[0].token_ids == hf_greedy(hf, p, n)
