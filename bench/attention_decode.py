@@ -69,11 +69,11 @@ def main() -> None:
     ap.add_argument("--stages", default="2,3,4")
     ap.add_argument("--splits", default="", help="default: 1 and 2 where the default is 1, else the default")
     ap.add_argument("--settings", default="", help="';'-separated forge.engine.kernels settings to run every "
-                    "variant under, e.g. 'ATTN_EARLY=False,ATTN_ROPE_INV=False;' (empty: the defaults)")
+                    "variant under, e.g. 'ATTN_PREFETCH_TABLE=False;' (empty: the defaults)")
     ap.add_argument("--layouts", default="token-major", help="cache block layouts, comma separated: token-major "
                     "([BS, Hkv, D], the engine's) and/or head-major ([Hkv, BS, D], same values)")
     ap.add_argument("--folded", action="store_true", help="as the engine's default step calls it: the folded "
-                    "norm's row scale and the q/k/v bias applied in the prologue, cos/sin from inv_freq")
+                    "norm's row scale and the q/k/v bias applied in the prologue")
     args = ap.parse_args()
     ints = lambda x: [int(v) for v in x.split(",") if v]  # noqa: E731
     if args.smoke:  # triton 3.6's interpreter loads a scalar as a 1-element array; numpy >= 2.4 refuses int() of it

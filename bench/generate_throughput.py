@@ -121,11 +121,6 @@ VARIANTS = {
     "no-decode-join": dict(engine_attrs=dict(join_prefilled=False)),
     # the decode step with its 48 RMSNorm launches (norm weights not folded into the projections; before 2026-11-29)
     "no-norm-folding": dict(fold_norms=False),
-    # the next layer's KV cache not prefetched into L2 beside this layer's GEMMs (kernels.KV_PREFETCH_BYTES)
-    "no-kv-prefetch": dict(kernels=dict(KV_PREFETCH_BYTES=0)),
-    # the attention prologue as before 2026-12-03: position -> cos/sin rows -> RoPE -> first table entry -> K/V,
-    # one memory round trip after another, the new token's cache write before the loop
-    "no-early-attention": dict(kernels=dict(ATTN_EARLY=False, ATTN_ROPE_INV=False)),
     "defaults": dict(),  # fused decode + overlap + fused prefill in CUDA graphs: the main run, again, warm
 }
 
@@ -476,8 +471,8 @@ def main() -> int:
                     help="submit the requests in this many waves, one every new_tokens / waves engine steps "
                          "(the bound assumes all at once)")
     ap.add_argument("--variants", default="", help=f"comma list of {list(VARIANTS)} or 'all': also run these")
-    ap.add_argument("--kernels", default="", help="KEY=VALUE,... forge.engine.kernels settings for every run, "
-                    "e.g. KV_PREFETCH_BYTES=25165824,KV_PREFETCH_AT=gate_up")
+    ap.add_argument("--kernels", default="", help="KEY=VALUE,... forge.engine.kernels settings for every run "
+                    "(main run and variants), e.g. ATTN_STAGES=3,ATTN_WARPS=8")
     ap.add_argument("--profile", action="store_true", help="CUDA: where a decode step's time goes")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     o = ap.parse_args()

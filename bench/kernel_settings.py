@@ -1,5 +1,5 @@
 """`--kernels KEY=VALUE,...` for the benches: set module attributes of forge.engine.kernels (the kernels'
-tuning knobs, e.g. ATTN_WARPS=8,ATTN_EARLY=False) and get the previous values back to restore them."""
+tuning knobs, e.g. ATTN_WARPS=8,ATTN_PREFETCH_TABLE=False) and get the previous values back to restore them."""
 
 from __future__ import annotations
 

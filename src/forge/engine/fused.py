@@ -83,60 +83,6 @@ def fold_bytes(model) -> int:
     return n
 
 
-class _KVPrefetch:
-    """The next layer's KV cache prefetched into L2 while this layer's projections run (`kernels.kv_prefetch`).
-
-    A decode step alternates between GEMMs that leave most SMs and most DRAM bandwidth idle (M = batch
-    rows, latency- or compute-bound) and an attention kernel that is DRAM-bound on the KV cache. The cache
-    blocks layer i+1 will read are known before its q exists, so while layer i's GEMMs run a side stream
-    asks the L2 for the first `kernels.KV_PREFETCH_BYTES` of them (bulk prefetches issued by one small
-    program, nothing waits on them). Layer i+1's attention joins the side stream (the prefetches are
-    issued, not necessarily complete) and finds those blocks in L2. Values are unchanged: a prefetch is
-    a cache hint. Off (a no-op object) where `kernels.KV_PREFETCH_BYTES` is 0 or the GPU is older than
-    sm_90 or not a GPU."""
-
-    _streams: dict[int, torch.cuda.Stream] = {}
-
-    def __init__(self, block_tables, pos, k_cache, v_cache, num_layers: int, stream) -> None:
-        self.args = (block_tables, pos, k_cache, v_cache)
-        self.num_layers, self.stream, self.pending = num_layers, stream, False
-
-    @classmethod
-    def start(cls, block_tables, pos, k_cache, v_cache, num_layers: int) -> "_KVPrefetch | _NoPrefetch":
-        if K.KV_PREFETCH_BYTES <= 0 or not K.kv_prefetch_supported(k_cache.device):
-            return _NO_PREFETCH
-        dev = k_cache.device.index if k_cache.device.index is not None else torch.cuda.current_device()
-        if dev not in cls._streams:
-            cls._streams[dev] = torch.cuda.Stream(device=dev)
-        return cls(block_tables, pos, k_cache, v_cache, num_layers, cls._streams[dev])
-
-    def before(self, kernel: str, layer: int) -> None:
-        """Called before `kernel` of `layer` is launched: issue layer + 1's prefetch here if this is the spot."""
-        if kernel != K.KV_PREFETCH_AT or layer + 1 >= self.num_layers:
-            return
-        bt, pos, kc, vc = self.args
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
-            K.kv_prefetch(bt, pos, kc[layer + 1], vc[layer + 1], K.KV_PREFETCH_BYTES)
-        self.pending = True
-
-    def join(self) -> None:
-        if self.pending:
-            torch.cuda.current_stream().wait_stream(self.stream)
-            self.pending = False
-
-
-class _NoPrefetch:
-    def before(self, kernel: str, layer: int) -> None:
-        pass
-
-    def join(self) -> None:
-        pass
-
-
-_NO_PREFETCH = _NoPrefetch()
-
-
 class FusedDecode:
     def __init__(self, model, max_positions: int, fold_norms: bool = False):
         a = model.args
@@ -168,7 +114,6 @@ class FusedDecode:
         self.lm_head_w, self.lm_head_b = model.lm_head.weight, model.lm_head.bias
         dev = self.embed.device
         self.cos, self.sin = model.model.rotary_emb.tables(max_positions, dev)
-        self.inv_freq = model.model.rotary_emb.inv_freq.to(dev, torch.float32)  # what the tables were built from
         self._model = model
         self._ptrs = self._param_ptrs(model)
         self.attn_workspace: K.AttentionWorkspace | None = None
@@ -292,7 +237,6 @@ class FusedDecode:
         layers = self.layers[:num_layers] if num_layers is not None else self.layers
         if self.fold_norms:
             return self._forward_folded(tokens, pos, block_tables, k_cache, v_cache, layers, return_hidden)
-        pf = _KVPrefetch.start(block_tables, pos, k_cache, v_cache, len(layers))
         h = y = d = None
         for i, lw in enumerate(layers):
             if i == 0:
@@ -300,21 +244,13 @@ class FusedDecode:
             else:
                 h, y = K.add_rmsnorm(h, lw.ln1, lw.ln1_eps, residual=d, h_out=h)
             qkv = self._linear("qkv", y, lw.qkv_w, lw.qkv_b)
-            pf.join()
             attn = K.attention(qkv[:, :nq], qkv[:, nq:nq + nk], qkv[:, nq + nk:], k_cache[i], v_cache[i],
                                block_tables, pos, self.cos, self.sin, self.num_heads,
-                               q_norm=lw.q_norm, k_norm=lw.k_norm, eps=lw.qk_eps, workspace=self.attn_workspace,
-                               inv_freq=self.inv_freq)
-            pf.before("o", i)
+                               q_norm=lw.q_norm, k_norm=lw.k_norm, eps=lw.qk_eps, workspace=self.attn_workspace)
             o = self._linear("o", attn, lw.o_w, lw.o_b)
             h, y = K.add_rmsnorm(h, lw.ln2, lw.ln2_eps, residual=o, h_out=h)
-            pf.before("gate_up", i)
             gu = self._linear("gate_up", y, lw.gu_w, lw.gu_b)
-            pf.before("silu", i)
-            act = K.silu_mul(gu[:, :inter], gu[:, inter:])
-            pf.before("down", i)
-            d = self._linear("down", act, lw.down_w, lw.down_b)
-        pf.join()
+            d = self._linear("down", K.silu_mul(gu[:, :inter], gu[:, inter:]), lw.down_w, lw.down_b)
         if return_hidden:
             return h + d
         h, y = K.add_rmsnorm(h, self.norm, self.norm_eps, residual=d, h_out=h)
@@ -324,24 +260,17 @@ class FusedDecode:
         """`forward` with the norms folded (module docstring): 6 launches per layer instead of 8."""
         nq, nk = self.num_heads * self.head_dim, self.num_kv * self.head_dim
         inter = self.intermediate
-        pf = _KVPrefetch.start(block_tables, pos, k_cache, v_cache, len(layers))
         h = self.embed.index_select(0, tokens)  # the residual stream, updated in place below
         for i, lw in enumerate(layers):
             qkv = self._linear("qkv", h, lw.qkv_f, None)
-            pf.join()
             attn = K.attention(qkv[:, :nq], qkv[:, nq:nq + nk], qkv[:, nq + nk:], k_cache[i], v_cache[i],
                                block_tables, pos, self.cos, self.sin, self.num_heads,
                                q_norm=lw.q_norm, k_norm=lw.k_norm, eps=lw.qk_eps, workspace=self.attn_workspace,
-                               norm_x=h, norm_eps=lw.ln1_eps, qkv_bias=lw.qkv_b, inv_freq=self.inv_freq)
-            pf.before("o", i)
+                               norm_x=h, norm_eps=lw.ln1_eps, qkv_bias=lw.qkv_b)
             self._add_linear("o", h, attn, lw.o_w, lw.o_b)
-            pf.before("gate_up", i)
             gu = self._linear("gate_up", h, lw.gu_f, None)
-            pf.before("silu", i)
-            act = K.silu_mul(gu[:, :inter], gu[:, inter:], norm_x=h, norm_eps=lw.ln2_eps)
-            pf.before("down", i)
-            self._add_linear("down", h, act, lw.down_w, lw.down_b)
-        pf.join()
+            self._add_linear("down", h, K.silu_mul(gu[:, :inter], gu[:, inter:], norm_x=h, norm_eps=lw.ln2_eps),
+                             lw.down_w, lw.down_b)
         if return_hidden:
             return h
         _, y = K.add_rmsnorm(h, self.norm, self.norm_eps)

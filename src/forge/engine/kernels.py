@@ -122,8 +122,7 @@ if HAS_TRITON:
                           G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                           BS: tl.constexpr, TN: tl.constexpr, QK_NORM: tl.constexpr, IEEE: tl.constexpr,
                           NBLK: tl.constexpr, SPLITS: tl.constexpr, SP2: tl.constexpr, PREFETCH: tl.constexpr,
-                          ROWSCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HP: tl.constexpr, KV_EVICT: tl.constexpr,
-                          INV, EARLY: tl.constexpr, ROPE_INV: tl.constexpr):
+                          ROWSCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HP: tl.constexpr):
         """One program per (sequence b, kv head h, context split s): RoPE q (G heads) and k, write
         k/v at position POS[b] of the paged cache, attend over positions [0, POS[b]] (cache + the
         new token). D = head_dim, padded to DP (a power of 2) in registers.
@@ -136,13 +135,7 @@ if HAS_TRITON:
 
         ROWSCALE (the layer's input RMSNorm folded into the q/k/v weight): q/k/v were projected from
         the un-normalised residual X[b]; each is scaled by that row's RMSNorm scale (and gets the
-        projection's bias QB/KB/VB) here, before RoPE.
-
-        EARLY (one cache block per iteration): the first cached block's table entry and the new token's
-        are loaded with the other prologue loads, and the new token's k/v are written after the loop,
-        so the first K/V loads wait for one memory round trip instead of four in a row (position ->
-        cos/sin -> RoPE -> table entry -> K/V). ROPE_INV: cos/sin computed from the position and
-        INV (the inverse frequencies, [D/2] float32) as the tables are, instead of loaded from them."""
+        projection's bias QB/KB/VB) here, before RoPE."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         sp = tl.program_id(2)
@@ -159,23 +152,14 @@ if HAS_TRITON:
         if ROWSCALE:  # the residual row for the folded norm's scale, loaded first (reduced below)
             hc = tl.arange(0, HP)
             xrow = tl.load(X + b64 * s_x + hc, mask=hc < HID, other=0.0).to(tl.float32)
-        pos = tl.load(POS + b)
-        if EARLY:
-            if SPLITS == 1:
-                first = tl.load(BT + b64 * s_bt)  # always in the row (a padding row: the scratch block)
-            blk = tl.load(BT + b64 * s_bt + pos // BS).to(tl.int64)
         qx, qxr, qb, qbr = _head_load(Q + b64 * s_q, qh, d, d_rot, dm, QB, D, HAS_BIAS)  # [GP, DP]
         kx, kxr, kb, kbr = _head_load(K + b64 * s_k, h + one, d, d_rot, dm, KB, D, HAS_BIAS)  # [1, DP]
         v_new = tl.load(V + b64 * s_v + h * D + d, mask=dm, other=0.0)
         if HAS_BIAS:
             vb = tl.load(VB + h * D + d, mask=dm, other=0.0).to(tl.float32)
-        if ROPE_INV:  # cos/sin(pos * inv_freq) with the tables' float32 rounding of the product
-            ang = pos.to(tl.float32) * tl.load(INV + d % half, mask=dm, other=0.0)
-            cos = tl.where(dm, tl.cos(ang), 0.0)
-            sin = tl.where(dm, tl.sin(ang), 0.0)
-        else:
-            cos = tl.load(COS + pos.to(tl.int64) * D + d, mask=dm, other=0.0)
-            sin = tl.load(SIN + pos.to(tl.int64) * D + d, mask=dm, other=0.0)
+        pos = tl.load(POS + b)
+        cos = tl.load(COS + pos.to(tl.int64) * D + d, mask=dm, other=0.0)
+        sin = tl.load(SIN + pos.to(tl.int64) * D + d, mask=dm, other=0.0)
         rs = 1.0
         if ROWSCALE:
             rs = 1.0 / tl.sqrt(tl.sum(xrow * xrow, 0) / HID + norm_eps)
@@ -186,11 +170,10 @@ if HAS_TRITON:
         q = _head_rope(qx, qxr, qb, qbr, d, d_rot, dm, sign, cos, sin, QNW, eps, rs, D, QK_NORM, ROWSCALE)
         k_new = _head_rope(kx, kxr, kb, kbr, d, d_rot, dm, sign, cos, sin, KNW, eps, rs, D, QK_NORM, ROWSCALE)
         own_new = sp == SPLITS - 1
-        if not EARLY:
-            blk = tl.load(BT + b64 * s_bt + pos // BS).to(tl.int64)
-            dst = blk * s_cn + (pos % BS) * s_ct + h * s_ch
-            tl.store(KC + dst + one[:, None] * 0 + d[None, :], k_new, mask=dm[None, :] & own_new)
-            tl.store(VC + dst + d, v_new, mask=dm & own_new)
+        blk = tl.load(BT + b64 * s_bt + pos // BS).to(tl.int64)
+        dst = blk * s_cn + (pos % BS) * s_ct + h * s_ch
+        tl.store(KC + dst + one[:, None] * 0 + d[None, :], k_new, mask=dm[None, :] & own_new)
+        tl.store(VC + dst + d, v_new, mask=dm & own_new)
 
         m = tl.full([GP], float("-inf"), tl.float32)
         l = tl.zeros([GP], tl.float32)
@@ -202,10 +185,7 @@ if HAS_TRITON:
         j_hi = tl.minimum(j_lo + per, n_it)
         # the block-table entry of the next iteration is loaded one iteration ahead: the K/V loads of an
         # iteration then do not wait a full memory latency for their block number
-        if EARLY and SPLITS == 1:
-            nxt = first
-        else:
-            nxt = tl.load(BT + b64 * s_bt + j_lo, mask=(j_lo < j_hi) & PREFETCH, other=0)
+        nxt = tl.load(BT + b64 * s_bt + j_lo, mask=(j_lo < j_hi) & PREFETCH, other=0)
         for j in range(j_lo, j_hi):  # cached positions [0, pos), this split's share
             tt = j * TN + t
             valid = tt < pos
@@ -223,8 +203,8 @@ if HAS_TRITON:
                 tb = tl.load(BT + b64 * s_bt + tt // BS, mask=valid, other=0).to(tl.int64)
                 off = tb * s_cn + (tt % BS) * s_ct + h * s_ch
             kv_mask = valid[:, None] & dm[None, :]
-            kt = tl.load(KC + off[:, None] + d[None, :], mask=kv_mask, other=0.0, eviction_policy=KV_EVICT)
-            vt = tl.load(VC + off[:, None] + d[None, :], mask=kv_mask, other=0.0, eviction_policy=KV_EVICT)
+            kt = tl.load(KC + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            vt = tl.load(VC + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
             if IEEE:
                 s = tl.dot(q, tl.trans(kt), input_precision="ieee") * scale
             else:
@@ -239,10 +219,6 @@ if HAS_TRITON:
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
             m = m_new
-        if EARLY:  # the new token's cache write, after the loop: its table entry arrived long ago
-            dst = blk * s_cn + (pos % BS) * s_ct + h * s_ch
-            tl.store(KC + dst + one[:, None] * 0 + d[None, :], k_new, mask=dm[None, :] & own_new)
-            tl.store(VC + dst + d, v_new, mask=dm & own_new)
         if own_new:  # the new token, from registers
             s_n = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), 1) * scale  # [GP]
             m_new = tl.maximum(m, s_n)
@@ -426,39 +402,6 @@ if HAS_TRITON:
         tl.store(COUNTER + i, tl.load(COUNTER + i, mask=mask) + 1, mask=mask)
 
 
-    @triton.jit
-    def _kv_prefetch_kernel(BT, POS, s_bt, K_ADDR, V_ADDR, blk_bytes, n_rows, n_blocks,
-                            RB: tl.constexpr, NB: tl.constexpr, BS: tl.constexpr, EVICT_LAST: tl.constexpr):
-        """Ask the L2 for the first `n_blocks` cached blocks (K and V) of rows [pid*RB, pid*RB + RB): one
-        bulk (TMA) prefetch per block, fire and forget (sm_90+). No register holds the data, so a few
-        programs issue megabytes while the GEMMs beside them run."""
-        r = tl.program_id(0) * RB + tl.arange(0, RB)
-        j = tl.arange(0, NB)
-        rm = r < n_rows
-        pos = tl.load(POS + r, mask=rm, other=0)
-        m = rm[:, None] & (j[None, :] < tl.minimum(tl.cdiv(pos, BS), n_blocks)[:, None])
-        blk = tl.load(BT + r.to(tl.int64)[:, None] * s_bt + j[None, :], mask=m, other=0).to(tl.int64)
-        off = blk * blk_bytes
-        size = tl.full([RB, NB], 0, tl.int32) + blk_bytes.to(tl.int32)
-        on = m.to(tl.int32)
-        if EVICT_LAST:  # the prefetched lines outlive the GEMMs' weight stream through L2
-            tl.inline_asm_elementwise(
-                "{ .reg .pred p; .reg .b64 pol; setp.ne.b32 p, $2, 0; createpolicy.fractional.L2::evict_last.b64 pol, 1.0; "
-                "@p cp.async.bulk.prefetch.L2.global.L2::cache_hint [$1], $3, pol; mov.u32 $0, 0; }",
-                "=r,l,r,r", [off + K_ADDR, on, size], dtype=tl.int32, is_pure=False, pack=1)
-            tl.inline_asm_elementwise(
-                "{ .reg .pred p; .reg .b64 pol; setp.ne.b32 p, $2, 0; createpolicy.fractional.L2::evict_last.b64 pol, 1.0; "
-                "@p cp.async.bulk.prefetch.L2.global.L2::cache_hint [$1], $3, pol; mov.u32 $0, 0; }",
-                "=r,l,r,r", [off + V_ADDR, on, size], dtype=tl.int32, is_pure=False, pack=1)
-        else:
-            tl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }",
-                "=r,l,r,r", [off + K_ADDR, on, size], dtype=tl.int32, is_pure=False, pack=1)
-            tl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }",
-                "=r,l,r,r", [off + V_ADDR, on, size], dtype=tl.int32, is_pure=False, pack=1)
-
-
 # ---- Python wrappers ---------------------------------------------------------------------------
 def _np2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
@@ -507,11 +450,6 @@ ATTN_STAGES = 2
 # HBM: 16 x 4096 at 8 splits 24.7 -> 19.1 us/layer; at B=256 x 384 (1 split) it costs 1.5%, so it is
 # off there (bench/NOTES_generate.md)
 ATTN_PREFETCH_TABLE = True
-# the prologue's loads issued together and the new token's cache write after the loop (`_attention_kernel` EARLY),
-# cos/sin computed from inv_freq (ROPE_INV)
-ATTN_EARLY = False
-ATTN_ROPE_INV = False
-ATTN_KV_EVICT = ""  # L2 eviction policy of the cached K/V loads: "" (normal) | evict_first | evict_last
 ATTN_STAGES_SPLIT = 3
 
 
@@ -567,8 +505,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
               eps: float = 1e-6, out: torch.Tensor | None = None, tokens: int | None = None,
               num_warps: int | None = None, num_stages: int | None = None, splits: int | None = None,
               workspace: AttentionWorkspace | None = None, norm_x: torch.Tensor | None = None,
-              norm_eps: float = 1e-6, qkv_bias: torch.Tensor | None = None,
-              inv_freq: torch.Tensor | None = None) -> torch.Tensor:
+              norm_eps: float = 1e-6, qkv_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention for one new token per row, RoPE and the cache write included.
 
     q [B, Hq*D], k/v [B, Hkv*D] (rows may be strided views of one qkv buffer; heads contiguous),
@@ -581,11 +518,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
 
     `norm_x` [B, H] (the input RMSNorm folded into the q/k/v weight, see `forge.engine.fused`): q/k/v
     were projected from these un-normalised rows without bias; each row is scaled by its
-    rsqrt(mean(norm_x^2) + norm_eps) and gets `qkv_bias` [(Hq + 2 Hkv) * D] here.
-
-    `inv_freq` [D/2] float32 (the RoPE inverse frequencies `cos`/`sin` were built from: cos[p] =
-    cos(p * inv_freq) repeated twice): with `ATTN_ROPE_INV` the kernel computes cos/sin from the
-    position instead of loading the table rows (one dependent memory round trip less)."""
+    rsqrt(mean(norm_x^2) + norm_eps) and gets `qkv_bias` [(Hq + 2 Hkv) * D] here."""
     b = q.shape[0]
     nb, bs, hkv, d = k_cache.shape
     if qkv_bias is not None and norm_x is None:
@@ -604,10 +537,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
         raise ValueError(f"attention: the workspace holds {workspace.parts} (row, kv head, split) partials for "
                          f"<= {workspace.rows} rows; asked for {b} rows x {hkv} kv heads x {splits} splits")
     ws = (workspace.ml, workspace.acc, workspace.count) if splits > 1 else (o, o, o)
-    early = ATTN_EARLY and tn == bs
-    rope_inv = ATTN_ROPE_INV and inv_freq is not None
-    if rope_inv and inv_freq.shape != (d // 2,):
-        raise ValueError(f"attention: inv_freq must be [head_dim / 2] = [{d // 2}], got {tuple(inv_freq.shape)}")
     x = norm_x if norm_x is not None else q
     nq, nk = num_heads * d, hkv * d
     qkv_b = (qkv_bias[:nq], qkv_bias[nq:nq + nk], qkv_bias[nq + nk:]) if qkv_bias is not None else (q, q, q)
@@ -618,9 +547,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
         x, x.stride(0), x.shape[1], norm_eps, *qkv_b,
         G=g, GP=max(16, _np2(g)), D=d, DP=max(16, _np2(d)), BS=bs, TN=tn, QK_NORM=qk_norm,
         IEEE=q.dtype == torch.float32, NBLK=1 if tn == bs else (2 if tn == 2 * bs else 0),
-        SPLITS=splits, SP2=max(2, _np2(splits)), PREFETCH=(ATTN_PREFETCH_TABLE and splits > 1) or early,
-        ROWSCALE=norm_x is not None, HAS_BIAS=qkv_bias is not None, HP=_np2(x.shape[1]), KV_EVICT=ATTN_KV_EVICT,
-        INV=inv_freq if rope_inv else cos, EARLY=early, ROPE_INV=rope_inv,
+        SPLITS=splits, SP2=max(2, _np2(splits)), PREFETCH=ATTN_PREFETCH_TABLE and splits > 1,
+        ROWSCALE=norm_x is not None, HAS_BIAS=qkv_bias is not None, HP=_np2(x.shape[1]),
         num_warps=num_warps or ATTN_WARPS, num_stages=num_stages or (ATTN_STAGES_SPLIT if splits > 1 else ATTN_STAGES),
     )
     return o
@@ -677,34 +605,3 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor, 
 
 def advance(tok_in: torch.Tensor, pos: torch.Tensor, counter: torch.Tensor, out_tokens: torch.Tensor, n: int) -> None:
     _advance_kernel[(triton.cdiv(n, 256),)](tok_in, pos, counter, out_tokens, n, num_warps=4)
-
-
-# L2 prefetch of the next layer's KV cache (`kv_prefetch`, forge.engine.fused): how many bytes of it per layer
-# (0 = off) and before which kernel of the layer before it the prefetch is issued (on a side stream, so it runs
-# beside that layer's GEMMs, which leave most SMs and most of the DRAM bandwidth idle at decode batch sizes)
-KV_PREFETCH_BYTES = 0
-KV_PREFETCH_AT = "gate_up"  # o | gate_up | silu | down
-KV_PREFETCH_ROWS = 32  # rows per prefetch program
-KV_PREFETCH_HINT = "normal"  # normal | evict_last (an L2 cache-policy hint on the prefetches)
-
-
-def kv_prefetch_supported(device: torch.device) -> bool:
-    """cp.async.bulk.prefetch needs sm_90+ (and a real GPU: the interpreter cannot run inline PTX)."""
-    return HAS_TRITON and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
-
-def kv_prefetch(block_tables: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                max_bytes: int) -> None:
-    """Prefetch into L2 the first cached blocks of every row of one layer's K and V caches ([NB, BS, Hkv, D],
-    a block contiguous), as many block columns as `max_bytes` allows (at least one). A hint: nothing waits
-    for it and no value changes; the attention kernel that reads these blocks next finds them in L2."""
-    b, mb = block_tables.shape
-    nb, bs = k_cache.shape[0], k_cache.shape[1]
-    blk_bytes = k_cache.stride(0) * k_cache.element_size()
-    if k_cache.stride(0) != bs * k_cache.stride(1) or blk_bytes % 16 or v_cache.stride(0) != k_cache.stride(0):
-        raise ValueError("kv_prefetch: cache blocks must be contiguous, 16-byte multiples, same layout for K and V")
-    n_blocks = max(1, min(mb, int(max_bytes) // max(1, 2 * b * blk_bytes)))
-    rb = KV_PREFETCH_ROWS
-    _kv_prefetch_kernel[(triton.cdiv(b, rb),)](
-        block_tables, pos, block_tables.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), blk_bytes, b, n_blocks,
-        RB=rb, NB=_np2(n_blocks), BS=bs, EVICT_LAST=KV_PREFETCH_HINT == "evict_last", num_warps=1)
