@@ -7,7 +7,9 @@ Every layer has its own cache (24 layers, as in the model) and one CUDA graph ca
 per layer, so each call reads its K/V from HBM. Timing one layer's cache repeatedly leaves its
 33-50 MB in the 50 MB L2 of an H100/H200 and flatters every variant (bench/NOTES_generate.md).
 
-Variants: context splits, warps, pipeline stages, tokens per iteration. Each row: us per layer and
+Variants: context splits, warps, pipeline stages, tokens per iteration, any forge.engine.kernels setting
+(`--settings`), the cache block layout (`--layouts`: the kernel takes the cache's strides), and with
+`--folded` the prologue of the engine's default step (folded norm's row scale + q/k/v bias). Each row: us per layer and
 the KV bytes read per second; outputs are checked against the first variant. Sweep batch x context
 to separate a launch's fixed cost from its per-block cost (bench/NOTES_generate.md). Two kv heads
 per program, TMA loads of cache blocks and a hand-written register prefetch were measured with this
@@ -54,8 +56,7 @@ def setup(b: int, ctx: int, layers: int, dev: torch.device, dtype: torch.dtype, 
     # the folded-norm step's extra inputs: the residual rows the norm scale comes from, the q/k/v bias
     x = torch.randn(b, 896, device=dev).to(dtype)
     bias = (torch.randn((hq + 2 * hkv) * d, device=dev) * 0.1).to(dtype)
-    return dict(q=q, k=k, v=v, kc=kc, vc=vc, bt=bt, pos=pos, cos=cos, sin=sin, inv=inv, x=x, bias=bias,
-                hq=hq, hkv=hkv, d=d)
+    return dict(q=q, k=k, v=v, kc=kc, vc=vc, bt=bt, pos=pos, cos=cos, sin=sin, x=x, bias=bias, hq=hq, hkv=hkv, d=d)
 
 
 def main() -> None:
@@ -104,7 +105,8 @@ def main() -> None:
                                    s["sin"], s["hq"], splits=sp, workspace=ws, tokens=tokens, num_warps=warps,
                                    num_stages=stages, **fold)
             saved = kernel_settings.apply(spec)
-            key = dict(batch=b, ctx=ctx, layout=layout, settings=spec, tokens=tokens, splits=sp, warps=warps, stages=stages)
+            key = dict(batch=b, ctx=ctx, layout=layout, settings=spec, tokens=tokens, splits=sp, warps=warps,
+                       stages=stages)
             try:
                 out = call(0).float()
                 if ref is None:
@@ -121,8 +123,9 @@ def main() -> None:
             row = {**key, "us_per_layer": round(us, 2), "kv_GBps": round(kv_bytes / us / 1e3, 1), "rel_err": err}
             results["runs"].append(row)
             rows.append(row)
-            print(f"{layout:11} {spec or 'defaults':40} B={b:4d} ctx={ctx:5d} tokens={tokens or 'block'} splits={sp} warps={warps} stages={stages}: "
-                  f"{us:7.2f} us/layer {row['kv_GBps']:8.1f} GB/s  rel err {err:.1e}", flush=True)
+            print(f"{layout:11} {spec or 'defaults':40} B={b:4d} ctx={ctx:5d} tokens={tokens or 'block'} splits={sp} "
+                  f"warps={warps} stages={stages}: {us:7.2f} us/layer {row['kv_GBps']:8.1f} GB/s  rel err {err:.1e}",
+                  flush=True)
             assert err < (2e-2 if dtype == torch.bfloat16 else 1e-5), (key, err)
     print("\n| batch x ctx | best variant | us/layer | GB/s | defaults |")
     print("| --- | --- | ---: | ---: | ---: |")
