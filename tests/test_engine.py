@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -187,6 +188,10 @@ def test_bad_input_is_a_clear_error():
         eng.add_request([], greedy())
     with pytest.raises(ValueError, match=r"\[0, 512\)"):
         eng.add_request([1, 999], greedy())
+    for not_ids in ([1, 2.5], torch.tensor([1.0, 2.0]), [True, 3]):  # not silently truncated to token ids
+        with pytest.raises(ValueError, match="must be integers"):
+            eng.add_request(not_ids, greedy())
+    assert eng.add_request(torch.tensor([3, 4]), greedy()) >= 0 and eng.add_request(np.array([5, 6]), greedy()) >= 0
     with pytest.raises(ValueError, match="tokenizer"):
         eng.add_request([1, 2], SamplingParams(stop=["x"]))
     with pytest.raises(ValueError, match="top_p"):

@@ -37,6 +37,7 @@ stop_reason "prompt_too_long"; "truncate" -> its oldest tokens are dropped.
 from __future__ import annotations
 
 import itertools
+import numbers
 import time
 from collections.abc import Sequence as Seq
 from typing import Any
@@ -90,7 +91,11 @@ class LLMEngine:
     def add_request(self, prompt_ids: Seq[int] | torch.Tensor, params: SamplingParams | dict | None = None,
                     metadata: dict[str, Any] | None = None) -> int:
         params = SamplingParams.from_dict(params)
-        ids = prompt_ids.tolist() if isinstance(prompt_ids, torch.Tensor) else [int(x) for x in prompt_ids]
+        ids = prompt_ids.tolist() if isinstance(prompt_ids, torch.Tensor) else list(prompt_ids)
+        bad = next((x for x in ids if isinstance(x, bool) or not isinstance(x, numbers.Integral)), None)
+        if bad is not None:  # int() would silently turn 1.7 into token 1
+            raise ValueError(f"add_request: prompt token ids must be integers; got {bad!r} ({type(bad).__name__})")
+        ids = [int(x) for x in ids]
         if not ids:
             raise ValueError("add_request: empty prompt (need at least one token id)")
         v = self.args.vocab_size
