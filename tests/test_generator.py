@@ -45,6 +45,10 @@ def test_generate_text_messages_and_tokens():
             await gen.generate("a", token_ids=[1])
         with pytest.raises(ValueError, match="empty prompt"):
             await gen.generate(token_ids=[])
+        with pytest.raises(ValueError, match="must be integers"):  # not truncated to a token
+            await gen.generate(token_ids=[ids[0], 2.5])
+        with pytest.raises(ValueError, match=r"must be in \[0, "):  # before the tokenizer decodes it
+            await gen.generate(token_ids=[ids[0], 10**6])
         assert (await gen.generate("still alive"))[0].stop_reason == "length"  # a bad request never kills the engine
         await gen.teardown()
 

@@ -161,7 +161,7 @@ class Generator(ForgeActor):
     def _encode(self, prompt, messages, token_ids) -> tuple[str, list[int]]:
         tok = self.tokenizer
         if token_ids is not None:
-            ids = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else [int(t) for t in token_ids]
+            ids = self.engine.prompt_token_ids(token_ids)  # checked before the tokenizer decodes them
             return (tok.decode(ids) if tok is not None else ""), ids
         if tok is None:
             raise ValueError("generate: text prompts / messages need a tokenizer (Generator(tokenizer=path)); "

@@ -88,12 +88,12 @@ class LLMEngine:
                       "prefills_ahead_of_decode": 0, "decodes_joining_prefill": 0}
 
     # ---- requests -------------------------------------------------------------------------
-    def add_request(self, prompt_ids: Seq[int] | torch.Tensor, params: SamplingParams | dict | None = None,
-                    metadata: dict[str, Any] | None = None) -> int:
-        params = SamplingParams.from_dict(params)
+    def prompt_token_ids(self, prompt_ids: Seq[int] | torch.Tensor) -> list[int]:
+        """The prompt as a list of ints, checked: non-empty, integers (int() would silently turn 1.7 into
+        token 1), each in [0, vocab_size). A ValueError names what is wrong."""
         ids = prompt_ids.tolist() if isinstance(prompt_ids, torch.Tensor) else list(prompt_ids)
         bad = next((x for x in ids if isinstance(x, bool) or not isinstance(x, numbers.Integral)), None)
-        if bad is not None:  # int() would silently turn 1.7 into token 1
+        if bad is not None:
             raise ValueError(f"add_request: prompt token ids must be integers; got {bad!r} ({type(bad).__name__})")
         ids = [int(x) for x in ids]
         if not ids:
@@ -101,6 +101,12 @@ class LLMEngine:
         v = self.args.vocab_size
         if min(ids) < 0 or max(ids) >= v:
             raise ValueError(f"add_request: prompt token ids must be in [0, {v}); got min {min(ids)}, max {max(ids)}")
+        return ids
+
+    def add_request(self, prompt_ids: Seq[int] | torch.Tensor, params: SamplingParams | dict | None = None,
+                    metadata: dict[str, Any] | None = None) -> int:
+        params = SamplingParams.from_dict(params)
+        ids = self.prompt_token_ids(prompt_ids)
         if params.n > self.config.max_num_seqs:
             raise ValueError(f"add_request: n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
         if params.stop and self.tokenizer is None:
