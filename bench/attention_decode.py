@@ -9,8 +9,8 @@ per layer, so each call reads its K/V from HBM. Timing one layer's cache repeate
 
 Variants: context splits, warps, pipeline stages, tokens per iteration, any forge.engine.kernels setting
 (`--settings`), the cache block layout (`--layouts`: the kernel takes the cache's strides), and with
-`--folded` the prologue of the engine's default step (folded norm's row scale + q/k/v bias). Each row: us per layer and
-the KV bytes read per second; outputs are checked against the first variant. Sweep batch x context
+`--folded` the prologue of the engine's default step (folded norm's row scale + q/k/v bias). Each row:
+us per layer and the KV bytes read per second; outputs are checked against the first variant. Sweep batch x context
 to separate a launch's fixed cost from its per-block cost (bench/NOTES_generate.md). Two kv heads
 per program, TMA loads of cache blocks and a hand-written register prefetch were measured with this
 script and dropped (commit 312631f), as was issuing the first block's loads before the RoPE
