@@ -3,26 +3,48 @@
 Layers (each one contains what the others might miss):
 
 - **bubblewrap** (`bwrap`, Debian package `bubblewrap`) when present: every namespace unshared
-  (no network: only a loopback-less net namespace; own pid namespace), the host root mounted
-  read-only, a private tmpfs on /tmp, and one fresh host temp dir bound read-write at
-  `/tmp/work` (the working directory). The temp dir is deleted afterwards.
+  (network: a loopback-less net namespace, so no TCP to the host and no abstract unix sockets;
+  own pid namespace; own user namespace with an unprivileged uid/gid 65534 inside, no
+  capabilities). The root is a fresh tmpfs holding only what the interpreter needs, read-only:
+  /usr, /bin, /sbin, /lib* (as the host has them: dirs or merged-/usr symlinks), a few /etc
+  files (ld.so.cache, ld.so.conf*, localtime, alternatives; a generated passwd/group naming the
+  sandbox user), the interpreter's own prefixes (venv, base prefix from pyvenv.cfg `home`, exec
+  prefixes), every directory of a shared library it maps at start-up, and each hop of the
+  interpreter path's symlink chain. Nothing else of the host: no /root, /home, /etc/shadow,
+  /run, /var, host /tmp (so no host unix sockets), no project checkout unless the interpreter
+  lives in it. /tmp and /dev/shm are private tmpfs of bounded size (`tmp_mb`); one fresh host
+  temp dir is bound read-write at `/tmp/work` (the working directory) and deleted afterwards.
 - **rlimits**, set by a tiny launcher *inside* the sandbox just before it execs the user's code
   (setting them before bwrap would cap bwrap itself and, for RLIMIT_NPROC, the whole user
-  namespace tree): RLIMIT_AS (memory), RLIMIT_CPU (cpu time), RLIMIT_NPROC (processes),
-  RLIMIT_FSIZE (largest file), RLIMIT_CORE=0.
-- **a wall-clock kill**: at `timeout_s` the launcher process group is SIGKILLed; bwrap runs with
-  `--die-with-parent` and owns the pid namespace, so when it dies the kernel kills every process
-  in the namespace — a fork bomb's children cannot outlive the run.
-- **a pids cgroup** when the host lets us create one (root with a writable pids controller):
-  `pids.max = max_procs` for the whole run. This is what bounds a fork bomb *as root*:
-  RLIMIT_NPROC is not enforced for processes whose real uid is host root (also inside a user
-  namespace, where the sandbox uid maps back to root). For a non-root user RLIMIT_NPROC counts
-  that uid's processes in the sandbox's own user namespace, i.e. per run.
+  namespace tree): RLIMIT_AS (memory, per process), RLIMIT_CPU (cpu time), RLIMIT_NPROC
+  (processes), RLIMIT_FSIZE (largest file), RLIMIT_CORE=0.
+- **a cgroup for the whole run** when the host lets us create one (root, or a delegated
+  subtree; v2 unified or v1 `pids`/`memory` hierarchies, created *under this process's own
+  cgroup* so the host's limits on us still apply): `pids.max = max_procs` and a memory limit of
+  `memory_mb` for all the run's processes together (plus its tmpfs pages), swap off. This is
+  what bounds a fork bomb as root (RLIMIT_NPROC is not enforced for host root, also inside a
+  user namespace mapped to it) and what makes `memory_mb` a total, not a per-process figure.
+  Without a memory cgroup a watchdog thread sums the resident memory of the run's processes
+  every 20 ms and kills the run above `memory_mb` (best effort: a single allocation between two
+  samples is still capped per process by RLIMIT_AS).
+- **a wall-clock kill**: at `timeout_s` (counted from the moment the user's program starts) the
+  launcher process group is SIGKILLed; bwrap runs with `--die-with-parent` and owns the pid
+  namespace, so when it dies the kernel kills every process in the namespace; the cgroup's
+  remaining processes are killed too. Nothing the program starts outlives the call.
 
-Without bwrap the fallback is `unshare` (net + pid namespace, plus a user namespace for
-non-root users) with the same rlimits and wall-clock kill — but the host filesystem is NOT
-read-only there; one loud warning says so. `strict=True` (config `sandbox: strict`) refuses to
-run without bwrap instead. With no usable `unshare` either, code runs with rlimits only.
+**Infrastructure failures raise `forge.errors.InfraError`**, never a result that looks like a
+wrong answer: an interpreter that does not run on the host (missing, broken symlink), a bwrap
+that cannot build the sandbox or cannot exec the interpreter inside, a launcher that fails before
+the user's program starts, or a sandbox that does not start within `start_timeout_s`. The
+launcher signals "started" on a close-on-exec pipe just before it execs the user's program, so
+whatever the program does afterwards (exit 1, crash, delete files) is the program's result.
+
+Without bwrap the fallback is `unshare` (net + pid namespace, and a user namespace mapping us to
+uid 65534 inside when permitted) with the same rlimits, cgroup limits and wall-clock kill — but
+the host filesystem is NOT hidden or read-only there (the inside uid maps back to the caller, so
+the caller's files are as writable as for the caller, minus capabilities); one loud warning says
+so. `strict=True` (config `sandbox: strict`) refuses to run without bwrap instead. With no usable
+`unshare` either, code runs with rlimits and cgroups only.
 
 Outputs are captured through pipes by reader threads that keep the first `max_output_bytes`
 of each stream and discard the rest, so a print loop cannot exhaust host memory.
@@ -31,8 +53,10 @@ of each stream and discard the rest, so a print loop cannot exhaust host memory.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -45,15 +69,21 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from forge.errors import InfraError
+
 log = logging.getLogger(__name__)
 
 WORKDIR = "/tmp/work"  # where the fresh temp dir appears inside a bwrap sandbox
+SANDBOX_UID = SANDBOX_GID = 65534  # "nobody": the uid/gid the user's code runs as inside
 _MARKER_ENV = "FORGE_SANDBOX_RUN"
+_PATH = "/usr/local/bin:/usr/bin:/bin"
 
-# Runs inside the sandbox: apply the rlimits, then exec the user's program. argv: limits as ints.
+# Runs inside the sandbox: apply the rlimits, tell the host "started" on the pipe fd (argv[1]),
+# then exec the user's program. The fd is close-on-exec, so the program never holds it.
 _LAUNCHER = r"""
 import os, resource, sys
-as_b, cpu, nproc, fsize = (int(x) for x in sys.argv[1:5])
+fd = int(sys.argv[1])
+as_b, cpu, nproc, fsize = (int(x) for x in sys.argv[2:6])
 R = resource
 def lim(k, v):
     try:
@@ -66,21 +96,37 @@ lim(R.RLIMIT_FSIZE, fsize)
 lim(R.RLIMIT_NPROC, nproc)
 R.setrlimit(R.RLIMIT_CPU, (cpu, cpu + 1))  # soft: SIGXCPU, hard one second later: SIGKILL
 lim(R.RLIMIT_AS, as_b)
-os.execv(sys.executable, [sys.executable, "-I", "-B", *sys.argv[5:]])
+os.set_inheritable(fd, False)
+os.write(fd, b"S")
+try:
+    os.execv(sys.executable, [sys.executable, "-I", "-B", *sys.argv[6:]])
+except OSError as e:
+    os.write(fd, ("E" + f"execv {sys.executable}: {e}").encode())
+    os._exit(127)
 """
 
+# Runs on the host with the configured interpreter: what it needs to be visible in the sandbox.
+_PROBE = r"""
+import json, sys
+maps = set()
+try:
+    with open("/proc/self/maps") as f:
+        for ln in f:
+            parts = ln.split(None, 5)
+            if len(parts) == 6 and parts[5].startswith("/"):
+                maps.add(parts[5].rstrip("\n").removesuffix(" (deleted)"))
+except OSError:
+    pass
+print(json.dumps({"executable": sys.executable, "maps": sorted(maps),
+                  "prefixes": [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]}))
+"""
 
-def _python_under_tmp(python: str) -> list[str]:
-    """`--ro-bind` args that keep the interpreter visible when it lives under /tmp (a venv of a
-    checkout in /tmp): the sandbox's /tmp is a fresh tmpfs, which would hide it."""
-    tmp = Path("/tmp")
-    roots = {Path(python).parent.parent, Path(os.path.realpath(python)).parent.parent,
-             Path(sys.prefix), Path(sys.base_prefix)}
-    out: list[str] = []
-    for r in sorted(roots):
-        if tmp in r.parents and r.exists():
-            out += ["--ro-bind", str(r), str(r)]
-    return out
+# System paths every interpreter may need (bound read-only, or recreated as the host's symlink).
+_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+_ETC_FILES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "alternatives")
+# never bound, whatever the interpreter's layout claims: these paths exactly, and anything under these
+_NEVER = ("/", "/tmp", "/root", "/home", "/var", "/etc", "/run")
+_NEVER_UNDER = ("/proc", "/sys", "/dev", "/run", "/var/run", "/etc")
 
 
 class SandboxUnavailableError(RuntimeError):
@@ -93,7 +139,7 @@ class SandboxResult:
     stderr: str
     exit_code: int
     timed_out: bool = False
-    limit_hit: str | None = None  # "time" | "memory" | "cpu" | "procs" | "output" | None
+    limit_hit: str | None = None  # "time" | "memory" | "cpu" | "procs" | "file_size" | None
     duration_s: float = 0.0
     isolation: str = "bwrap"  # "bwrap" | "unshare" | "rlimits"
     run_id: str = ""
@@ -110,10 +156,12 @@ class SandboxConfig:
 
     timeout_s: float = 10.0
     cpu_time_s: float | None = None  # None: same as timeout_s
-    memory_mb: int = 512
+    memory_mb: int = 512  # total for all the run's processes (cgroup or watchdog) and per process (RLIMIT_AS)
     max_procs: int = 32
     max_file_mb: int = 16
+    tmp_mb: int = 64  # size of each private tmpfs (/tmp, /dev/shm) inside a bwrap sandbox
     max_output_bytes: int = 64_000
+    start_timeout_s: float = 30.0  # sandbox + interpreter start-up; past it: InfraError
     strict: bool = False
     python: str = field(default_factory=lambda: sys.executable)
 
@@ -142,7 +190,8 @@ def bwrap_available() -> bool:
     if exe is None:
         return False
     try:  # installed is not enough: user namespaces may be disabled (containers, AppArmor)
-        r = subprocess.run([exe, "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/", "--proc", "/proc",
+        r = subprocess.run([exe, "--unshare-all", "--unshare-user", "--uid", str(SANDBOX_UID), "--gid",
+                            str(SANDBOX_GID), "--die-with-parent", *_system_mounts(), "--proc", "/proc",
                             "--dev", "/dev", "true"], capture_output=True, timeout=20)
         if r.returncode != 0:
             log.warning("bwrap is installed but cannot create a sandbox here: %s", r.stderr.decode(errors="replace"))
@@ -157,8 +206,11 @@ def _unshare_prefix() -> tuple[str, ...]:
     exe = shutil.which("unshare")
     if exe is None:
         return ()
-    tries = [] if os.geteuid() == 0 else [[exe, "-r", "-n", "-p", "-f", "--kill-child"]]
-    tries += [[exe, "-n", "-p", "-f", "--kill-child"], [exe, "-n"]]
+    # a user namespace with an unprivileged uid inside first (no capabilities on the host), then
+    # without one (root may be refused user namespaces in some containers)
+    nobody = [f"--map-user={SANDBOX_UID}", f"--map-group={SANDBOX_GID}"]
+    tries = [[exe, *nobody, "-n", "-p", "-f", "--kill-child"], [exe, "-n", "-p", "-f", "--kill-child"],
+             [exe, "-n"]]
     for cmd in tries:
         try:
             if subprocess.run([*cmd, "true"], capture_output=True, timeout=20).returncode == 0:
@@ -180,7 +232,8 @@ def _warn_fallback(prefix: tuple[str, ...]) -> None:
             "network namespace via `unshare`" if prefix else "NO namespace isolation (unshare not permitted)")
     log.warning(
         "\n" + "!" * 78 + "\n!! forge sandbox: bubblewrap (`bwrap`) is not usable on this host; untrusted code runs\n"
-        f"!! with rlimits + {what}.\n!! The host filesystem is NOT read-only for it. Install the `bubblewrap` package\n"
+        f"!! with rlimits + cgroup limits + {what}.\n!! The host filesystem is NOT hidden and NOT read-only for "
+        "it. Install the `bubblewrap` package\n"
         "!! (scripts/setup.sh does, when it can) or set `sandbox: strict` to refuse instead.\n" + "!" * 78)
 
 
@@ -204,55 +257,258 @@ def process_limit_enforced() -> bool:
     namespace and the wall clock (bwrap / `unshare -p`), not bounded while it runs."""
     if os.geteuid() != 0:
         return True
-    cg = _PidsCgroup(8)
-    ok = cg.path is not None
+    cg = _Cgroup(8, None)
+    ok = cg.pids
     cg.close()
     return ok
 
 
-# ---- pids cgroup (best effort) ---------------------------------------------------------------
-class _PidsCgroup:
-    """A fresh pids cgroup (v1 `pids` hierarchy or v2 unified) limiting the whole run."""
+@lru_cache(maxsize=1)
+def memory_limit_mechanism() -> str:
+    """How `memory_mb` bounds a run's total here: 'cgroup' (memory.max / memory.limit_in_bytes,
+    enforced by the kernel) or 'watchdog' (resident memory sampled every 20 ms, best effort)."""
+    cg = _Cgroup(None, 64 * 2**20)
+    ok = cg.memory
+    cg.close()
+    return "cgroup" if ok else "watchdog"
 
-    def __init__(self, max_procs: int):
-        self.path: Path | None = None
-        for root in (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup")):
-            if not (root / "cgroup.procs").exists():
+
+# ---- the interpreter and the filesystem it needs ------------------------------------------
+@dataclass(frozen=True)
+class _Interpreter:
+    path: str  # absolute, unresolved: the venv is found from it
+    roots: tuple[str, ...]  # paths (as the interpreter sees them) that must exist inside
+
+
+def _symlink_chain(path: str) -> list[str]:
+    """`path`, then every hop its symlinks lead through (absolute, unresolved), to the real file."""
+    hops, seen = [path], {path}
+    cur = path
+    for _ in range(40):
+        if not os.path.islink(cur):
+            break
+        nxt = os.path.normpath(os.path.join(os.path.dirname(cur), os.readlink(cur)))
+        if nxt in seen:
+            break
+        hops.append(nxt)
+        seen.add(nxt)
+        cur = nxt
+    return hops
+
+
+@lru_cache(maxsize=16)
+def _interpreter(python: str) -> _Interpreter:
+    """Run `python` on the host once and collect what it needs; InfraError when it cannot run."""
+    exe = python if os.path.isabs(python) else shutil.which(python, path=_PATH)
+    if exe is None:
+        raise InfraError(f"sandbox: interpreter {python!r} not found (not an absolute path, not on {_PATH})")
+    exe = os.path.normpath(exe)
+    real = os.path.realpath(exe)
+    if not os.path.isfile(real) or not os.access(real, os.X_OK):
+        raise InfraError(f"sandbox: interpreter {exe!r} resolves to {real!r}, which is not an executable file "
+                         f"(symlink chain: {' -> '.join(_symlink_chain(exe))})")
+    try:
+        r = subprocess.run([exe, "-I", "-c", _PROBE], capture_output=True, timeout=60,
+                           env={"PATH": _PATH, "LANG": "C.UTF-8"})
+        info = json.loads(r.stdout)
+    except (OSError, subprocess.TimeoutExpired, json.JSONDecodeError, ValueError) as e:
+        err = getattr(locals().get("r"), "stderr", b"") or b""
+        raise InfraError(f"sandbox: interpreter {exe!r} (real path {real!r}) does not run on the host: "
+                         f"{type(e).__name__}: {e}; stderr: {err.decode(errors='replace')[-2000:]}") from e
+    roots = [os.path.dirname(h) for h in _symlink_chain(exe)]  # every hop of bin/python -> ... -> python3.11
+    roots += [p for p in info["prefixes"] if p]
+    # shared libraries mapped at start-up (libpython, libc, ...) outside the prefixes
+    roots += [os.path.dirname(m) for m in info["maps"] if os.path.exists(m)]
+    return _Interpreter(exe, tuple(dict.fromkeys(os.path.normpath(r) for r in roots)))
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _system_mounts() -> list[str]:
+    out: list[str] = []
+    for d in _SYSTEM_DIRS:
+        if os.path.islink(d):
+            out += ["--symlink", os.readlink(d), d]  # merged /usr: /lib -> usr/lib
+        elif os.path.isdir(d):
+            out += ["--ro-bind", d, d]
+    for f in _ETC_FILES:
+        if os.path.lexists(f"/etc/{f}"):
+            out += ["--ro-bind-try", f"/etc/{f}", f"/etc/{f}"]
+    return out
+
+
+def _visible_by_system(path: str) -> bool:
+    """Whether `path` already resolves to the same place inside through the system mounts alone
+    (both it and its real path lie under /usr, /lib, ... — /lib may be the host's usr/lib symlink)."""
+    real = os.path.realpath(path)
+    return (any(_under(path, d) for d in _SYSTEM_DIRS if os.path.lexists(d))
+            and any(_under(real, os.path.realpath(d)) for d in _SYSTEM_DIRS if os.path.isdir(d)))
+
+
+def _interpreter_mounts(interp: _Interpreter) -> list[str]:
+    """`--ro-bind real dest` for each root (at its real path and, when a symlink leads there, at the
+    path the interpreter uses), parents before children, skipping what a parent bind already shows.
+    InfraError when the interpreter needs a path the sandbox never exposes (/, /etc, a whole home)."""
+    binds: dict[str, str] = {}  # dest -> src
+    for root in interp.roots:
+        if not os.path.exists(root) or _visible_by_system(root):
+            continue
+        real = os.path.realpath(root)
+        for dest in dict.fromkeys((real, root)):
+            if dest in _NEVER or any(_under(dest, n) for n in _NEVER_UNDER):
+                raise InfraError(f"sandbox: interpreter {interp.path!r} needs {dest!r} (from {root!r}), which the "
+                                 f"sandbox never exposes ({', '.join(_NEVER + _NEVER_UNDER)}); use an interpreter "
+                                 "installed under /usr, /opt, a venv dir or the like")
+            binds[dest] = real
+    out: list[str] = []
+    kept: dict[str, str] = {}
+    for dest in sorted(binds, key=lambda d: (d.count("/"), d)):
+        src = binds[dest]
+        parent = next((p for p in kept if _under(dest, p)), None)
+        if parent is not None and os.path.join(kept[parent], os.path.relpath(dest, parent)) == src:
+            continue  # already visible through its parent's bind
+        kept[dest] = src
+        out += ["--ro-bind", src, dest]
+    return out
+
+
+# ---- cgroup: pids + memory for the whole run (best effort) ----------------------------------
+def _own_cgroups() -> tuple[dict[str, str], str | None]:
+    """This process's cgroup path per v1 controller, and its v2 path (None without a v2 line)."""
+    v1: dict[str, str] = {}
+    v2 = None
+    for ln in _read(Path("/proc/self/cgroup")).splitlines():
+        parts = ln.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0" and parts[1] == "":
+            v2 = parts[2]
+        for c in parts[1].split(","):
+            if c:
+                v1[c] = parts[2]
+    return v1, v2
+
+
+class _Cgroup:
+    """Fresh cgroup(s) holding every process of one run: `pids.max` and a memory limit (swap off).
+
+    Created under this process's own cgroup (so limits the host puts on us still apply), else
+    under the hierarchy's root. cgroup v2 (unified at /sys/fs/cgroup) or v1 `pids` / `memory`
+    hierarchies. `pids` / `memory` say what could be set up; either may be False (no write access,
+    controller not available or not delegated)."""
+
+    def __init__(self, max_procs: int | None, memory_bytes: int | None):
+        self.dirs: list[Path] = []
+        self.pids = self.memory = False
+        self._events: Path | None = None  # the file whose "oom_kill N" counts memory kills
+        name = f"forge-sandbox-{uuid.uuid4().hex[:12]}"
+        v1, v2 = _own_cgroups()
+        unified = Path("/sys/fs/cgroup")
+        if v2 is not None and (unified / "cgroup.controllers").exists():
+            self._setup_v2(unified, v2, name, max_procs, memory_bytes)
+            return
+        for ctl, want in (("pids", max_procs), ("memory", memory_bytes)):
+            root = Path("/sys/fs/cgroup") / ctl
+            if want is None or ctl not in v1 or not (root / "cgroup.procs").exists():
                 continue
-            if root == Path("/sys/fs/cgroup") and "pids" not in _read(root / "cgroup.subtree_control"):
+            for parent in dict.fromkeys((root / v1[ctl].lstrip("/"), root)):
+                d = parent / name
+                try:
+                    d.mkdir()
+                except OSError:
+                    continue
+                try:
+                    if ctl == "pids":
+                        (d / "pids.max").write_text(str(want))
+                        self.pids = True
+                    else:
+                        (d / "memory.limit_in_bytes").write_text(str(want))
+                        if (d / "memory.memsw.limit_in_bytes").exists():  # swap accounting: no swap either
+                            (d / "memory.memsw.limit_in_bytes").write_text(str(want))
+                        self.memory, self._events = True, d / "memory.oom_control"
+                    self.dirs.append(d)
+                    break
+                except OSError:
+                    _rmdir(d)
+
+    def _setup_v2(self, unified: Path, own: str, name: str, max_procs: int | None, memory_bytes: int | None) -> None:
+        wanted = [c for c, v in (("pids", max_procs), ("memory", memory_bytes)) if v is not None]
+        for parent in dict.fromkeys((unified / own.lstrip("/"), unified)):
+            enabled = _read(parent / "cgroup.subtree_control").split()
+            for c in wanted:
+                if c not in enabled:
+                    try:  # fails where the parent has processes of its own (v2's no-internal-process rule)
+                        (parent / "cgroup.subtree_control").write_text(f"+{c}")
+                    except OSError:
+                        pass
+            enabled = _read(parent / "cgroup.subtree_control").split()
+            if not any(c in enabled for c in wanted):
                 continue
-            p = root / f"forge-sandbox-{uuid.uuid4().hex[:12]}"
+            d = parent / name
             try:
-                p.mkdir()
-                (p / "pids.max").write_text(str(max_procs))
-                self.path = p
+                d.mkdir()
+            except OSError:
+                continue
+            try:
+                if "pids" in enabled and max_procs is not None:
+                    (d / "pids.max").write_text(str(max_procs))
+                    self.pids = True
+                if "memory" in enabled and memory_bytes is not None:
+                    (d / "memory.max").write_text(str(memory_bytes))
+                    if (d / "memory.swap.max").exists():
+                        (d / "memory.swap.max").write_text("0")
+                    self.memory, self._events = True, d / "memory.events"
+                self.dirs.append(d)
                 return
             except OSError:
-                try:
-                    p.rmdir()
-                except OSError:
-                    pass
+                self.pids = self.memory = False
+                _rmdir(d)
 
     def enter(self) -> None:
         """Called in the child between fork and exec."""
-        if self.path is not None:
-            (self.path / "cgroup.procs").write_text("0")
+        pid = str(os.getpid())
+        for d in self.dirs:
+            (d / "cgroup.procs").write_text(pid)
+
+    def oom_kills(self) -> int:
+        if self._events is None:
+            return 0
+        for ln in _read(self._events).splitlines():
+            k, _, v = ln.partition(" ")
+            if k == "oom_kill" and v.strip().isdigit():
+                return int(v)
+        return 0
+
+    def kill_all(self) -> None:
+        for d in self.dirs:
+            for pid in _read(d / "cgroup.procs").split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
 
     def close(self) -> None:
-        if self.path is None:
-            return
-        for _ in range(50):  # the kernel frees a cgroup only once its last process is reaped
-            try:
-                self.path.rmdir()
-                return
-            except OSError:
-                for pid in _read(self.path / "cgroup.procs").split():
-                    try:
-                        os.kill(int(pid), signal.SIGKILL)
-                    except (ProcessLookupError, ValueError):
-                        pass
+        for d in self.dirs:
+            for _ in range(100):  # the kernel frees a cgroup only once its last process is reaped
+                if _rmdir(d):
+                    break
+                self.kill_all()
                 time.sleep(0.02)
-        log.warning("sandbox: could not remove cgroup %s", self.path)
+            else:
+                log.warning("sandbox: could not remove cgroup %s", d)
+        self.dirs = []
+
+
+def _rmdir(d: Path) -> bool:
+    try:
+        d.rmdir()
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
 
 
 def _read(p: Path) -> str:
@@ -260,6 +516,52 @@ def _read(p: Path) -> str:
         return p.read_text()
     except OSError:
         return ""
+
+
+# ---- memory watchdog (no memory cgroup) ---------------------------------------------------
+def _descendants(root_pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(name))
+    out, todo = [], [root_pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+class _MemoryWatchdog(threading.Thread):
+    """Sums the resident memory of a run's process tree; SIGKILLs the run above the limit."""
+
+    def __init__(self, proc: subprocess.Popen, limit_bytes: int):
+        super().__init__(daemon=True)
+        self.proc, self.limit = proc, limit_bytes
+        self.stop = threading.Event()
+        self.fired = False
+
+    def run(self) -> None:
+        while not self.stop.wait(0.02):
+            if sum(_rss_bytes(p) for p in _descendants(self.proc.pid)) > self.limit:
+                self.fired = True
+                _kill_group(self.proc)
+                return
 
 
 # ---- output capture ------------------------------------------------------------------------
@@ -305,7 +607,9 @@ def run_python(code: str, *, stdin: str | None = None, timeout_s: float | None =
 
     `files` are written next to main.py first (relative paths only). Keyword arguments override
     `config` (a `SandboxConfig`, its dict, or "strict"). Never raises for anything the code does;
-    raises ValueError for bad arguments and SandboxUnavailableError in strict mode without bwrap.
+    raises ValueError for bad arguments, SandboxUnavailableError in strict mode without bwrap, and
+    `forge.errors.InfraError` (with the cause: the path, bwrap's stderr) when the sandbox or the
+    interpreter cannot start — never a result that would read as the code's failure.
     """
     cfg = SandboxConfig.from_spec(config)
     timeout_s = float(cfg.timeout_s if timeout_s is None else timeout_s)
@@ -318,35 +622,53 @@ def run_python(code: str, *, stdin: str | None = None, timeout_s: float | None =
     if timeout_s <= 0 or cpu_time_s <= 0 or memory_mb < 32 or max_procs < 1:
         raise ValueError(f"run_python: need timeout_s > 0, cpu_time_s > 0, memory_mb >= 32, max_procs >= 1; got "
                          f"{timeout_s}, {cpu_time_s}, {memory_mb}, {max_procs}")
+    if cfg.tmp_mb < 1 or cfg.start_timeout_s <= 0:
+        raise ValueError(f"sandbox: need tmp_mb >= 1 and start_timeout_s > 0; got {cfg.tmp_mb}, {cfg.start_timeout_s}")
     mode = sandbox_mode(strict)
     if mode != "bwrap":
         _warn_fallback(_unshare_prefix())
+    interp = _interpreter(cfg.python)
 
     run_id = uuid.uuid4().hex
     host_dir = Path(tempfile.mkdtemp(prefix="forge-sbx-"))
-    cgroup: _PidsCgroup | None = None
+    work = host_dir / "work"
+    work.mkdir()
+    cgroup: _Cgroup | None = None
     try:
-        _write_files(host_dir, code, files or {})
-        workdir = WORKDIR if mode == "bwrap" else str(host_dir)
+        _write_files(work, code, files or {})
+        workdir = WORKDIR if mode == "bwrap" else str(work)
         limits = [str(memory_mb * 2**20), str(max(1, int(round(cpu_time_s)))), str(max_procs),
                   str(cfg.max_file_mb * 2**20)]
-        inner = [cfg.python, "-I", "-S", "-c", _LAUNCHER, *limits, "main.py"]
+        start_r, start_w = os.pipe()
+        inner = [interp.path, "-I", "-S", "-c", _LAUNCHER, str(start_w), *limits, "main.py"]
         if mode == "bwrap":
-            cmd = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--ro-bind", "/", "/",
-                   "--tmpfs", "/tmp", *_python_under_tmp(cfg.python), "--bind", str(host_dir), WORKDIR,
-                   "--proc", "/proc", "--dev", "/dev", "--chdir", WORKDIR, "--", *inner]
+            cmd = ["bwrap", *_bwrap_args(interp, host_dir, cfg.tmp_mb), "--", *inner]
         else:
             cmd = [*_unshare_prefix(), *inner]
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "LANG": "C.UTF-8",
+        env = {"PATH": _PATH, "HOME": workdir, "LANG": "C.UTF-8", "USER": "sandbox",
                "PYTHONIOENCODING": "utf-8", "PYTHONDONTWRITEBYTECODE": "1", _MARKER_ENV: run_id}
-        if os.geteuid() == 0:
-            cgroup = _PidsCgroup(max_procs + 4)  # + bwrap, its pid-1 reaper, the launcher
-        return _execute(cmd, env, workdir if mode != "bwrap" else str(host_dir), stdin, timeout_s, cpu_time_s,
-                        cfg.max_output_bytes, cgroup, mode, run_id)
+        # + bwrap, its pid-1 reaper, the launcher; the memory limit counts the sandbox's tmpfs pages too
+        cgroup = _Cgroup(max_procs + 4 if os.geteuid() == 0 else None, memory_mb * 2**20)
+        return _execute(cmd, env, str(work), stdin, timeout_s, cpu_time_s, cfg, memory_mb, cgroup, mode, run_id,
+                        (start_r, start_w), interp.path)
     finally:
         if cgroup is not None:
             cgroup.close()
         shutil.rmtree(host_dir, ignore_errors=True)
+
+
+def _bwrap_args(interp: _Interpreter, host_dir: Path, tmp_mb: int) -> list[str]:
+    (host_dir / "passwd").write_text(f"sandbox:x:{SANDBOX_UID}:{SANDBOX_GID}:sandbox:{WORKDIR}:/bin/false\n")
+    (host_dir / "group").write_text(f"sandbox:x:{SANDBOX_GID}:\n")
+    size = str(tmp_mb * 2**20)
+    return ["--unshare-all", "--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_GID),
+            "--die-with-parent", "--new-session", "--hostname", "sandbox", "--cap-drop", "ALL",
+            *_system_mounts(),
+            "--ro-bind", str(host_dir / "passwd"), "/etc/passwd", "--ro-bind", str(host_dir / "group"), "/etc/group",
+            "--proc", "/proc", "--dev", "/dev", "--size", size, "--tmpfs", "/dev/shm",
+            "--size", size, "--tmpfs", "/tmp",
+            *_interpreter_mounts(interp),  # after /tmp's tmpfs: an interpreter under /tmp stays visible
+            "--bind", str(host_dir / "work"), WORKDIR, "--chdir", WORKDIR]
 
 
 async def arun_python(code: str, **kwargs) -> SandboxResult:
@@ -365,32 +687,59 @@ def _write_files(d: Path, code: str, files: dict[str, str | bytes]) -> None:
             (d / rel).write_bytes(content)
         else:
             (d / rel).write_text(content)
-    if os.geteuid() == 0:
-        # bwrap maps the sandbox's uid back to ours, so ownership is fine; world-writable just in
-        # case the sandbox runs as another uid (unshare without -r keeps ours too)
-        os.chmod(d, 0o777)
+
+
+def _wait_started(fd: int, proc: subprocess.Popen, deadline: float) -> bytes:
+    """Bytes from the launcher's start pipe: b"S" once the user's program is about to start; b""
+    when the sandbox died (EOF) or `deadline` passed first."""
+    while True:
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            return b""
+        ready, _, _ = select.select([fd], [], [], min(left, 0.5))
+        if ready:
+            return os.read(fd, 1)
 
 
 def _execute(cmd: list[str], env: dict[str, str], cwd: str, stdin: str | None, timeout_s: float,
-             cpu_time_s: float, max_out: int, cgroup: _PidsCgroup | None, mode: str, run_id: str) -> SandboxResult:
-    preexec = cgroup.enter if cgroup is not None and cgroup.path is not None else None
+             cpu_time_s: float, cfg: SandboxConfig, memory_mb: int, cgroup: _Cgroup, mode: str, run_id: str,
+             start_pipe: tuple[int, int], python: str) -> SandboxResult:
+    start_r, start_w = start_pipe
+    preexec = cgroup.enter if cgroup.dirs else None
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd,
-                            env=env, start_new_session=True, preexec_fn=preexec, close_fds=True)
-    out, err = _Capture(proc.stdout, max_out), _Capture(proc.stderr, max_out)
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                cwd=cwd, env=env, start_new_session=True, preexec_fn=preexec, close_fds=True,
+                                pass_fds=(start_w,))
+    except OSError as e:
+        os.close(start_r)
+        os.close(start_w)
+        raise InfraError(f"sandbox: cannot start {cmd[0]!r}: {e}") from e
+    os.close(start_w)  # the sandbox holds the only write ends now: EOF means it is gone
+    out, err = _Capture(proc.stdout, cfg.max_output_bytes), _Capture(proc.stderr, cfg.max_output_bytes)
     out.start()
     err.start()
     feeder = threading.Thread(target=_feed, args=(proc.stdin, (stdin or "").encode()), daemon=True)
     feeder.start()
+    watchdog = None if cgroup.memory else _MemoryWatchdog(proc, memory_mb * 2**20)
+    if watchdog is not None:
+        watchdog.start()
     timed_out = False
     try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        timed_out = True
+        started = _wait_started(start_r, proc, t0 + cfg.start_timeout_s) == b"S"
+        t_start = time.perf_counter()
+        if started:
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                timed_out = True
     finally:
         _kill_group(proc)
         proc.wait()
-    duration = time.perf_counter() - t0
+        cgroup.kill_all()  # a daemon that left the process group and the namespace's reach
+        if watchdog is not None:
+            watchdog.stop.set()
+    duration = time.perf_counter() - t_start
     for t in (feeder, out, err):
         t.join(timeout=5)
     for s in (proc.stdout, proc.stderr):
@@ -398,10 +747,18 @@ def _execute(cmd: list[str], env: dict[str, str], cwd: str, stdin: str | None, t
             s.close()
         except OSError:
             pass
+    late = _drain(start_r)
+    stderr = err.text()
+    if not started or late.startswith(b"E"):
+        why = (late[1:].decode(errors="replace") if late.startswith(b"E") else
+               f"did not start within start_timeout_s={cfg.start_timeout_s}s" if proc.returncode == -signal.SIGKILL
+               else f"exited {proc.returncode} before the program started")
+        raise InfraError(f"sandbox ({mode}) could not start the interpreter {python!r} "
+                         f"(real path {os.path.realpath(python)!r}): {why}; "
+                         f"stderr: {stderr[-2000:].strip() or '(empty)'}")
     code = proc.returncode
     # bwrap / unshare report a signalled child as 128 + signal; Popen as -signal
     sig = -code if code < 0 else (code - 128 if code > 128 else 0)
-    stderr = err.text()
     if mode == "unshare" and "unshare: sigprocmask unblock failed" in stderr:
         # util-linux unshare could not re-raise its child's fatal signal and exited 1: the child
         # was signalled, which signal is lost (-1: unknown)
@@ -410,6 +767,8 @@ def _execute(cmd: list[str], env: dict[str, str], cwd: str, stdin: str | None, t
     limit = None
     if timed_out:
         limit = "time"
+    elif cgroup.oom_kills() or (watchdog is not None and watchdog.fired):
+        limit = "memory"
     elif sig in (signal.SIGXCPU, signal.SIGKILL, -1) and duration >= 0.8 * cpu_time_s:
         limit = "cpu"
     elif "MemoryError" in stderr or "Cannot allocate memory" in stderr:
@@ -421,6 +780,20 @@ def _execute(cmd: list[str], env: dict[str, str], cwd: str, stdin: str | None, t
     return SandboxResult(stdout=out.text(), stderr=stderr, exit_code=code if code >= 0 else 128 - code,
                          timed_out=timed_out, limit_hit=limit, duration_s=duration, isolation=mode, run_id=run_id,
                          truncated=bool(out.dropped or err.dropped))
+
+
+def _drain(fd: int) -> bytes:
+    """Whatever is left in the start pipe (its writers are gone: the sandbox exited), then close it."""
+    data = b""
+    try:
+        os.set_blocking(fd, False)
+        while chunk := os.read(fd, 4096):
+            data += chunk
+    except (BlockingIOError, OSError):
+        pass
+    finally:
+        os.close(fd)
+    return data
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -447,5 +820,6 @@ def stray_processes(run_id: str) -> list[int]:
     return found
 
 
-__all__ = ["SandboxConfig", "SandboxResult", "SandboxUnavailableError", "arun_python", "bwrap_available",
-           "process_limit_enforced", "run_python", "sandbox_mode", "stray_processes"]
+__all__ = ["SANDBOX_UID", "SandboxConfig", "SandboxResult", "SandboxUnavailableError", "arun_python",
+           "bwrap_available", "memory_limit_mechanism", "process_limit_enforced", "run_python", "sandbox_mode",
+           "stray_processes"]
