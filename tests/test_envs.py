@@ -10,7 +10,9 @@ from omegaconf import OmegaConf
 from forge.envs import (CalculatorEnv, CalculatorTask, CodingEnv, CodingTask, Environment, Observation, build_env,
                         env_factory, register_env)
 from forge.envs.base import ENVS
+from forge.envs.code import CodeReward
 from forge.envs.sandbox import sandbox_mode
+from forge.errors import InfraError
 
 
 class CountdownEnv(Environment):
@@ -119,9 +121,39 @@ def _sandbox_ok() -> bool:
 
 
 @pytest.mark.skipif(not _sandbox_ok(), reason="no sandbox")
-def test_coding_env_scores_gold_and_wrong_solutions():
+@pytest.mark.parametrize("venv", ["running", "symlinked"])
+def test_coding_env_scores_gold_and_wrong_solutions(venv, tmp_path):
+    from tests.test_sandbox import symlinked_venv
+
+    if venv == "running":
+        _score_gold_and_wrong(None)
+    else:  # issue 21: `.venv -> /tmp/x/.venv` made every gold solution score 0
+        with symlinked_venv(tmp_path) as py:
+            _score_gold_and_wrong({"python": py})
+
+
+@pytest.mark.skipif(not _sandbox_ok(), reason="no sandbox")
+def test_coding_env_with_unrunnable_interpreter_raises_infra_error(tmp_path):
+    broken = tmp_path / ".venv" / "bin" / "python"
+    broken.parent.mkdir(parents=True)
+    broken.symlink_to(tmp_path / "moved-away" / "python3")
+
     async def main():
-        env = CodingEnv(difficulty=3)
+        env = CodingEnv(difficulty=2, sandbox={"python": str(broken)})
+        s = env.task.sample("train", 0)
+        await env.reset(s)
+        with pytest.raises(InfraError, match="moved-away/python3"):
+            await env.step(s["solution"])
+
+    asyncio.run(main())
+    reward = CodeReward(sandbox={"python": str(broken)}, isolate_tests=True)
+    with pytest.raises(InfraError, match="moved-away/python3"):
+        reward("p", "```python\ndef f():\n    return 1\n```", ["assert f() == 1"])
+
+
+def _score_gold_and_wrong(sandbox) -> None:
+    async def main():
+        env = CodingEnv(difficulty=3, sandbox=sandbox)
         for i in range(4):
             s = env.task.sample("train", i)
             await env.reset(s)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -16,6 +17,7 @@ import pytest
 
 from forge.envs import sandbox
 from forge.envs.sandbox import SandboxUnavailableError, run_python, sandbox_mode, stray_processes
+from forge.errors import InfraError
 
 
 def _mode() -> str | None:
@@ -221,6 +223,79 @@ def test_config_spec_validation():
         sandbox.SandboxConfig.from_spec({"timeout": 3})
     with pytest.raises(ValueError):
         sandbox.SandboxConfig.from_spec("lenient")
+
+
+@contextlib.contextmanager
+def symlinked_venv(tmp_path):
+    """A real venv under /tmp reached through a symlink outside /tmp (`/var/tmp/x/.venv -> /tmp/.../.venv`),
+    as in issue 21; yields the linked `bin/python`."""
+    real = tmp_path / "x" / ".venv"
+    base = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run([base, "-m", "venv", "--without-pip", str(real)], check=True, capture_output=True, timeout=120)
+    link_dir = tempfile.mkdtemp(prefix="forge-venvlink-", dir="/var/tmp" if os.access("/var/tmp", os.W_OK) else None)
+    link = os.path.join(link_dir, ".venv")
+    os.symlink(real, link)
+    try:
+        yield os.path.join(link, "bin", "python")
+    finally:
+        os.remove(link)
+        os.rmdir(link_dir)
+
+
+def test_symlinked_venv_under_tmp_runs(tmp_path):
+    with symlinked_venv(tmp_path) as py:
+        r = run_python("import sys\nprint(sys.prefix, 6 * 7)", timeout_s=20, config={"python": py})
+        assert r.ok and r.stdout == f"{os.path.dirname(os.path.dirname(py))} 42\n", r.stderr
+
+
+# ---- infrastructure failures are InfraError, never a result ----------------------------------
+def test_missing_or_broken_interpreter_is_infra_error(tmp_path):
+    with pytest.raises(InfraError, match="/no/such/python"):
+        run_python("print(1)", config={"python": "/no/such/python"})
+    broken = tmp_path / "venv" / "bin" / "python"
+    broken.parent.mkdir(parents=True)
+    broken.symlink_to(tmp_path / "gone" / "python3")
+    with pytest.raises(InfraError, match=r"symlink chain: .*venv/bin/python -> .*gone/python3"):
+        run_python("print(1)", config={"python": str(broken)})
+
+
+@needs_bwrap
+def test_bwrap_error_is_infra_error_with_its_stderr(monkeypatch):
+    missing = f"/nonexistent-{os.getpid()}"
+    real = sandbox._bwrap_args
+    monkeypatch.setattr(sandbox, "_bwrap_args", lambda *a: [*real(*a), "--ro-bind", missing, "/x"])
+    with pytest.raises(InfraError, match=f"bwrap: Can't find source path {missing}"):
+        run_python("print(1)", timeout_s=10)
+
+
+@needs_bwrap
+def test_interpreter_that_cannot_run_inside_is_infra_error(tmp_path):
+    # runs on the host, but execs a path outside everything the sandbox exposes
+    hidden = tempfile.mkdtemp(prefix="forge-hidden-", dir="/var/tmp")
+    os.symlink(os.path.realpath(sys.executable), os.path.join(hidden, "python"))
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f"#!/bin/sh\nexec {hidden}/python \"$@\"\n")
+    wrapper.chmod(0o755)
+    try:
+        with pytest.raises(InfraError, match=f"could not start the interpreter .*{hidden}/python"):
+            run_python("print(1)", timeout_s=10, config={"python": str(wrapper)})
+    finally:
+        os.remove(os.path.join(hidden, "python"))
+        os.rmdir(hidden)
+
+
+def test_start_timeout_is_infra_error():
+    with pytest.raises(InfraError, match="did not start within start_timeout_s"):
+        run_python("print(1)", config={"start_timeout_s": 0.001})
+
+
+def test_program_cannot_fake_an_infra_error():
+    # what the program prints or how it exits is its result, even when it imitates bwrap
+    r = run_python("import sys\nsys.stderr.write('bwrap: execvp python: No such file or directory\\n')\n"
+                   "sys.exit(1)", timeout_s=10)
+    assert r.exit_code == 1 and "execvp" in r.stderr
+    r = run_python("import os\nos.execv('/no/such/binary', ['x'])", timeout_s=10)
+    assert r.exit_code == 1 and "FileNotFoundError" in r.stderr
 
 
 @pytest.mark.skipif(not sandbox.bwrap_available(), reason="needs bubblewrap")
