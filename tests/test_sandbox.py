@@ -284,6 +284,21 @@ def test_interpreter_that_cannot_run_inside_is_infra_error(tmp_path):
         os.rmdir(hidden)
 
 
+def test_python_tool_lets_infra_error_through(tmp_path):
+    # a tool's own failures are observations for the model; a sandbox that cannot start is not
+    import asyncio
+
+    from forge.envs.code import python_tool
+    from forge.envs.tools import ToolCall, ToolRegistry
+
+    reg = ToolRegistry([python_tool({"python": str(tmp_path / "no-python")})])
+    with pytest.raises(InfraError, match="no-python"):
+        asyncio.run(reg.execute(ToolCall(name="python", arguments={"code": "print(1)"}, raw="")))
+    ok = ToolRegistry([python_tool()])
+    r = asyncio.run(ok.execute(ToolCall(name="python", arguments={"code": "print(6 * 7)"}, raw="")))
+    assert r.status == "ok" and r.text == "42"
+
+
 def test_start_timeout_is_infra_error():
     with pytest.raises(InfraError, match="did not start within start_timeout_s"):
         run_python("print(1)", config={"start_timeout_s": 0.001})

@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+from forge.errors import InfraError
+
 _JSON_TYPES: dict[Any, str] = {str: "string", int: "integer", float: "number", bool: "boolean",
                                dict: "object", list: "array", tuple: "array"}
 
@@ -318,6 +320,8 @@ class ToolRegistry:
             out = await t(call.arguments or {})
         except asyncio.TimeoutError:
             return ToolResult(call, f"Error: {t.name} timed out after {t.timeout_s}s", "errored")
+        except InfraError:
+            raise  # the machinery failed (e.g. the sandbox could not start): not the model's observation
         except Exception as e:  # noqa: BLE001 - any tool failure is an observation, not a crash
             return ToolResult(call, f"Error: {t.name} raised {type(e).__name__}: {e}"[: self.max_result_chars],
                               "errored")
