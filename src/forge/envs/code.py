@@ -4,6 +4,10 @@
 - `CodeReward`: `reward(prompt, response, target) -> float`, the fraction of the task's tests
   (assert statements) that pass against the code in the response (its last ```python block,
   else its <answer>...</answer>, else the whole response when it defines something).
+
+Neither catches `forge.errors.InfraError` from the sandbox (interpreter missing or not runnable
+inside, bwrap error, start-up timeout): an infrastructure failure propagates to the caller (the
+reward actor / rollout marks the episode failed) instead of scoring 0.0 like a wrong answer.
 """
 
 from __future__ import annotations
@@ -101,6 +105,7 @@ class CodeReward:
         self.sandbox = SandboxConfig.from_spec(self.sandbox)
 
     def __call__(self, prompt: str, response: str, target: Any) -> float:
+        """Raises `InfraError` (never returns 0.0) when the sandbox itself fails."""
         tests = parse_tests(target)
         code = extract_code(response)
         if code is None or not tests:
