@@ -689,16 +689,13 @@ def _write_files(d: Path, code: str, files: dict[str, str | bytes]) -> None:
             (d / rel).write_text(content)
 
 
-def _wait_started(fd: int, proc: subprocess.Popen, deadline: float) -> bytes:
-    """Bytes from the launcher's start pipe: b"S" once the user's program is about to start; b""
-    when the sandbox died (EOF) or `deadline` passed first."""
-    while True:
-        left = deadline - time.perf_counter()
-        if left <= 0:
-            return b""
-        ready, _, _ = select.select([fd], [], [], min(left, 0.5))
-        if ready:
+def _wait_started(fd: int, deadline: float) -> bytes:
+    """The launcher's first byte on the start pipe: b"S" once the user's program is about to start;
+    b"" when the sandbox died first (EOF: every write end is gone) or `deadline` passed."""
+    while (left := deadline - time.perf_counter()) > 0:
+        if select.select([fd], [], [], min(left, 0.5))[0]:
             return os.read(fd, 1)
+    return b""
 
 
 def _execute(cmd: list[str], env: dict[str, str], cwd: str, stdin: str | None, timeout_s: float,
@@ -726,7 +723,8 @@ def _execute(cmd: list[str], env: dict[str, str], cwd: str, stdin: str | None, t
         watchdog.start()
     timed_out = False
     try:
-        started = _wait_started(start_r, proc, t0 + cfg.start_timeout_s) == b"S"
+        started = _wait_started(start_r, t0 + cfg.start_timeout_s) == b"S"
+        start_timed_out = not started and proc.poll() is None
         t_start = time.perf_counter()
         if started:
             try:
@@ -751,7 +749,7 @@ def _execute(cmd: list[str], env: dict[str, str], cwd: str, stdin: str | None, t
     stderr = err.text()
     if not started or late.startswith(b"E"):
         why = (late[1:].decode(errors="replace") if late.startswith(b"E") else
-               f"did not start within start_timeout_s={cfg.start_timeout_s}s" if proc.returncode == -signal.SIGKILL
+               f"did not start within start_timeout_s={cfg.start_timeout_s}s" if start_timed_out
                else f"exited {proc.returncode} before the program started")
         raise InfraError(f"sandbox ({mode}) could not start the interpreter {python!r} "
                          f"(real path {os.path.realpath(python)!r}): {why}; "
