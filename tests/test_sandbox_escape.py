@@ -243,6 +243,30 @@ def test_memory_watchdog_bounds_the_total_without_a_memory_cgroup(mode, monkeypa
     assert time.perf_counter() - t0 < 15
 
 
+@pytest.mark.skipif(not sandbox.process_limit_enforced(), reason="root without a writable pids cgroup: max_procs "
+                    "is not enforceable (the bomb is still killed with its pid namespace at the wall clock)")
+@pytest.mark.parametrize("mode", MODES, indirect=True)
+def test_fork_bomb_is_bounded_while_it_runs(mode):
+    # every process forks forever and never exits: each successful fork prints one line
+    code = ("import os, sys, time\n"
+            "while True:\n"
+            "    try:\n"
+            "        if os.fork() == 0:\n"
+            "            os.write(1, b'f\\n')\n"
+            "    except OSError:\n"
+            "        time.sleep(0.01)\n")
+    max_procs = 12
+    t0 = time.perf_counter()
+    r = run_python(code, timeout_s=3, max_procs=max_procs, memory_mb=256)
+    assert time.perf_counter() - t0 < 12
+    # max_procs counts main.py too: at most max_procs - 1 forks succeed
+    assert r.limit_hit == "time" and max_procs // 2 < r.stdout.count("f") <= max_procs - 1, (r.stdout.count("f"), r.stderr[-300:])
+    deadline = time.time() + 5
+    while stray_processes(r.run_id) and time.time() < deadline:
+        time.sleep(0.1)
+    assert stray_processes(r.run_id) == []
+
+
 @pytest.mark.parametrize("mode", MODES, indirect=True)
 def test_background_process_does_not_outlive_the_call(mode):
     code = ("import os, subprocess, sys, time\n"

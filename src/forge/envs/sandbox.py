@@ -647,8 +647,10 @@ def run_python(code: str, *, stdin: str | None = None, timeout_s: float | None =
             cmd = [*_unshare_prefix(), *inner]
         env = {"PATH": _PATH, "HOME": workdir, "LANG": "C.UTF-8", "USER": "sandbox",
                "PYTHONIOENCODING": "utf-8", "PYTHONDONTWRITEBYTECODE": "1", _MARKER_ENV: run_id}
-        # + bwrap, its pid-1 reaper, the launcher; the memory limit counts the sandbox's tmpfs pages too
-        cgroup = _Cgroup(max_procs + 4 if os.geteuid() == 0 else None, memory_mb * 2**20)
+        # max_procs counts the user's processes (main.py included); the cgroup also holds the
+        # wrapper: bwrap + its pid-1 reaper, or unshare. The memory limit counts tmpfs pages too.
+        wrappers = {"bwrap": 2, "unshare": 1, "rlimits": 0}[mode]
+        cgroup = _Cgroup(max_procs + wrappers if os.geteuid() == 0 else None, memory_mb * 2**20)
         return _execute(cmd, env, str(work), stdin, timeout_s, cpu_time_s, cfg, memory_mb, cgroup, mode, run_id,
                         (start_r, start_w), interp.path)
     finally:
