@@ -233,8 +233,8 @@ def test_memory_is_bounded_in_total_not_per_process(mode):
 
 @pytest.mark.parametrize("mode", MODES[:1], indirect=True)
 def test_memory_watchdog_bounds_the_total_without_a_memory_cgroup(mode, monkeypatch):
-    real = sandbox._Cgroup
-    monkeypatch.setattr(sandbox, "_Cgroup", lambda procs, mem: real(procs, None))  # as on a host without one
+    real = sandbox.RunCgroup
+    monkeypatch.setattr(sandbox, "RunCgroup", lambda procs, mem: real(procs, None))  # as on a host without one
     code = _SIX_X_400.replace("b = bytearray(b'x') * (400 * 2**20)",
                               "b = [bytearray(b'x') * (40 * 2**20) for _ in range(10) if not time.sleep(0.05)]")
     t0 = time.perf_counter()
