@@ -201,8 +201,24 @@ def test_uid_inside_is_unprivileged(mode):
                     "        out[ln.split(':')[0]] = int(ln.split()[1], 16)\n")
     if mode == "unshare" and "--map-user=65534" not in " ".join(sandbox._unshare_prefix()):
         pytest.skip("this unshare cannot map to an unprivileged uid (no user namespaces)")
+    if mode == "bwrap" and not sandbox._bwrap_user_args():
+        pytest.skip("bwrap cannot create a user namespace here: uid inside is the caller's (capabilities dropped)")
     assert out["uid"] == out["euid"] == sandbox.SANDBOX_UID != 0 and out["gid"] == sandbox.SANDBOX_GID
     assert out["CapEff"] == 0 and out["CapPrm"] == 0
+
+
+@needs_bwrap
+def test_bwrap_without_a_user_namespace_still_hides_the_host(monkeypatch):
+    # hosts where bwrap works only without --unshare-user: the uid stays, capabilities go, host stays hidden
+    monkeypatch.setattr(sandbox, "_bwrap_user_args", lambda: ())
+    out = _run_json("import os\nout = {'uid': os.getuid(), 'shadow': os.path.exists('/etc/shadow'),\n"
+                    "       'root': sorted(os.listdir('/root')) if os.path.isdir('/root') else []}\n"
+                    "for ln in open('/proc/self/status'):\n"
+                    "    if ln.startswith('CapEff'):\n"
+                    "        out['CapEff'] = int(ln.split()[1], 16)\n")
+    assert out["uid"] == os.geteuid() and out["CapEff"] == 0 and not out["shadow"]
+    assert set(out["root"]) <= {os.path.relpath(p, "/root").split("/")[0]
+                                for p in (sys.prefix, sys.base_prefix) if p.startswith("/root/")}
 
 
 # ---- resources ----------------------------------------------------------------------------------

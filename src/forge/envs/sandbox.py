@@ -185,20 +185,38 @@ class SandboxConfig:
 
 
 # ---- what isolation this host offers (probed once per process) -----------------------------
+_USERNS = ["--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_GID)]
+
+
 @lru_cache(maxsize=1)
-def bwrap_available() -> bool:
+def _bwrap_user_args() -> tuple[str, ...] | None:
+    """bwrap's user-namespace arguments on this host: the unprivileged uid inside when user
+    namespaces work, () when only bwrap without one works (root in some containers: uid 0 inside,
+    no capabilities, host still hidden; warned), None when bwrap cannot build a sandbox at all."""
     exe = shutil.which("bwrap")
     if exe is None:
-        return False
-    try:  # installed is not enough: user namespaces may be disabled (containers, AppArmor)
-        r = subprocess.run([exe, "--unshare-all", "--unshare-user", "--uid", str(SANDBOX_UID), "--gid",
-                            str(SANDBOX_GID), "--die-with-parent", *_system_mounts(), "--proc", "/proc",
-                            "--dev", "/dev", "true"], capture_output=True, timeout=20)
-        if r.returncode != 0:
-            log.warning("bwrap is installed but cannot create a sandbox here: %s", r.stderr.decode(errors="replace"))
-        return r.returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
+        return None
+    err = ""
+    for user in (_USERNS, []):  # installed is not enough: user namespaces may be disabled (containers, AppArmor)
+        try:
+            r = subprocess.run([exe, "--unshare-all", *user, "--die-with-parent", "--cap-drop", "ALL",
+                                *_system_mounts(), "--proc", "/proc", "--dev", "/dev", "true"],
+                               capture_output=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            err = str(e)
+            continue
+        if r.returncode == 0:
+            if not user:
+                log.warning("sandbox: bwrap cannot create a user namespace here (%s); sandboxed code runs as uid %d "
+                            "without capabilities, host filesystem still hidden", err.strip(), os.geteuid())
+            return tuple(user)
+        err = r.stderr.decode(errors="replace")
+    log.warning("bwrap is installed but cannot create a sandbox here: %s", err)
+    return None
+
+
+def bwrap_available() -> bool:
+    return _bwrap_user_args() is not None
 
 
 @lru_cache(maxsize=1)
@@ -474,7 +492,7 @@ def _bwrap_args(interp: _Interpreter, host_dir: Path, tmp_mb: int) -> list[str]:
     (host_dir / "passwd").write_text(f"sandbox:x:{SANDBOX_UID}:{SANDBOX_GID}:sandbox:{WORKDIR}:/bin/false\n")
     (host_dir / "group").write_text(f"sandbox:x:{SANDBOX_GID}:\n")
     size = str(tmp_mb * 2**20)
-    return ["--unshare-all", "--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_GID),
+    return ["--unshare-all", *(_bwrap_user_args() or ()),
             "--die-with-parent", "--new-session", "--hostname", "sandbox", "--cap-drop", "ALL",
             *_system_mounts(),
             "--ro-bind", str(host_dir / "passwd"), "/etc/passwd", "--ro-bind", str(host_dir / "group"), "/etc/group",
