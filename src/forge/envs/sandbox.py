@@ -5,8 +5,9 @@ Layers (each one contains what the others might miss):
 - **bubblewrap** (`bwrap`, Debian package `bubblewrap`) when present: every namespace unshared
   (network: a loopback-less net namespace, so no TCP to the host and no abstract unix sockets;
   own pid namespace; own user namespace with an unprivileged uid/gid 65534 inside, no
-  capabilities). The root is a fresh tmpfs holding only what the interpreter needs, read-only:
-  /usr, /bin, /sbin, /lib* (as the host has them: dirs or merged-/usr symlinks), a few /etc
+  capabilities — where the host refuses user namespaces, bwrap without one: the caller's uid,
+  capabilities dropped, warned). The root is a fresh tmpfs holding only what the interpreter
+  needs, read-only: /usr, /bin, /sbin, /lib* (as the host has them: dirs or merged-/usr symlinks), a few /etc
   files (ld.so.cache, ld.so.conf*, localtime, alternatives; a generated passwd/group naming the
   sandbox user), the interpreter's own prefixes (venv, base prefix from pyvenv.cfg `home`, exec
   prefixes), every directory of a shared library it maps at start-up, and each hop of the
@@ -18,10 +19,10 @@ Layers (each one contains what the others might miss):
   (setting them before bwrap would cap bwrap itself and, for RLIMIT_NPROC, the whole user
   namespace tree): RLIMIT_AS (memory, per process), RLIMIT_CPU (cpu time), RLIMIT_NPROC
   (processes), RLIMIT_FSIZE (largest file), RLIMIT_CORE=0.
-- **a cgroup for the whole run** when the host lets us create one (root, or a delegated
-  subtree; v2 unified or v1 `pids`/`memory` hierarchies, created *under this process's own
-  cgroup* so the host's limits on us still apply): `pids.max = max_procs` and a memory limit of
-  `memory_mb` for all the run's processes together (plus its tmpfs pages), swap off. This is
+- **a cgroup for the whole run** (`forge.envs.sandbox_cgroup`) when the host lets us create one
+  (root, or a delegated subtree; v2 unified or v1 `pids`/`memory` hierarchies, created *under
+  this process's own cgroup* so the host's limits on us still apply): `pids.max = max_procs`
+  and a memory limit of `memory_mb` for all the run's processes together (plus its tmpfs pages), swap off. This is
   what bounds a fork bomb as root (RLIMIT_NPROC is not enforced for host root, also inside a
   user namespace mapped to it) and what makes `memory_mb` a total, not a per-process figure.
   Without a memory cgroup a watchdog thread sums the resident memory of the run's processes
@@ -44,7 +45,7 @@ uid 65534 inside when permitted) with the same rlimits, cgroup limits and wall-c
 the host filesystem is NOT hidden or read-only there (the inside uid maps back to the caller, so
 the caller's files are as writable as for the caller, minus capabilities); one loud warning says
 so. `strict=True` (config `sandbox: strict`) refuses to run without bwrap instead. With no usable
-`unshare` either, code runs with rlimits and cgroups only.
+`unshare` either, code runs with rlimits and cgroups only, as the caller's uid.
 
 Outputs are captured through pipes by reader threads that keep the first `max_output_bytes`
 of each stream and discard the rest, so a print loop cannot exhaust host memory.
