@@ -246,6 +246,11 @@ def test_missing_or_broken_interpreter_is_infra_error(tmp_path):
     broken.symlink_to(tmp_path / "gone" / "python3")
     with pytest.raises(InfraError, match=r"symlink chain: .*venv/bin/python -> .*gone/python3"):
         run_python("print(1)", config={"python": str(broken)})
+    not_python = tmp_path / "python"
+    not_python.write_text("#!/bin/sh\necho 'no python here' >&2\nexit 3\n")
+    not_python.chmod(0o755)
+    with pytest.raises(InfraError, match="does not run on the host.*no python here"):
+        run_python("print(1)", config={"python": str(not_python)})
 
 
 @needs_bwrap
@@ -253,8 +258,11 @@ def test_bwrap_error_is_infra_error_with_its_stderr(monkeypatch):
     missing = f"/nonexistent-{os.getpid()}"
     real = sandbox._bwrap_args
     monkeypatch.setattr(sandbox, "_bwrap_args", lambda *a: [*real(*a), "--ro-bind", missing, "/x"])
-    with pytest.raises(InfraError, match=f"bwrap: Can't find source path {missing}"):
-        run_python("print(1)", timeout_s=10)
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with pytest.raises(InfraError, match=f"bwrap: Can't find source path {missing}"):
+            run_python("print(1)", timeout_s=10)
+    assert len(os.listdir("/proc/self/fd")) <= fds, "a failed start leaked file descriptors"
 
 
 @needs_bwrap

@@ -327,12 +327,13 @@ def _interpreter(python: str) -> _Interpreter:
     if not os.path.isfile(real) or not os.access(real, os.X_OK):
         raise InfraError(f"sandbox: interpreter {exe!r} resolves to {real!r}, which is not an executable file "
                          f"(symlink chain: {' -> '.join(_symlink_chain(exe))})")
+    err = b""
     try:
         r = subprocess.run([exe, "-I", "-c", _PROBE], capture_output=True, timeout=60,
                            env={"PATH": _PATH, "LANG": "C.UTF-8"})
+        err = r.stderr
         info = json.loads(r.stdout)
     except (OSError, subprocess.TimeoutExpired, json.JSONDecodeError, ValueError) as e:
-        err = getattr(locals().get("r"), "stderr", b"") or b""
         raise InfraError(f"sandbox: interpreter {exe!r} (real path {real!r}) does not run on the host: "
                          f"{type(e).__name__}: {e}; stderr: {err.decode(errors='replace')[-2000:]}") from e
     roots = [os.path.dirname(h) for h in _symlink_chain(exe)]  # every hop of bin/python -> ... -> python3.11
@@ -469,18 +470,18 @@ def run_python(code: str, *, stdin: str | None = None, timeout_s: float | None =
         workdir = WORKDIR if mode == "bwrap" else str(work)
         limits = [str(memory_mb * 2**20), str(max(1, int(round(cpu_time_s)))), str(max_procs),
                   str(cfg.max_file_mb * 2**20)]
-        start_r, start_w = os.pipe()
-        inner = [interp.path, "-I", "-S", "-c", _LAUNCHER, str(start_w), *limits, "main.py"]
         if mode == "bwrap":
-            cmd = ["bwrap", *_bwrap_args(interp, host_dir, cfg.tmp_mb), "--", *inner]
+            wrapper = ["bwrap", *_bwrap_args(interp, host_dir, cfg.tmp_mb), "--"]
         else:
-            cmd = [*_unshare_prefix(), *inner]
+            wrapper = [*_unshare_prefix()]
         env = {"PATH": _PATH, "HOME": workdir, "LANG": "C.UTF-8", "USER": "sandbox",
                "PYTHONIOENCODING": "utf-8", "PYTHONDONTWRITEBYTECODE": "1", _MARKER_ENV: run_id}
         # max_procs counts the user's processes (main.py included); the cgroup also holds the
         # wrapper: bwrap + its pid-1 reaper, or unshare. The memory limit counts tmpfs pages too.
         wrappers = {"bwrap": 2, "unshare": 1, "rlimits": 0}[mode]
         cgroup = RunCgroup(max_procs + wrappers if os.geteuid() == 0 else None, memory_mb * 2**20)
+        start_r, start_w = os.pipe()  # _execute owns (and closes) both ends from here
+        cmd = [*wrapper, interp.path, "-I", "-S", "-c", _LAUNCHER, str(start_w), *limits, "main.py"]
         return _execute(cmd, env, str(work), stdin, timeout_s, cpu_time_s, cfg, memory_mb, cgroup, mode, run_id,
                         (start_r, start_w), interp.path)
     finally:
