@@ -230,7 +230,7 @@ for i in range(6):
     if pid == 0:
         b = bytearray(b'x') * (400 * 2**20)   # written, so resident
         print('held', i, flush=True)
-        time.sleep(4)
+        time.sleep(2)  # long enough for all six to overlap
         os._exit(0)
     kids.append(pid)
 codes = [os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in kids]
