@@ -204,3 +204,18 @@ def test_monarch_generator_sigkill_near_a_weight_sync_is_survived(tiny_model, tm
                 os.kill(pid, signal.SIGKILL)
     assert out["steps"] == steps and len(killed) == 1 and not pid_alive(killed[0])
     assert final == [[steps, steps]]
+
+
+def test_filter_reason_counts_nan_rewards_and_constant_groups():
+    """NaN != NaN: a group of NaN rewards passed the old `len(set(rewards)) == 1` check as varied
+    and trained on NaN advantages."""
+    from apps.grpo.main import filtered_reward_reason
+    from forge.types import Episode
+
+    varied = [random.uniform(-1, 1) for _ in range(8)]
+    assert filtered_reward_reason([Episode(reward=r) for r in varied]) is None
+    c = random.uniform(-1, 1)
+    assert filtered_reward_reason([Episode(reward=c) for _ in range(8)]) == f"all 8 rewards = {c:g}"
+    nan = varied[:7] + [float("nan")]
+    assert "non-finite" in filtered_reward_reason([Episode(reward=r) for r in nan])
+    assert "non-finite" in filtered_reward_reason([Episode(reward=float("nan")) for _ in range(8)])
