@@ -232,3 +232,23 @@ def test_gsm8k_and_math_extraction():
     assert extract_answer("we get 12 then 1,200.5 apples") == "1200.5"
     assert normalize_number(" $1,200.50 ") == "1200.5" and normalize_number("-0.0") == "0"
     assert normalize_number("1/2") is None
+
+
+def test_actor_dataset_without_target_column_fails_at_start(tmp_path):
+    """Without an answer column every target was None, every reward constant, every group filtered
+    by DAPO: the GRPO run waited forever (issue 29 item 3). The RL dataset actor refuses it at setup."""
+    import random
+
+    from forge.actors.dataset import DatasetActor
+    from forge.controller import ActorError
+
+    rng = random.Random()
+    rows = [{"question": f"{rng.randint(1, 99)}+{rng.randint(1, 99)}=", "notes": "x"} for _ in range(5)]
+    path = _write(tmp_path, rows, "jsonl", "noanswer")
+    assert PromptDataset({"path": str(path)}).next()["target"] is None  # plain datasets may be prompt-only
+
+    async def main():
+        with pytest.raises(ActorError, match=r"no target \(answer\) column.*'answer'.*columns are \['question', 'notes'\]"):
+            await DatasetActor.as_actor(path=str(path))
+
+    asyncio.run(main())

@@ -178,6 +178,7 @@ def test_stop_tokens_max_model_len_and_long_prompts():
     trunc = LLMEngine(model, EngineConfig(max_model_len=64, block_size=8, long_prompt="truncate"), eos_token_ids=[])
     t = trunc.generate([(long, greedy(5))])[0]
     assert t.metadata["truncated_prompt_tokens"] == 80 - 59 and len(t.outputs[0].token_ids) == 5
+    assert t.prompt_ids == list(long[-59:]) and t.metadata["prompt_truncated"] is True  # what it generated from
     assert t.outputs[0].token_ids == engine(model).generate([(long[-59:], greedy(5))])[0].outputs[0].token_ids
 
 

@@ -125,3 +125,45 @@ def test_service_from_checkpoint_dir(tmp_path):
         await svc.shutdown()
 
     asyncio.run(main())
+
+
+def test_truncated_long_prompt_returns_the_kept_ids_and_trains():
+    """A prompt longer than the context was generated from its truncated tail but returned with
+    the full ids: the first train step scored a context the sampler never saw and indexed RoPE
+    past the model's positions (IndexError, issue 29 item 5)."""
+    import random
+
+    from forge.data.collate import collate_episodes
+    from forge.observability import drain
+    from forge.trainer.engine import TrainEngine
+    from forge.types import Episode
+
+    rng = random.Random()
+    seed, ctx, max_tokens = rng.randrange(1000), 64, 8
+    ids = [rng.randrange(3, 512) for _ in range(rng.randint(2 * ctx, 3 * ctx))]
+
+    async def sample():
+        gen = Generator(model=build_tiny_model("qwen2", seed=seed, max_position_embeddings=ctx),
+                        engine=dict(max_num_seqs=8, max_model_len=ctx, block_size=8, long_prompt="truncate"),
+                        sampling={"temperature": 1.0, "max_tokens": max_tokens, "ignore_eos": True},
+                        tokenizer=str(tiny_tokenizer_path()))
+        comps = await gen.generate(token_ids=ids, n=4, sampling={"seed": seed})
+        await gen.teardown()
+        return comps
+
+    comps = asyncio.run(sample())
+    kept = ids[-(ctx - max_tokens):]
+    for c in comps:
+        assert c.prompt_ids.tolist() == kept, "prompt_ids must be exactly what was generated from"
+        assert c.metadata["prompt_truncated"] is True and c.metadata["truncated_prompt_tokens"] == len(ids) - len(kept)
+        assert len(c.prompt_ids) + len(c.token_ids) <= ctx
+    eps = [Episode(request="long", pad_id=0, request_len=len(c.prompt_ids), response_len=len(c.token_ids),
+                   completion=c, reward=float(i), advantage=rng.uniform(-1, 1)) for i, c in enumerate(comps)]
+    trainer = TrainEngine({"model": {"tiny": "qwen2", "seed": seed, "max_position_embeddings": ctx},
+                           "loss": {"name": "grpo", "beta": 0.0}, "optimizer": {"lr": 1e-4}})
+    drain()
+    loss = trainer.train_step(*collate_episodes(eps))
+    assert torch.isfinite(torch.tensor(loss))
+    # same weights, same context: the trainer's logprobs are the generator's
+    kl = [r.value for r in drain() if r.key == "loss/mismatch_kl"]
+    assert kl and abs(kl[0]) < 1e-3, kl

@@ -164,3 +164,50 @@ def test_hf_uri_resolves_from_local_cache_or_explains(tmp_path, monkeypatch):
     (snap.parents[1] / "refs" / "main").write_text("a" * 40)
     assert resolve_model_path("hf://org/tiny") == snap
     assert load_model("hf://org/tiny").args.family == "qwen2"
+
+
+def test_error_truncated_safetensors_names_the_file(tmp_path):
+    write_tiny_checkpoint(tmp_path, "qwen2")
+    f = tmp_path / "model.safetensors"
+    data = f.read_bytes()
+    cut = int(torch.randint(len(data) // 4, len(data) - 16, (1,)))
+    f.write_bytes(data[:cut])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*(truncated|corrupt)"):
+        load_model(tmp_path)
+
+
+def test_error_non_finite_weights_name_tensor_and_file(tmp_path):
+    write_tiny_checkpoint(tmp_path, "llama")
+    f = tmp_path / "model.safetensors"
+    sd = load_file(str(f))
+    key = sorted(k for k in sd if k.endswith("mlp.up_proj.weight"))[0]
+    t = sd[key].clone()
+    idx = torch.randint(0, t.numel(), (3,))
+    t.view(-1)[idx[0]] = float("nan")
+    t.view(-1)[idx[1]] = float("inf")
+    sd[key] = t
+    save_file(sd, str(f))
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor '{key}'.*NaN.*inf"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_missing_config_keys_take_transformers_defaults(tmp_path, family, caplog):
+    """config.json without tie_word_embeddings is untied in transformers (Llama/Qwen2/Qwen3): read
+    as tied, lm_head.weight was silently dropped. rope_theta/rms_norm_eps take HF's defaults, said once."""
+    write_tiny_checkpoint(tmp_path, family, tie_word_embeddings=False)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    for k in ("tie_word_embeddings", "rope_theta", "rms_norm_eps"):
+        cfg.pop(k, None)
+    cfg.pop("rope_parameters", None)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with caplog.at_level("WARNING", logger="forge.models.args"):
+        model = load_model(tmp_path)
+        load_args(tmp_path)  # a second read says nothing new
+    args = model.args
+    assert (args.tie_word_embeddings, args.rope_theta, args.rms_norm_eps) == (False, 10000.0, 1e-6)
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    assert torch.equal(model.lm_head.weight.detach(), sd["lm_head.weight"].to(model.lm_head.weight.dtype))
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("tie_word_embeddings" in m for m in said) == 1 and any("rope_theta" in m for m in said)
+    assert sum("rms_norm_eps" in m for m in said) == 1

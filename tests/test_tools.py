@@ -229,3 +229,19 @@ def test_code_reward_fraction_and_python_tool():
     assert results[0].text == "42" and results[1].status == "ok"
     assert results[1].metadata["sandbox_limit_hit"] in ("time", "cpu") and "limit" in results[1].text
     assert stats.ok == 2 and stats.sandbox_limit_hits == 1
+
+
+def test_deeply_nested_tool_call_is_a_malformed_call_not_a_crash():
+    """~1000 nested `[` made json's decoder raise RecursionError, which escaped the parser and
+    killed the rollout task (issue 29 item 1); it is a malformed call the model is told about."""
+    import random
+
+    depth = random.randint(1200, 5000)
+    deep = "[" * depth + "]" * depth
+    text = (f'<tool_call>{{"name": "calculator", "arguments": {deep}}}</tool_call>'
+            f'<tool_call>{{"name": "calculator", "arguments": {json.dumps(deep)}}}</tool_call>')
+    calls = parse_tool_calls(text)
+    assert len(calls) == 2 and "nested too deeply" in calls[0].error and calls[1].error
+    results, stats = run(ToolRegistry([calculator_tool]).run_calls(text))
+    assert [r.status for r in results] == ["malformed", "malformed"] and results[0].text.startswith("Error:")
+    assert stats.malformed == 2

@@ -74,6 +74,8 @@ class AdvantageSection:
     method: str = "grpo"  # grpo | drgrpo | rloo | reinforce_pp | opo | pass_at_k | reinforce | gpg
     options: dict[str, Any] = field(default_factory=dict)  # e.g. {eps: 1e-4}
     filter_zero_variance: bool = False  # DAPO dynamic sampling: drop groups whose rewards are all equal
+    # this many filtered groups in a row stop the run (constant rewards: nothing would ever train); 0: no bound
+    max_consecutive_filtered: int = 200
 
 
 @dataclass
@@ -139,6 +141,7 @@ class GRPOConfig:
     output_dir: str = "outputs/grpo"
     checkpoint_interval: int = 0  # 0: only at the end
     samples_every: int = 5  # write example completions every k steps
+    batch_timeout_s: float = 1800.0  # training waits this long for a batch with no rollout group completing, then stops
     loss: Any = field(default_factory=lambda: {"name": "grpo", "beta": 0.0})
     rewards: list[Any] = field(default_factory=lambda: [{"name": "math"}])
     advantage: AdvantageSection = field(default_factory=AdvantageSection)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 
 from apps.grpo.agentic import rollout_env_group
 from apps.grpo.config import GRPOConfig, episodes_per_step, load_grpo_config
+from apps.grpo.supervision import RolloutSupervisor, wait_for_batch
 from apps.grpo.support import (
     RolloutBudget,
     build_services,
@@ -83,6 +85,10 @@ async def main(cfg: GRPOConfig, resume: bool = False,
     budget = RolloutBudget(groups_per_step, ahead=cfg.off_by_n)
     stop = asyncio.Event()
     recent: list[list[Episode]] = []
+    sup = RolloutSupervisor(cfg.advantage.max_consecutive_filtered, cfg.batch_timeout_s)
+    s.replay_buffer.set_restart_hook(sup.lost_on_restart(
+        "replay_buffer (ReplayBuffer)", "the episodes it held are lost and the rollouts that made them "
+        "would never be redone"))
 
     # ---------------------------------------------------------------- the two loops
     async def continuous_rollouts() -> None:
@@ -119,9 +125,11 @@ async def main(cfg: GRPOConfig, resume: bool = False,
             advantages = await s.compute_advantages.compute.call_one(group)
             for ep, adv in zip(group, advantages):
                 ep.advantage = adv
-            if cfg.advantage.filter_zero_variance and len({ep.reward for ep in group}) == 1:
+            why = filtered_reward_reason(group) if cfg.advantage.filter_zero_variance else None
+            if why is not None:
                 record_metric("rollout/filtered_zero_variance_groups", 1, Reduce.SUM)
                 budget.refund()  # DAPO dynamic sampling: this group teaches nothing; draw another
+                sup.group_filtered(why)  # raises at the bound: constant rewards never train
                 continue
             t3 = time.perf_counter()
             if s.ref_model is not None:
@@ -131,6 +139,7 @@ async def main(cfg: GRPOConfig, resume: bool = False,
                     ep.ref_logprobs = ref[i, : ep.response_len]
             t4 = time.perf_counter()
             await s.replay_buffer.add_group.call_one(group)
+            sup.group_added()
             record_rollout_metrics(group, s.correct_key, t1 - t0, t2 - t1, t4 - t3)
             recent.append(group)
             del recent[:-4]
@@ -139,10 +148,11 @@ async def main(cfg: GRPOConfig, resume: bool = False,
         nonlocal step
         while step < max_steps:
             t0 = time.perf_counter()
-            batch = await s.replay_buffer.sample.call_one(curr_policy_version=step)
-            if batch is None:  # not enough fresh episodes yet
-                await asyncio.sleep(0.02)
-                continue
+            # bounded: raises if the rollouts died, filter everything or the buffer was lost
+            batch = await wait_for_batch(sup, lambda: s.replay_buffer.sample.call_one(curr_policy_version=step))
+            if batch is None:
+                log.warning("the rollouts finished (dataset exhausted) after %d of %d steps", step, max_steps)
+                break
             t1 = time.perf_counter()
             inputs, targets = batch
             await s.trainer.train_step.call(inputs, targets)
@@ -172,6 +182,7 @@ async def main(cfg: GRPOConfig, resume: bool = False,
 
     t_start = time.perf_counter()
     rollouts = [asyncio.create_task(continuous_rollouts()) for _ in range(max(1, cfg.rollout_threads))]
+    sup.tasks = rollouts
     try:
         await continuous_training()
     finally:
@@ -203,6 +214,17 @@ async def main(cfg: GRPOConfig, resume: bool = False,
         await s.policy.shutdown()
     await shutdown()
     return summary
+
+
+def filtered_reward_reason(group: list[Episode]) -> str | None:
+    """Why DAPO's dynamic sampling drops this group (no reward variance: it teaches nothing), or None."""
+    rewards = [ep.reward for ep in group]
+    bad = [r for r in rewards if r is None or not math.isfinite(r)]
+    if bad:  # NaN != NaN: a set of NaN rewards would look varied
+        return f"non-finite rewards {bad[:3]}"
+    if len(set(rewards)) == 1:
+        return f"all {len(rewards)} rewards = {rewards[0]:g}"
+    return None
 
 
 def record_rollout_metrics(group: list[Episode], correct_key: str | None, t_gen: float, t_reward: float, t_ref: float) -> None:

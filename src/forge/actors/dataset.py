@@ -10,7 +10,8 @@ or `DatasetActor.as_actor(task="arithmetic", task_kwargs={"difficulty": 2})` for
 torchforge's arguments (`path`, `revision`, `data_split`, `streaming`, `model`) are accepted.
 Each proc of the actor is one data-parallel rank (`self.rank` / `self.world_size`) unless
 `dp_rank` / `dp_size` are given. The dataset cycles through epochs (shuffled anew each one);
-`sample()` returns None only when `max_epochs` is set and reached.
+`sample()` returns None only when `max_epochs` is set and reached. Every row must carry a target
+(rewards score against it): a dataset without a target column fails at setup.
 """
 
 from __future__ import annotations
@@ -33,12 +34,14 @@ class DatasetActor(ForgeActor):
 
     async def setup(self) -> None:
         rank, world = self._dp
-        self.dataset = PromptDataset(self.config, tokenizer=self._tokenizer_src, rank=rank, world_size=world)
+        self.dataset = PromptDataset(self.config, tokenizer=self._tokenizer_src, rank=rank, world_size=world,
+                                     require_target=True)
 
     def _ds(self) -> PromptDataset:
         if self.dataset is None:  # setup() not run (a bare instance in a unit test)
             rank, world = self._dp
-            self.dataset = PromptDataset(self.config, tokenizer=self._tokenizer_src, rank=rank, world_size=world)
+            self.dataset = PromptDataset(self.config, tokenizer=self._tokenizer_src, rank=rank, world_size=world,
+                                     require_target=True)
         return self.dataset
 
     @endpoint

@@ -24,10 +24,14 @@ class LocalReplica(Replica):
         self.instances: list[Any] = []
         self._tasks: set[asyncio.Task] = set()
         self._dead = False
+        # one flag per incarnation: a call cancelled by kill() must still read "killed" when the
+        # restart (scheduled by kill itself) has already started the next incarnation
+        self._life = {"dead": False}
 
     async def start(self) -> None:
         procs = self.options.procs
         self._dead = False
+        self._life = {"dead": False}
         self.instances = []
         for rank in range(procs):
             try:
@@ -40,11 +44,12 @@ class LocalReplica(Replica):
             self.instances.append(inst)
         self.healthy = True
 
-    async def _run(self, inst: Any, rank: int, endpoint: str, args: tuple, kwargs: dict) -> Any:
+    async def _run(self, inst: Any, rank: int, endpoint: str, args: tuple, kwargs: dict,
+                   life: dict[str, bool]) -> Any:
         try:
             return await maybe_await(getattr(inst, endpoint)(*args, **kwargs))
         except asyncio.CancelledError:
-            if self._dead:
+            if life["dead"]:
                 raise ReplicaDeadError(f"{self.name} died during {endpoint}") from None
             raise
         except Exception as e:
@@ -56,7 +61,8 @@ class LocalReplica(Replica):
         if self._dead or not self.instances:
             raise ReplicaDeadError(f"{self.name} is dead")
         ranks = range(len(self.instances)) if rank is None else [rank]
-        tasks = [asyncio.ensure_future(self._run(self.instances[r], r, endpoint, args, kwargs)) for r in ranks]
+        tasks = [asyncio.ensure_future(self._run(self.instances[r], r, endpoint, args, kwargs, self._life))
+                 for r in ranks]
         self._tasks.update(tasks)
         try:
             return list(await asyncio.gather(*tasks))
@@ -75,6 +81,7 @@ class LocalReplica(Replica):
     async def kill(self) -> None:
         # What a crash looks like from outside: state gone, in-flight calls fail.
         self._dead = True
+        self._life["dead"] = True
         self.healthy = False
         for t in list(self._tasks):
             t.cancel()

@@ -151,6 +151,10 @@ class _ForgeHost(Actor):
         except Exception as e:
             return False, RemoteFailure.of(self.rank, e)
 
+    @concurrent_endpoint  # answered while long calls run: only a hung/stopped process stays silent
+    async def ping(self) -> int:
+        return os.getpid()
+
     @endpoint
     async def drain_metrics(self) -> list[Any]:
         from forge.observability.metrics import drain
@@ -450,6 +454,11 @@ class MonarchReplica(Replica):
                 raise err
             results.append(value)
         return results
+
+    async def probe(self, timeout: float) -> None:
+        if self._mesh is None or self._dead is None:
+            raise ReplicaDeadError(f"{self.name} is not running")
+        await self._guard(self._mesh.ping.call(), timeout, "liveness probe")
 
     async def drain_metrics(self) -> list[Any]:
         if not self.healthy or self._mesh is None:

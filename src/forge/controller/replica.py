@@ -51,6 +51,12 @@ class Replica(abc.ABC):
     async def kill(self) -> None:
         """Kill the replica abruptly (what a crash looks like); used by failure tests."""
 
+    async def probe(self, timeout: float) -> None:
+        """Return if the replica's processes answer within `timeout`; raise (`CallTimeoutError`,
+        `ReplicaDeadError`) if not. The Service asks after a call timed out, to tell a slow
+        endpoint (the replica answers) from a hung or stopped process (it does not: replaced).
+        In-process replicas share the caller's loop, so they always answer."""
+
     def notify_dead(self) -> None:
         """Mark unhealthy and tell the owning Service (which restarts it)."""
         self.healthy = False

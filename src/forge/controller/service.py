@@ -6,8 +6,13 @@ Failure policy (where forge differs from torchforge on purpose):
 - an endpoint that raises -> `ActorError` raised in the caller, naming endpoint and replica;
   the replica keeps its state and is *not* restarted;
 - a replica whose process died -> marked unhealthy, restarted in the background (re-running
-  `setup()`), and the call retried on a healthy replica up to `max_retries` times;
-- every call has a timeout (`options(timeout_s=...)`); nothing waits forever.
+  `setup()`, then the service's restart hook, e.g. loading the current weights), and the call
+  retried on a healthy replica up to `max_retries` times;
+- every call has a timeout (`options(timeout_s=...)`); nothing waits forever. A timed-out call
+  probes its replica: one that answers is slow (`CallTimeoutError`, state kept); one that does
+  not (a hung or SIGSTOPped process) is dead: marked, replaced, and the call retried as above;
+- `fanout` reaches every healthy replica and skips one that dies during the call (it is being
+  replaced); it fails only when none answers.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import itertools
 import logging
 import random
 import uuid
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
 from forge.controller.actor import ActorOptions, endpoint_names
 from forge.controller.errors import (
@@ -34,6 +39,12 @@ if TYPE_CHECKING:
     from forge.controller.replica import Replica
 
 log = logging.getLogger(__name__)
+
+# How long a replica whose call timed out has to answer a liveness probe (capped by timeout_s).
+PROBE_TIMEOUT_S = 10.0
+
+# A restart hook gets `call(endpoint, *args, **kwargs)` bound to the new replica (all ranks).
+RestartHook = Callable[[Callable[..., Awaitable[list[Any]]]], Awaitable[None]]
 
 _current_session: contextvars.ContextVar[str | None] = contextvars.ContextVar("forge_session", default=None)
 
@@ -50,6 +61,8 @@ class Service:
         self._restarting: dict[int, asyncio.Task] = {}
         self._rr = itertools.count()
         self._closed = False
+        self.restart_hook: RestartHook | None = None
+        self._catching_up: set[int] = set()  # restarted, running the restart hook: not routable yet
 
     @property
     def name(self) -> str:
@@ -76,7 +89,7 @@ class Service:
 
     # ---- replica choice -------------------------------------------------------------------
     def _healthy(self) -> list["Replica"]:
-        return [r for r in self.replicas if r.healthy]
+        return [r for r in self.replicas if r.healthy and r.replica_id not in self._catching_up]
 
     def _pick(self, sess_id: str | None, exclude: set[int]) -> "Replica":
         healthy = [r for r in self._healthy() if r.replica_id not in exclude]
@@ -117,24 +130,53 @@ class Service:
             replica.generation += 1
             await replica.stop()
             await replica.start()
+            if self.restart_hook is not None:  # not routable until it holds the live state
+                self._catching_up.add(replica.replica_id)
+
+                async def call(endpoint: str, *args: Any, **kwargs: Any) -> list[Any]:
+                    return await asyncio.wait_for(replica.call(endpoint, args, kwargs, None), self.options.timeout_s)
+
+                try:
+                    await self.restart_hook(call)
+                finally:
+                    self._catching_up.discard(replica.replica_id)
             replica.restarts += 1
         except Exception:
-            log.exception("%s failed to restart", replica.name)
+            log.exception("%s failed to restart; it stays out of service", replica.name)
+            await replica.stop()  # never half-alive: a replica that could not take the live state holds nothing
         finally:
             self._restarting.pop(replica.replica_id, None)
 
     # ---- calls ----------------------------------------------------------------------------
     async def _call_replica(self, replica: "Replica", endpoint: str, args: tuple, kwargs: dict, rank: int | None) -> list[Any]:
         replica.inflight += 1
+        gen = replica.generation
         try:
             return await asyncio.wait_for(replica.call(endpoint, args, kwargs, rank), self.options.timeout_s)
         except asyncio.TimeoutError:
-            raise CallTimeoutError(
+            err = CallTimeoutError(
                 f"{self.name}.{endpoint} on replica {replica.replica_id} did not answer within "
                 f"{self.options.timeout_s:g}s (options(timeout_s=...) sets the bound)"
-            ) from None
+            )
+            why = await self._unresponsive(replica)
+            if why is None:
+                raise err from None  # the replica answers: the endpoint itself is slow
+            self._on_dead(replica, gen)
+            raise ReplicaDeadError(f"{err}, and then not a liveness probe either ({why}): "
+                                   f"marked dead and replaced") from err
         finally:
             replica.inflight -= 1
+
+    async def _unresponsive(self, replica: "Replica") -> str | None:
+        """None if the replica answers a probe in time, else why not."""
+        timeout = min(PROBE_TIMEOUT_S, self.options.timeout_s)
+        try:
+            await asyncio.wait_for(replica.probe(timeout), timeout + 1.0)
+        except (asyncio.TimeoutError, CallTimeoutError):
+            return f"no answer within {timeout:g}s"
+        except ReplicaDeadError as e:
+            return str(e)
+        return None
 
     async def route(self, endpoint: str, args: tuple, kwargs: dict, sess_id: str | None = None, rank: int | None = None, all_ranks: bool = False) -> Any:
         """One replica (sticky for a session, else least loaded); retried if it dies."""
@@ -170,22 +212,34 @@ class Service:
             await asyncio.wait(list(self._restarting.values()))
 
     async def fanout(self, endpoint: str, args: tuple, kwargs: dict) -> list[Any]:
-        """Every healthy replica; results in replica order."""
+        """Every healthy replica; the results of those that answered, in replica order.
+
+        A replica that dies (or hangs) during the call is skipped: it is being replaced, and its
+        replacement starts from the live state through the restart hook (a generator loads the
+        current weights). Raises `NoHealthyReplicaError` only when no replica answered."""
         self._check_endpoint(endpoint)
         await self._wait_for_any_healthy()
         healthy = self._healthy()
         if not healthy:
             raise NoHealthyReplicaError(f"{self.name}: no healthy replica for fanout of '{endpoint}'")
+        dead: list[str] = []
 
-        async def one(r: "Replica") -> Any:
+        async def one(r: "Replica") -> tuple[bool, Any]:
             gen = r.generation
             try:
-                return (await self._call_replica(r, endpoint, args, kwargs, None))[0]
-            except ReplicaDeadError:
+                return True, (await self._call_replica(r, endpoint, args, kwargs, None))[0]
+            except ReplicaDeadError as e:
                 self._on_dead(r, gen)
-                raise
+                dead.append(f"replica {r.replica_id}: {e}")
+                log.warning("%s.%s: skipping replica %d, which died during the fanout (%s)",
+                            self.name, endpoint, r.replica_id, e)
+                return False, None
 
-        return list(await asyncio.gather(*(one(r) for r in healthy)))
+        got = await asyncio.gather(*(one(r) for r in healthy))
+        if not any(ok for ok, _ in got):
+            raise NoHealthyReplicaError(f"{self.name}: every replica died during the fanout of '{endpoint}': "
+                                        + "; ".join(dead))
+        return [v for ok, v in got if ok]
 
     def _check_endpoint(self, endpoint: str) -> None:
         if endpoint not in self.endpoints:
@@ -277,6 +331,17 @@ class ServiceHandle:
     def num_replicas(self) -> int:
         return len(self._service.replicas)
 
+    def set_restart_hook(self, hook: RestartHook | None) -> None:
+        """`await hook(call)` runs on every restarted replica before it takes calls again;
+        `call(endpoint, *args, **kwargs)` runs on the new replica. Stateful services use it to
+        bring a replacement to the live state (the generator: the current weights version)."""
+        self._service.restart_hook = hook
+
+    @property
+    def restarting(self) -> bool:
+        """Whether a replica is being replaced now."""
+        return bool(self._service._restarting)
+
     async def kill_replica(self, replica_id: int) -> None:
         """Kill a replica as a crash would (failure tests, chaos runs)."""
         await self._service.replicas[replica_id].kill()
@@ -338,3 +403,8 @@ class ActorHandle:
 
     async def kill_replica(self, replica_id: int = 0) -> None:
         await self._service.replicas[replica_id].kill()
+
+    def set_restart_hook(self, hook: RestartHook | None) -> None:
+        """As `ServiceHandle.set_restart_hook`: runs on the restarted actor before it takes calls;
+        a hook that raises leaves it stopped (e.g. an actor whose lost state cannot be restored)."""
+        self._service.restart_hook = hook

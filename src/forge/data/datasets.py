@@ -72,7 +72,9 @@ class DatasetConfig:
 
 class PromptDataset:
     def __init__(self, config: DatasetConfig | Mapping[str, Any], *, tokenizer: Any = None,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, require_target: bool = False):
+        """`require_target`: every row must carry a target (the RL loop scores answers against it;
+        without one every reward is constant, every group filtered, and the run would wait forever)."""
         self.config = cfg = DatasetConfig.from_dict(config)
         if not 0 <= rank < world_size:
             raise ValueError(f"dataset: rank {rank} is not in [0, world_size={world_size})")
@@ -84,6 +86,7 @@ class PromptDataset:
         self.epoch, self.index = 0, 0
         self._iter: Iterator[dict[str, Any]] | None = None
         self._task = None
+        self.require_target = require_target
         self._ds = self._load()
         self._columns = self._resolve_columns()
         if cfg.prompt_template is not None:
@@ -131,6 +134,9 @@ class PromptDataset:
                                        f"dataset.columns: {{prompt: <column>}}")
                 if found is not None:
                     mapping[fld] = found
+        if self.require_target and "target" not in mapping:
+            raise DatasetError(f"{self.where}: no target (answer) column: looked for {list(_TARGET_COLUMNS)}, "
+                               f"columns are {cols}. Map one with dataset.columns: {{target: <column>}}")
         for fld, col in mapping.items():
             if col not in cols:
                 raise DatasetError(f"{self.where}: column {col!r} (mapped to {fld!r}) not found; "

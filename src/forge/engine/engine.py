@@ -31,7 +31,8 @@ request that finishes with its first token is returned one step later.
 Length rules: generation stops at `max_tokens` or when prompt + generated reaches
 `max_model_len` (stop_reason "length"). A prompt that leaves no room for one new token
 follows `EngineConfig.long_prompt`: "reject" -> finished at once with no tokens and
-stop_reason "prompt_too_long"; "truncate" -> its oldest tokens are dropped.
+stop_reason "prompt_too_long"; "truncate" -> its oldest tokens are dropped, and the output's
+`prompt_ids` are the kept ones (metadata `prompt_truncated: True`, `truncated_prompt_tokens`).
 """
 
 from __future__ import annotations
@@ -123,7 +124,11 @@ class LLMEngine:
                 return rid
             keep = limit - params.max_tokens if params.max_tokens < limit else limit // 2
             req.metadata["truncated_prompt_tokens"] = len(ids) - keep
+            req.metadata["prompt_truncated"] = True
             ids = ids[len(ids) - keep :]
+            # the output carries what was generated from: a trainer scoring the full prompt would
+            # condition on a context the sampler never saw (and run past max_model_len)
+            req.prompt_ids = ids
         req.max_new_tokens = min(params.max_tokens, limit - len(ids))
         need = self.blocks.blocks_for(len(ids)) + params.n - 1
         if need > self.blocks.capacity_blocks:

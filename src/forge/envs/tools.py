@@ -235,12 +235,24 @@ def parse_tool_calls(text: str) -> list[ToolCall]:
     return calls
 
 
+def _loads(raw: str) -> Any:
+    """`json.loads` whose every failure is a `ValueError`: nesting deeper than the interpreter's
+    recursion limit (a model emitting ~1000 `[`) raises `RecursionError` in the decoder, which
+    must reach the model as a malformed call, never end the rollout."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 def _parse_one(body: str) -> ToolCall:
     raw = body.strip()
     try:
-        obj = json.loads(raw)
+        obj = _loads(raw)
     except json.JSONDecodeError as e:
         return ToolCall(None, None, raw, f"invalid JSON in tool call: {e.msg} at char {e.pos}")
+    except ValueError as e:
+        return ToolCall(None, None, raw, f"invalid JSON in tool call: {e}")
     if not isinstance(obj, dict):
         return ToolCall(None, None, raw, "a tool call must be a JSON object {\"name\": ..., \"arguments\": {...}}")
     name, args = obj.get("name"), obj.get("arguments", obj.get("parameters", {}))
@@ -248,8 +260,8 @@ def _parse_one(body: str) -> ToolCall:
         return ToolCall(None, None, raw, "tool call without a \"name\" string")
     if isinstance(args, str):
         try:
-            args = json.loads(args) if args.strip() else {}
-        except json.JSONDecodeError:
+            args = _loads(args) if args.strip() else {}
+        except ValueError:  # JSONDecodeError is one
             return ToolCall(name, None, raw, "\"arguments\" is a string that is not a JSON object")
     if not isinstance(args, dict):
         return ToolCall(name, None, raw, "\"arguments\" must be a JSON object")

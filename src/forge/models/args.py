@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 # HF `architectures[0]` / `model_type` -> our family name
 ARCHITECTURES = {
@@ -13,6 +16,17 @@ ARCHITECTURES = {
 }
 MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 HF_ARCH_OF = {v: k for k, v in ARCHITECTURES.items()}
+
+
+# What transformers' LlamaConfig / Qwen2Config / Qwen3Config assume for a key config.json leaves
+# out. HF reads a missing `tie_word_embeddings` as untied for all three (PretrainedConfig's own
+# default, True, is overridden), so reading it as tied would silently drop `lm_head.weight`.
+HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {"tie_word_embeddings": False, "rope_theta": 10000.0, "rms_norm_eps": 1e-6},
+    "qwen2": {"tie_word_embeddings": False, "rope_theta": 10000.0, "rms_norm_eps": 1e-6},
+    "qwen3": {"tie_word_embeddings": False, "rope_theta": 10000.0, "rms_norm_eps": 1e-6},
+}
+_defaults_reported: set[tuple[str, str]] = set()  # (config file, key): say each default once
 
 
 class UnknownArchitectureError(ValueError):
@@ -97,9 +111,16 @@ class ModelArgs:
         if "rope_theta" not in kw and isinstance(cfg.get("rope_parameters"), dict):
             # transformers >= 5 writes rope settings under rope_parameters
             rp = dict(cfg["rope_parameters"])
-            kw["rope_theta"] = rp.pop("rope_theta", 10000.0)
+            if "rope_theta" in rp:
+                kw["rope_theta"] = rp.pop("rope_theta")
             if rp.get("rope_type", "default") != "default":
                 kw["rope_scaling"] = rp
+        for key, value in HF_DEFAULTS[family].items():
+            if key not in kw:
+                kw[key] = value
+                if (source, key) not in _defaults_reported:
+                    _defaults_reported.add((source, key))
+                    log.warning("%s: no '%s'; using transformers' %s default %r", source, key, family, value)
         kw.setdefault("num_key_value_heads", kw.get("num_attention_heads", 4))
         if family == "qwen2":
             kw.setdefault("attention_bias", True)  # Qwen2's q/k/v always carry a bias

@@ -107,9 +107,30 @@ def iter_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Ite
     from safetensors import safe_open
 
     for f in _weight_files(resolve_model_path(path)):
-        with safe_open(str(f), framework="pt", device=str(device)) as sf:
-            for k in sf.keys():
-                yield k, sf.get_tensor(k), f
+        try:
+            with safe_open(str(f), framework="pt", device=str(device)) as sf:
+                for k in sf.keys():
+                    try:
+                        t = sf.get_tensor(k)
+                    except Exception as e:  # a truncated/corrupt file: say which one
+                        raise CheckpointError(f"{f}: cannot read tensor '{k}': {type(e).__name__}: {e} "
+                                              "(truncated or corrupt file?)") from e
+                    _check_finite(k, t, f)
+                    yield k, t, f
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors' header errors name neither the file nor the cause
+            raise CheckpointError(f"{f}: not a readable safetensors file: {type(e).__name__}: {e} "
+                                  "(truncated or corrupt?)") from e
+
+
+def _check_finite(key: str, t: torch.Tensor, f: Path) -> None:
+    """NaN/inf weights never train (every reward is constant, every group filtered): refuse them
+    at load, naming the tensor and its file."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        raise CheckpointError(f"{f}: tensor '{key}' {tuple(t.shape)} holds {n_nan} NaN and {n_inf} inf "
+                              "values; refusing to load non-finite weights")
 
 
 @torch.no_grad()

@@ -1,0 +1,120 @@
+"""The GRPO trainer never waits on producers that cannot deliver.
+
+The training loop waits for a batch from the replay buffer while rollout tasks fill it. That
+wait used to poll forever when nothing could come: every rollout task had died of an
+exception (kept until the run's end), every group was filtered for zero reward variance (a
+reward that raises or returns a constant, NaN weights), or the replay buffer was restarted
+empty after its process died. `RolloutSupervisor` watches for each and `wait_for_batch` ends
+the wait with the reason:
+
+- a rollout task that raised -> the run ends with that exception;
+- `max_consecutive_filtered` groups in a row filtered -> `FilteredGroupsError` with the reason;
+- a service whose state cannot be rebuilt restarted (the replay buffer) -> `InfraError` naming it;
+- no group added or filtered for `batch_timeout_s` while training waits -> `TimeoutError`;
+- every rollout task finished (dataset exhausted) -> None: training ends with what it has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from forge.errors import InfraError
+
+log = logging.getLogger("forge.grpo")
+
+
+class FilteredGroupsError(RuntimeError):
+    """Too many consecutive groups were dropped by DAPO's zero-variance filter: nothing trains."""
+
+
+@dataclass
+class RolloutSupervisor:
+    max_consecutive_filtered: int  # 0: no bound
+    batch_timeout_s: float
+    tasks: list[asyncio.Task] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)  # services restarted with their state gone
+    consecutive_filtered: int = 0
+    last_filtered: str = ""
+    last_progress: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        if self.max_consecutive_filtered < 0:
+            raise ValueError(f"advantage.max_consecutive_filtered must be >= 0 (0: no bound), "
+                             f"got {self.max_consecutive_filtered}")
+        if not self.batch_timeout_s > 0:
+            raise ValueError(f"batch_timeout_s must be > 0, got {self.batch_timeout_s}")
+
+    # ---- what the rollout tasks report ------------------------------------------------------
+    def group_added(self) -> None:
+        self.consecutive_filtered = 0
+        self.last_progress = time.monotonic()
+
+    def group_filtered(self, why: str) -> None:
+        """Raises `FilteredGroupsError` (ending the rollout task, hence the run) at the bound."""
+        self.consecutive_filtered += 1
+        self.last_filtered = why
+        self.last_progress = time.monotonic()
+        n = self.consecutive_filtered
+        if self.max_consecutive_filtered and n >= self.max_consecutive_filtered:
+            raise FilteredGroupsError(
+                f"{n} consecutive groups were filtered out ({why}); nothing is left to train on. "
+                "Constant rewards come from a reward that fails or always scores the same, a dataset "
+                "without targets, or a broken model. advantage.max_consecutive_filtered sets this bound "
+                "(0: none); advantage.filter_zero_variance: false trains on such groups instead")
+
+    # ---- what the training loop asks ---------------------------------------------------------
+    def check(self) -> None:
+        """Raise why the rollouts can no longer deliver, if they cannot."""
+        if self.lost:
+            raise InfraError(self.lost[0])
+        for t in self.tasks:
+            if t.done() and not t.cancelled() and t.exception() is not None:
+                log.error("a rollout task failed; ending the run: %r", t.exception())
+                raise t.exception()  # type: ignore[misc]
+
+    def producers_alive(self) -> bool:
+        return any(not t.done() for t in self.tasks)
+
+    def lost_on_restart(self, service: str, what: str) -> Callable[[Any], Awaitable[None]]:
+        """A restart hook for a service whose state is gone with its process: the run stops naming
+        it instead of continuing on an empty one."""
+
+        async def hook(call: Any) -> None:
+            msg = (f"{service} was restarted after its process died: {what}. The run stops rather than "
+                   "continue on reset state; resume from the last checkpoint with --resume")
+            self.lost.append(msg)
+            raise InfraError(msg)
+
+        return hook
+
+
+async def wait_for_batch(sup: RolloutSupervisor, sample: Callable[[], Awaitable[Any]],
+                         poll_s: float = 0.02) -> Any:
+    """The next batch, polled from `sample()`; None when every rollout task has finished (no more
+    data) and the buffer cannot make one. Raises when the rollouts can no longer deliver (see
+    the module doc), never waits forever."""
+    t0 = time.monotonic()
+    while True:
+        sup.check()
+        try:
+            batch = await sample()
+        except Exception as e:
+            if sup.lost:  # the buffer is gone: say so rather than how the call failed
+                raise InfraError(sup.lost[0]) from e
+            raise
+        if batch is not None:
+            return batch
+        sup.check()
+        if not sup.producers_alive():
+            return await sample()  # what the last groups completed, if anything
+        waited = time.monotonic() - max(t0, sup.last_progress)
+        if waited > sup.batch_timeout_s:
+            raise TimeoutError(
+                f"no rollout group completed for {waited:.0f}s while training waited for a batch "
+                f"(batch_timeout_s={sup.batch_timeout_s:g}); {sum(not t.done() for t in sup.tasks)} rollout "
+                f"task(s) still running, {sup.consecutive_filtered} consecutive groups filtered")
+        await asyncio.sleep(poll_s)
