@@ -340,7 +340,8 @@ def _validate_placement(cfg: GRPOConfig) -> None:
         raise ConfigError(
             f"'services.policy.procs: {cfg.services.policy.procs}': in torchforge this is the generator's tensor-"
             "parallel degree (procs: ${policy.engine_args.tensor_parallel_size}); forge's engine has no tensor "
-            "parallelism yet. Use procs: 1 (one engine per replica; more replicas with num_replicas)")
+            "parallelism yet. Use procs: 1 (torchforge's layout: policy.engine_args.tensor_parallel_size=1), and "
+            "num_replicas for more engines")
     if prov.kind == "local":
         for path, p in (("actors.trainer", cfg.actors.trainer), ("services.ref_model", cfg.services.ref_model)):
             if p.procs != 1:
