@@ -38,6 +38,10 @@ from forge.data.collate import collate_episodes
 from forge.observability import MetricLogger, Reduce, build_backends, drain, record_metric
 from forge.types import Episode
 
+# torchforge's apps/grpo/main.py defines these; code importing them from here gets forge's (forge.compat)
+from forge.compat import ComputeAdvantages, DatasetActor, RewardActor, collate, simple_grpo_loss  # noqa: E402,F401,I001
+from forge.types import Group  # noqa: F401
+
 log = logging.getLogger("forge.grpo")
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 

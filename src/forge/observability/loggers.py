@@ -203,7 +203,7 @@ def validate_metric_logging(spec: dict[str, Any] | None, path: str = "metric_log
         if cls is None:
             close = difflib.get_close_matches(str(name), list(BACKEND_SPECS), n=1)
             hint = f" — did you mean '{path}.{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown logger backend '{path}.{name}'{hint} (expected one of {', '.join(BACKEND_SPECS)})")
+            raise ConfigError(f"{path}.{name}: unknown logger backend{hint} (expected one of {', '.join(BACKEND_SPECS)})")
         try:
             out[name] = build(cls, opts, path=f"{path}.{name}")
         except ConfigError as e:
