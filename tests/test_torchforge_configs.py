@@ -75,6 +75,10 @@ def test_torchforge_grpo_config_runs_two_steps(name, paths):
     keys = set().union(*trained)
     assert "loss/kl_ref" in keys  # the reference model ran and fed the KL term
     assert "reward/thinking/mean" in keys
+    # torchforge's names for the same quantities, alongside forge's
+    for key in ("rl_trainer/learning_rate", "reward/evaluate_response/avg_MathReward_reward",
+                "rl_trainer/step/avg_kl_divergence", "generator/generate/count_requests"):
+        assert key in keys, key
 
 
 def test_qwen3_8b_batch_not_a_multiple_of_group_size_is_filled_with_episodes(paths):
@@ -165,3 +169,41 @@ def test_hf_prefix_on_a_local_dir_and_a_cached_bare_hub_id(paths, tmp_path, monk
     assert resolve_model_path(f"hf://{repo}").resolve() == snap.resolve()
     with pytest.raises(FileNotFoundError, match="neither a local directory nor in the local Hugging Face cache"):
         resolve_model_path("nosuchorg/nosuchmodel")
+
+
+def test_no_test_split_means_no_held_out_evaluation_and_says_so(paths, tmp_path):
+    import shutil
+
+    only_train = tmp_path / "gsm8k" / "main"
+    only_train.mkdir(parents=True)
+    shutil.copy(Path(paths["data"]) / "main" / "train-00000-of-00001.parquet", only_train)
+    cfg, report = load(tf_argv("qwen3_1_7b", paths, f"dataset.path={tmp_path / 'gsm8k'}"))
+    assert cfg.eval.num_samples == 0
+    assert any("no held-out evaluation" in n for n in report.notes)
+    cfg, report = load(tf_argv("qwen3_1_7b", paths))  # the fixture's dataset has a test split: evaluated
+    assert cfg.eval.num_samples == 4 and not any("held-out" in n for n in report.notes)
+
+
+def test_torchforge_gsm8k_prompts_use_the_chat_template_and_system_prompt(paths):
+    from forge.data.datasets import PromptDataset
+
+    cfg, _ = load(tf_argv("qwen3_1_7b", paths))
+    item = next(iter(PromptDataset(cfg.dataset, tokenizer=paths["model"])))
+    assert "<|im_start|>system" in item["request"] and "<answer>" in item["request"]
+    assert "<|im_start|>assistant" in item["request"]  # the generation prompt
+    assert str(item["target"]).isdigit()  # the number after '####'
+
+
+def test_torchforge_metric_names_are_logged_alongside():
+    from forge.observability.loggers import torchforge_names
+
+    v = {k: random.random() for k in ("rl_trainer/lr", "reward/math/mean", "reward/thinking/mean", "reward/total/mean",
+                                      "generator/num_requests", "dataset/epoch", "time/train_s", "loss/kl_ref")}
+    out = torchforge_names(v)
+    assert out["rl_trainer/learning_rate"] == v["rl_trainer/lr"]
+    assert out["reward/evaluate_response/avg_MathReward_reward"] == v["reward/math/mean"]
+    assert out["reward/evaluate_response/avg_ThinkingReward_reward"] == v["reward/thinking/mean"]
+    assert out["generator/generate/count_requests"] == v["generator/num_requests"]
+    assert out["dataset/sample/current_epoch"] == v["dataset/epoch"]
+    assert out["rl_trainer/step/avg_kl_divergence"] == v["loss/kl_ref"]
+    assert out["main_perf/continuous_training/train_step/duration_avg_s"] == v["time/train_s"]

@@ -354,6 +354,28 @@ def _placement_path(cfg: GRPOConfig, name: str) -> str:
     return f"services.{name}" if hasattr(cfg.services, name) else f"actors.{name}"
 
 
+def _check_held_out(cfg: GRPOConfig, report: BuildReport) -> None:
+    """Held-out evaluation reads `eval.split` of `dataset.path`. A path without that split would
+    hand back the training files (a directory's files are all taken when none matches the split):
+    that is no held-out set, so evaluate nothing and say so."""
+    ds = cfg.dataset
+    if cfg.env is not None or ds.get("task") or not ds.get("path") or cfg.eval.num_samples <= 0:
+        return
+    from forge.data.sources import resolve_data_files
+
+    try:
+        train = set(resolve_data_files(ds["path"], ds.get("split", "train"), ds.get("name")))
+        held = set(resolve_data_files(ds["path"], cfg.eval.split, ds.get("name")))
+    except OSError:  # a missing path fails when the dataset loads, with the dataset's own message
+        return
+    if held & train:
+        report.notes.append(
+            f"no held-out evaluation: dataset.path '{ds['path']}' has no '{cfg.eval.split}' split apart from the "
+            f"training rows (eval.num_samples {cfg.eval.num_samples} -> 0); point eval.split at a split the path holds "
+            "(files named <split>*, or a <split>/ folder) to evaluate")
+        cfg.eval.num_samples = 0
+
+
 def _apply_torchforge_defaults(data: dict[str, Any], report: BuildReport) -> None:
     """Where a torchforge config is silent, mean what torchforge's app does (and say so once)."""
     loss = data.get("loss")
@@ -411,6 +433,7 @@ def load_grpo_config(data: dict[str, Any]) -> tuple[GRPOConfig, BuildReport]:
     _apply_torchforge_defaults(data, report)
     cfg = build(GRPOConfig, data, report=report)
     validate_sections(cfg, report)
+    _check_held_out(cfg, report)
     if buffer_group_size(cfg) is None:
         report.notes.append(
             f"a step's {episodes_per_step(cfg) * cfg.replay_buffer.dp_size} episodes are not a multiple of "

@@ -98,6 +98,40 @@ class WandbBackend:
         self.run.finish()
 
 
+# forge's metric -> torchforge's name for the same quantity; both are logged, so a torchforge
+# dashboard keeps working (one table: add a pair here, nowhere else)
+TORCHFORGE_METRIC_NAMES: dict[str, str] = {
+    "rl_trainer/lr": "rl_trainer/learning_rate",
+    "loss/kl_ref": "rl_trainer/step/avg_kl_divergence",
+    "generator/num_requests": "generator/generate/count_requests",
+    "dataset/epoch": "dataset/sample/current_epoch",
+    "reward/total/mean": "reward/evaluate_response/avg_total_reward",
+    "rl_trainer/step_time_s": "rl_trainer_perf/step/total_duration_avg_s",
+    "time/generate_s": "main_perf/continuous_rollouts/policy_generation/duration_avg_s",
+    "time/reward_s": "main_perf/continuous_rollouts/reward_evaluation/duration_avg_s",
+    "time/ref_s": "main_perf/continuous_rollouts/reference_model_calculate_logprobs/duration_avg_s",
+    "time/wait_for_batch_s": "main_perf/continuous_training/waiting_for_buffer/duration_avg_s",
+    "time/train_s": "main_perf/continuous_training/train_step/duration_avg_s",
+    "time/weight_sync_s": "main_perf/continuous_training/push_weights/duration_avg_s",
+    "time/step_s": "main_perf/continuous_training/total_duration_avg_s",
+}
+_NOT_A_REWARD = {"total", "count", "errors", "timeouts"}
+
+
+def torchforge_names(metrics: dict[str, float]) -> dict[str, float]:
+    """torchforge's names for the metrics it also logs: the table above, plus each reward's mean
+    as `reward/evaluate_response/avg_<Fn>_reward` (`math` -> MathReward, as torchforge names its
+    reward classes)."""
+    out = {tf: metrics[k] for k, tf in TORCHFORGE_METRIC_NAMES.items() if k in metrics and tf not in metrics}
+    for k, v in metrics.items():
+        parts = k.split("/")
+        if len(parts) == 3 and parts[0] == "reward" and parts[2] == "mean" and parts[1] not in _NOT_A_REWARD:
+            name = "".join(w.capitalize() for w in parts[1].split("_"))
+            name = name if name.lower().endswith("reward") else f"{name}Reward"
+            out.setdefault(f"reward/evaluate_response/avg_{name}_reward", v)
+    return out
+
+
 class MetricLogger:
     """Drains every process's records at the end of a step and writes them to all backends."""
 
@@ -119,6 +153,7 @@ class MetricLogger:
         metrics = reduce_records(records)
         if extra:
             metrics.update(extra)
+        metrics.update(torchforge_names(metrics))
         self.history.append({"step": step, **metrics})
         for b in self.backends:
             b.log(metrics, step)
