@@ -246,3 +246,23 @@ def test_tracer_and_global_logger(tmp_path):
             "dataset_perf/total_duration_avg_s", "x/y"} <= set(out)
     row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["step"] == 3 and row["x/y"] == pytest.approx(out["x/y"])
+
+
+def test_replay_buffer_refuses_episodes_that_can_never_be_used():
+    from forge.actors.replay_buffer import ReplayBuffer
+    from forge.types import Episode
+
+    async def main():
+        rb = ReplayBuffer(batch_size=2, dp_size=1, max_policy_age=1, seed=0)
+        for _ in range(2):
+            await rb.add(Episode(completion=_completion(0), advantage=random.gauss(0, 1)))
+        assert await rb.sample(curr_policy_version=0) is not None
+        assert await rb.sample(curr_policy_version=3) is None
+        # one stale arrival is tolerated (in flight during a weight update); a fresh one resets the count
+        await rb.add(Episode(completion=_completion(1), advantage=0.5, policy_version=1))
+        await rb.add(Episode(completion=_completion(3), advantage=0.5))
+        with pytest.raises(ValueError, match="arrived already too old"):
+            for _ in range(4):  # torchforge's hang: a constant policy_version 0
+                await rb.add(Episode(completion=_completion(3), advantage=0.5, policy_version=0))
+
+    asyncio.run(main())

@@ -71,6 +71,7 @@ class ReplayBuffer(ForgeActor):
 
     @endpoint
     async def add(self, episode: Episode) -> None:
+        self._check_usable(episode)
         self.groups.setdefault(self._key(episode), []).append(episode)
         if self.max_buffer_size is not None:
             while self._num_episodes() > self.max_buffer_size and self.groups:
@@ -82,6 +83,22 @@ class ReplayBuffer(ForgeActor):
     async def add_group(self, episodes: list[Episode]) -> None:
         for ep in episodes:
             await self.add(ep)
+
+    def _check_usable(self, episode: Episode) -> None:
+        """A run whose episodes all arrive already too old would never train (sample() returns None
+        forever): an in-flight episode may arrive stale now and then, but two batches' worth in a
+        row means the versions are wrong (e.g. a constant Episode.policy_version)."""
+        last = getattr(self, "_last_version", None)
+        if last is None or last - episode.policy_version <= self.max_policy_age:
+            self._stale_in_a_row = 0
+            return
+        self._stale_in_a_row = getattr(self, "_stale_in_a_row", 0) + 1
+        if self._stale_in_a_row >= 2 * self.batch_size * self.dp_size:
+            raise ValueError(
+                f"replay_buffer: the last {self._stale_in_a_row} episodes arrived already too old to train on "
+                f"(policy_version {episode.policy_version}, trainer at version {last}, max_policy_age "
+                f"{self.max_policy_age}): they would be evicted forever. Set Episode.policy_version to the "
+                "version of the generator that produced it (completion.generator_version, the default)")
 
     def _num_episodes(self) -> int:
         return sum(len(v) for v in self.groups.values())
@@ -111,6 +128,7 @@ class ReplayBuffer(ForgeActor):
         if bsz < 1 or (self.group_size and (bsz * self.dp_size) % self.group_size):
             raise ValueError(f"replay_buffer.sample(batch_size={batch_size}): need >= 1 and batch_size*dp_size a "
                              f"multiple of group_size ({self.group_size})")
+        self._last_version = curr_policy_version
         await self.evict(curr_policy_version)
         need = bsz * self.dp_size
         keys = [k for k in self.groups if self._complete(k)]
