@@ -207,3 +207,51 @@ def test_torchforge_metric_names_are_logged_alongside():
     assert out["dataset/sample/current_epoch"] == v["dataset/epoch"]
     assert out["rl_trainer/step/avg_kl_divergence"] == v["loss/kl_ref"]
     assert out["main_perf/continuous_training/train_step/duration_avg_s"] == v["time/train_s"]
+
+
+SFT = FIX.parent / "sft"
+
+
+@pytest.fixture(scope="module")
+def alpaca(tmp_path_factory) -> str:
+    d = tmp_path_factory.mktemp("alpaca")
+    rng = random.Random()
+    with open(d / "train.jsonl", "w") as f:
+        for i in range(24):
+            a, b = rng.randint(1, 9), rng.randint(1, 9)
+            f.write(json.dumps({"instruction": "Add the numbers.", "input": f"{a} {b}" if i % 2 else "",
+                                "output": str(a + b)}) + "\n")
+    return str(d)
+
+
+def sft_argv(name: str, paths: dict[str, str], alpaca: str, *extra: str) -> list[str]:
+    return ["--config", str(SFT / f"{name}.yaml"), f"model_name={paths['model']}", f"dataset.path={alpaca}",
+            "training.steps=2", "training.local_batch_size=4", "training.seq_len=64", "~metric_logging.wandb",
+            "eval.num_samples=2", "eval.every=0", "eval.max_tokens=2", f"output_dir={paths['root']}/sft_{name}", *extra]
+
+
+def load_sft(argv: list[str]):
+    from apps.sft.config import load_sft_config
+
+    return load_sft_config(to_container(compose(parse_cli(argv))))
+
+
+@pytest.mark.parametrize("name", ["llama3_8b", "qwen3_8b"])
+def test_torchforge_sft_config_runs_two_steps(name, paths, alpaca):
+    from apps.sft.main import run_sft
+
+    cfg, report = load_sft(sft_argv(name, paths, alpaca, "processes.procs=1"))
+    assert cfg.model == f"hf://{paths['model']}" and cfg.batch_size == 4 and cfg.max_seq_len == 64
+    assert cfg.trainer.optimizer.lr == pytest.approx(1e-5) and cfg.trainer.training.activation_checkpoint is True
+    assert cfg.dataset["columns"] == {"prompt": "instruction", "completion": "output"}
+    assert "{input}" in cfg.dataset["prompt_template"]  # Alpaca's input column is kept
+    assert "parallelism" in report.unused and any("Alpaca" in n for n in report.notes)
+    out = run_sft(cfg, quiet=True)
+    assert out["steps"] == 2
+
+
+def test_torchforge_sft_procs_and_unknown_keys_are_named(paths, alpaca):
+    with pytest.raises(ConfigError, match="processes.procs: 8.*one process"):
+        load_sft(sft_argv("llama3_8b", paths, alpaca))
+    with pytest.raises(ConfigError, match="unknown key 'training.sq_len'"):
+        load_sft(sft_argv("llama3_8b", paths, alpaca, "processes.procs=1", "+training.sq_len=3"))
