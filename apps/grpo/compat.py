@@ -1,4 +1,11 @@
-"""Accept the condensed torchforge config schema (reference/torchforge-skill.txt) as written.
+"""The one place where torchforge's configs are translated into forge's (GRPO and SFT).
+
+- `normalize_skill_schema`: the condensed schema of reference/torchforge-skill.txt.
+- `apply_torchforge_defaults`: what torchforge's GRPO app means where its config is silent
+  (loss, rewards, GSM8K formatting).
+- `normalize_torchforge_sft` / `TORCHFORGE_SFT_KEYS`: torchforge's apps/sft layout.
+
+Accept the condensed torchforge config schema (reference/torchforge-skill.txt) as written.
 
 That schema puts the knobs at top level:
 
@@ -102,6 +109,49 @@ def normalize_skill_schema(raw: dict[str, Any]) -> tuple[dict[str, Any], list[st
             if k in ref:
                 _setdefault_path(cfg, f"services.ref_model.{k}", ref.pop(k), moved, f"ref_model.{k}")
     return cfg, moved
+
+
+# ---------------------------------------------------------------- torchforge's GRPO app defaults
+# What a torchforge GRPO config means where it is silent (its apps/grpo/main.py hard-codes these):
+# simple_grpo_loss with beta 0.1 against a reference model, the mean of MathReward and
+# ThinkingReward, and GSM8K prompts through the tokenizer's chat template with this system prompt.
+TORCHFORGE_LOSS: dict[str, Any] = {"name": "simple_grpo", "beta": 0.1}
+TORCHFORGE_REWARDS: list[dict[str, Any]] = [{"name": "math", "weight": 0.5}, {"name": "thinking", "weight": 0.5}]
+TORCHFORGE_SYSTEM_PROMPT = (
+    "Put all your scratchpad work between <think> and </think> tags.\n"
+    "Your final answer should be between <answer> and </answer> tags otherwise it will not be scored."
+)
+TORCHFORGE_DATASET: dict[str, Any] = {
+    "columns": {"prompt": "question", "target": "answer"}, "target_format": "gsm8k",
+    "system_prompt": TORCHFORGE_SYSTEM_PROMPT, "chat_template": True,
+}
+_DATASET_FORMAT_KEYS = {"task", "columns", "prompt_template", "system_prompt", "chat_template", "target_format"}
+
+
+def apply_torchforge_defaults(data: dict[str, Any], notes: list[str]) -> None:
+    """Where a torchforge config is silent, mean what torchforge's app does (and say so once)."""
+    loss = data.get("loss")
+    if loss is None:
+        data["loss"] = dict(TORCHFORGE_LOSS)
+        notes.append(
+            "loss: simple_grpo with beta 0.1 and a reference model (torchforge's apps/grpo loss) because the config "
+            "sets no `loss`; forge's own configs use {name: grpo, clip_low: 0.2, clip_high: 0.28}")
+    elif isinstance(loss, dict) and not ({"name", "_target_"} & set(loss)):
+        # `loss.beta=0.1` on a config without `loss`: edit the default loss, do not replace it
+        data["loss"] = {**TORCHFORGE_LOSS, **loss}
+        notes.append(f"loss: {data['loss']} (the config's {loss} on top of torchforge's default loss)")
+    if "rewards" not in data and data.get("env") is None:
+        data["rewards"] = [dict(r) for r in TORCHFORGE_REWARDS]
+        notes.append("rewards: the mean of math and thinking (torchforge's MathReward + ThinkingReward) "
+                            "because the config sets no `rewards`")
+    ds = data.get("dataset")
+    if isinstance(ds, dict) and data.get("env") is None and not (_DATASET_FORMAT_KEYS & set(ds)):
+        for k, v in TORCHFORGE_DATASET.items():
+            ds[k] = copy.deepcopy(v)
+        notes.append(
+            "dataset: GSM8K columns (question -> answer after '####') through the tokenizer's chat template with "
+            "torchforge's system prompt, as torchforge's DatasetActor formats them, because the dataset block "
+            "names no columns/system_prompt/target_format")
 
 
 # ---------------------------------------------------------------- torchforge's SFT layout

@@ -9,16 +9,16 @@ torchtitan knobs such as `tensor_parallel_size` or `gc_freq`) are accepted and r
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from apps.grpo.compat import apply_torchforge_defaults, normalize_skill_schema
 from forge.config import BuildReport, ConfigError, build
-from forge.observability.loggers import validate_metric_logging
 from forge.data.datasets import DatasetConfig
 from forge.engine.config import EngineConfig, SamplingParams
+from forge.observability.loggers import validate_metric_logging
 from forge.trainer.config import (
     CheckpointConfig,
     LRSchedulerConfig,
@@ -237,20 +237,6 @@ def buffer_group_size(cfg: GRPOConfig) -> int | None:
     return cfg.group_size if need % cfg.group_size == 0 else None
 
 
-# What a torchforge GRPO config means where it is silent (its apps/grpo/main.py hard-codes these):
-# simple_grpo_loss with beta 0.1 against a reference model, the mean of MathReward and
-# ThinkingReward, and GSM8K prompts through the tokenizer's chat template with this system prompt.
-TORCHFORGE_LOSS: dict[str, Any] = {"name": "simple_grpo", "beta": 0.1}
-TORCHFORGE_REWARDS: list[dict[str, Any]] = [{"name": "math", "weight": 0.5}, {"name": "thinking", "weight": 0.5}]
-TORCHFORGE_SYSTEM_PROMPT = (
-    "Put all your scratchpad work between <think> and </think> tags.\n"
-    "Your final answer should be between <answer> and </answer> tags otherwise it will not be scored."
-)
-TORCHFORGE_DATASET: dict[str, Any] = {
-    "columns": {"prompt": "question", "target": "answer"}, "target_format": "gsm8k",
-    "system_prompt": TORCHFORGE_SYSTEM_PROMPT, "chat_template": True,
-}
-_DATASET_FORMAT_KEYS = {"task", "columns", "prompt_template", "system_prompt", "chat_template", "target_format"}
 
 
 # torchforge / vLLM / torchtitan keys that forge accepts and does not use (reported once)
@@ -376,35 +362,7 @@ def _check_held_out(cfg: GRPOConfig, report: BuildReport) -> None:
         cfg.eval.num_samples = 0
 
 
-def _apply_torchforge_defaults(data: dict[str, Any], report: BuildReport) -> None:
-    """Where a torchforge config is silent, mean what torchforge's app does (and say so once)."""
-    loss = data.get("loss")
-    if loss is None:
-        data["loss"] = dict(TORCHFORGE_LOSS)
-        report.notes.append(
-            "loss: simple_grpo with beta 0.1 and a reference model (torchforge's apps/grpo loss) because the config "
-            "sets no `loss`; forge's own configs use {name: grpo, clip_low: 0.2, clip_high: 0.28}")
-    elif isinstance(loss, dict) and not ({"name", "_target_"} & set(loss)):
-        # `loss.beta=0.1` on a config without `loss`: edit the default loss, do not replace it
-        data["loss"] = {**TORCHFORGE_LOSS, **loss}
-        report.notes.append(f"loss: {data['loss']} (the config's {loss} on top of torchforge's default loss)")
-    if "rewards" not in data and data.get("env") is None:
-        data["rewards"] = [dict(r) for r in TORCHFORGE_REWARDS]
-        report.notes.append("rewards: the mean of math and thinking (torchforge's MathReward + ThinkingReward) "
-                            "because the config sets no `rewards`")
-    ds = data.get("dataset")
-    if isinstance(ds, dict) and data.get("env") is None and not (_DATASET_FORMAT_KEYS & set(ds)):
-        for k, v in TORCHFORGE_DATASET.items():
-            ds[k] = copy.deepcopy(v)
-        report.notes.append(
-            "dataset: GSM8K columns (question -> answer after '####') through the tokenizer's chat template with "
-            "torchforge's system prompt, as torchforge's DatasetActor formats them, because the dataset block "
-            "names no columns/system_prompt/target_format")
-
-
 def load_grpo_config(data: dict[str, Any]) -> tuple[GRPOConfig, BuildReport]:
-    from apps.grpo.compat import normalize_skill_schema
-
     data, moved = normalize_skill_schema(data)
     for extra in ("grpo_unknown", "training_unknown"):
         if extra in data:
@@ -430,7 +388,7 @@ def load_grpo_config(data: dict[str, Any]) -> tuple[GRPOConfig, BuildReport]:
                 if (block, k) == ("training", "max_grad_norm"):
                     sub.setdefault("max_norm", sub[k])
                 del sub[k]
-    _apply_torchforge_defaults(data, report)
+    apply_torchforge_defaults(data, report.notes)
     cfg = build(GRPOConfig, data, report=report)
     validate_sections(cfg, report)
     _check_held_out(cfg, report)
