@@ -255,3 +255,13 @@ def test_torchforge_sft_procs_and_unknown_keys_are_named(paths, alpaca):
         load_sft(sft_argv("llama3_8b", paths, alpaca))
     with pytest.raises(ConfigError, match="unknown key 'training.sq_len'"):
         load_sft(sft_argv("llama3_8b", paths, alpaca, "processes.procs=1", "+training.sq_len=3"))
+
+
+def test_forge_sft_alpaca_config_keeps_the_input_column(tmp_path):
+    from forge.data.datasets import PromptDataset
+
+    cfg, _ = load_sft(["--config", str(APPS.parent / "sft" / "llama3_8b.yaml")])
+    word = f"w{random.randint(0, 10**6)}"
+    (tmp_path / "a.jsonl").write_text(json.dumps({"instruction": "Repeat.", "input": word, "output": word}) + "\n")
+    ds = PromptDataset({**cfg.dataset, "path": str(tmp_path / "a.jsonl"), "chat_template": False, "max_epochs": 1})
+    assert word in next(iter(ds))["request"]
