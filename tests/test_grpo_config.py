@@ -77,8 +77,8 @@ def test_weight_sync_transport_follows_the_placement():
     multi = weight_sync_config(load("--config", str(APPS / "default.yaml"), "--config", str(APPS / "multi_gpu.yaml"),
                                     "--services.policy.num_replicas", "2")[0])
     assert multi["transport"] == "broadcast" and multi["num_receivers"] == 2
-    with pytest.raises(ValueError, match="services.policy.procs must be 1"):
-        weight_sync_config(load("--config", str(APPS / "default.yaml"), "--config", str(APPS / "multi_gpu.yaml"),
+    with pytest.raises(ConfigError, match="forge's engine has no tensor parallelism yet"):
+        (load("--config", str(APPS / "default.yaml"), "--config", str(APPS / "multi_gpu.yaml"),
                                 "--services.policy.procs", "2")[0])
     with pytest.raises(ValueError, match=r"trainer.weight_sync.transport must be one of .* got 'nccl'"):
         weight_sync_config(load("--trainer.weight_sync.transport", "nccl")[0])
@@ -95,7 +95,12 @@ def test_weight_sync_transport_follows_the_placement():
         (("--dataset.colums", "{}"), "did you mean 'dataset.columns'"),
         (("--services.policy.procs", "two"), "'services.policy.procs' must be an integer"),
         (("--eval.every", "true"), "'eval.every' must be an integer"),
-        (("--local_batch_size", "12"), "multiple of group_size"),
+        (("--trainer.model.flavr", "1.7B"), "did you mean 'trainer.model.flavor'"),
+        (("--ref_model.training.dtyp", "float32"), "did you mean 'ref_model.training.dtype'"),
+        (("--metric_logging.console.logging_mod", "global_reduce"), "did you mean 'metric_logging.console.logging_mode'"),
+        (("--metric_logging.wandb.logging_mode", "per_rank_reduce"), "set logging_mode: global_reduce"),
+        (("--loss.name", "grpoo"), "'loss'"),
+        (("--loss.bta", "0.1"), "'loss'"),
     ],
 )
 def test_bad_config_fails_at_start_with_the_dotted_path(override, message):

@@ -1,4 +1,11 @@
-"""Accept the condensed torchforge config schema (reference/torchforge-skill.txt) as written.
+"""The one place where torchforge's configs are translated into forge's (GRPO and SFT).
+
+- `normalize_skill_schema`: the condensed schema of reference/torchforge-skill.txt.
+- `apply_torchforge_defaults`: what torchforge's GRPO app means where its config is silent
+  (loss, rewards, GSM8K formatting).
+- `normalize_torchforge_sft` / `TORCHFORGE_SFT_KEYS`: torchforge's apps/sft layout.
+
+Accept the condensed torchforge config schema (reference/torchforge-skill.txt) as written.
 
 That schema puts the knobs at top level:
 
@@ -102,3 +109,166 @@ def normalize_skill_schema(raw: dict[str, Any]) -> tuple[dict[str, Any], list[st
             if k in ref:
                 _setdefault_path(cfg, f"services.ref_model.{k}", ref.pop(k), moved, f"ref_model.{k}")
     return cfg, moved
+
+
+# ---------------------------------------------------------------- torchforge's GRPO app defaults
+# What a torchforge GRPO config means where it is silent (its apps/grpo/main.py hard-codes these):
+# simple_grpo_loss with beta 0.1 against a reference model, the mean of MathReward and
+# ThinkingReward, and GSM8K prompts through the tokenizer's chat template with this system prompt.
+TORCHFORGE_LOSS: dict[str, Any] = {"name": "simple_grpo", "beta": 0.1}
+TORCHFORGE_REWARDS: list[dict[str, Any]] = [{"name": "math", "weight": 0.5}, {"name": "thinking", "weight": 0.5}]
+TORCHFORGE_SYSTEM_PROMPT = (
+    "Put all your scratchpad work between <think> and </think> tags.\n"
+    "Your final answer should be between <answer> and </answer> tags otherwise it will not be scored."
+)
+TORCHFORGE_DATASET: dict[str, Any] = {
+    "columns": {"prompt": "question", "target": "answer"}, "target_format": "gsm8k",
+    "system_prompt": TORCHFORGE_SYSTEM_PROMPT, "chat_template": True,
+}
+_DATASET_FORMAT_KEYS = {"task", "columns", "prompt_template", "system_prompt", "chat_template", "target_format"}
+
+
+def apply_torchforge_defaults(data: dict[str, Any], notes: list[str]) -> None:
+    """Where a torchforge config is silent, mean what torchforge's app does (and say so once)."""
+    loss = data.get("loss")
+    if loss is None:
+        data["loss"] = dict(TORCHFORGE_LOSS)
+        notes.append(
+            "loss: simple_grpo with beta 0.1 and a reference model (torchforge's apps/grpo loss) because the config "
+            "sets no `loss`; forge's own configs use {name: grpo, clip_low: 0.2, clip_high: 0.28}")
+    elif isinstance(loss, dict) and not ({"name", "_target_"} & set(loss)):
+        # `loss.beta=0.1` on a config without `loss`: edit the default loss, do not replace it
+        data["loss"] = {**TORCHFORGE_LOSS, **loss}
+        notes.append(f"loss: {data['loss']} (the config's {loss} on top of torchforge's default loss)")
+    if "rewards" not in data and data.get("env") is None:
+        data["rewards"] = [dict(r) for r in TORCHFORGE_REWARDS]
+        notes.append("rewards: the mean of math and thinking (torchforge's MathReward + ThinkingReward) "
+                            "because the config sets no `rewards`")
+    ds = data.get("dataset")
+    if isinstance(ds, dict) and data.get("env") is None and not (_DATASET_FORMAT_KEYS & set(ds)):
+        for k, v in TORCHFORGE_DATASET.items():
+            ds[k] = copy.deepcopy(v)
+        notes.append(
+            "dataset: GSM8K columns (question -> answer after '####') through the tokenizer's chat template with "
+            "torchforge's system prompt, as torchforge's DatasetActor formats them, because the dataset block "
+            "names no columns/system_prompt/target_format")
+
+
+# ---------------------------------------------------------------- torchforge's SFT layout
+# apps/sft/{llama3_8b,qwen3_8b}.yaml: model_name, model (torchtitan), processes, optimizer,
+# lr_scheduler, training, parallelism, checkpoint, activation_checkpoint, comm, metric_logging.
+# Where each key goes in forge's SFT config (None: accepted, not used, reported once).
+TORCHFORGE_SFT_KEYS: dict[str, str | None] = {
+    "optimizer": "trainer.optimizer",
+    "lr_scheduler": "trainer.lr_scheduler",
+    "training.local_batch_size": "batch_size",
+    "training.seq_len": "max_seq_len",
+    "training.steps": "steps",
+    "training.max_norm": "trainer.training.max_norm",
+    "training.compile": "trainer.training.compile",
+    "training.dtype": "trainer.training.dtype",
+    "training.mixed_precision_param": "trainer.training.dtype",
+    "training.gc_freq": None,
+    "training.dataset": None,  # torchtitan's pretraining dataset name; torchforge's SFT reads Alpaca
+    "training.mixed_precision_reduce": None,
+    "checkpoint.folder": None,  # the app checkpoints under output_dir/checkpoints
+    "checkpoint.interval": "trainer.checkpoint.interval",
+    "checkpoint.keep_latest_k": "trainer.checkpoint.keep_last_n",
+    "checkpoint.enable": None,
+    "checkpoint.initial_load_path": None,  # the model is `model_name`
+    "checkpoint.initial_load_in_hf": None,
+    "checkpoint.last_save_in_hf": None,  # forge exports HF safetensors at the end (export_hf)
+    "checkpoint.async_mode": None,
+    "processes.with_gpus": None,  # the SFT app trains on the GPU when there is one
+    "comm": None,
+    "parallelism": None,
+    "model.name": None,  # the architecture comes from the checkpoint's config.json
+    "model.flavor": None,
+    "model.tokenizer_path": None,
+    "model.converters": None,
+}
+# torchforge's SFT app reads Alpaca (instruction, input, output) through the chat template
+TORCHFORGE_SFT_DATASET: dict[str, Any] = {
+    "path": "yahma/alpaca-cleaned", "split": "train", "chat_template": True,
+    "columns": {"prompt": "instruction", "completion": "output"},
+    "prompt_template": "{instruction}\n\n{input}",
+}
+
+
+def is_torchforge_sft(cfg: dict[str, Any]) -> bool:
+    return "model_name" in cfg or "processes" in cfg or isinstance(cfg.get("model"), dict)
+
+
+def normalize_torchforge_sft(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[str], list[str]]:
+    """torchforge's SFT layout -> forge's SFT config. Returns (config, moved, unused, notes)."""
+    if not is_torchforge_sft(raw):
+        return raw, [], [], []
+    src = copy.deepcopy(raw)
+    out: dict[str, Any] = {}
+    moved: list[str] = []
+    unused: list[str] = []
+    notes: list[str] = []
+    model = src.pop("model", None)
+    name = src.pop("model_name", None)
+    if isinstance(model, dict):
+        path = model.pop("hf_assets_path", None) or model.pop("path", None)
+        for k in list(model):
+            _route(f"model.{k}", model[k], out, moved, unused)
+        out["model"] = path if path is not None else name
+    else:
+        out["model"] = model if model is not None else name
+    if out["model"] is None:
+        raise ValueError("torchforge SFT config: set `model_name` (or model.hf_assets_path)")
+    processes = src.pop("processes", None) or {}
+    procs = processes.pop("procs", 1)
+    if procs != 1:
+        raise ValueError(f"processes.procs: {procs}: forge's SFT app trains in one process (one device); "
+                         "set processes.procs=1 (multi-GPU SFT: apps/grpo's trainer with provisioner: monarch)")
+    for k, v in processes.items():
+        _route(f"processes.{k}", v, out, moved, unused)
+    ac = src.pop("activation_checkpoint", None)
+    if ac is not None:
+        on = ac.get("mode", "none") not in ("none", None, False) if isinstance(ac, dict) else bool(ac)
+        _set(out, "trainer.training.activation_checkpoint", on)
+        moved.append("activation_checkpoint -> trainer.training.activation_checkpoint")
+    for block in ("optimizer", "lr_scheduler"):
+        if block in src:
+            _route(block, src.pop(block), out, moved, unused)
+    for block in ("training", "checkpoint", "comm", "parallelism"):
+        sub = src.pop(block, None)
+        if isinstance(sub, dict) and block in ("training", "checkpoint"):
+            for k, v in sub.items():
+                _route(f"{block}.{k}", v, out, moved, unused)
+        elif sub is not None:
+            _route(block, sub, out, moved, unused)
+    ds = src.get("dataset")
+    if ds is None or (isinstance(ds, dict) and not ({"task", "columns", "prompt_template"} & set(ds))):
+        # torchforge's layout has no dataset block (its app reads Alpaca); `dataset.path=...` edits that
+        src["dataset"] = {**copy.deepcopy(TORCHFORGE_SFT_DATASET), **(ds or {})}
+        notes.append("dataset: Alpaca (instruction + input -> output, chat template), torchforge's SFT data, because "
+                     "the config names no dataset columns; point dataset.path at a local copy")
+    out.update(src)  # forge's own keys (metric_logging, output_dir, dataset, eval, ...) as they are
+    return out, moved, unused, notes
+
+
+def _route(key: str, value: Any, out: dict[str, Any], moved: list[str], unused: list[str]) -> None:
+    if key not in TORCHFORGE_SFT_KEYS:
+        raise ValueError(f"unknown key '{key}' in torchforge's SFT layout (known: "
+                         f"{', '.join(sorted(TORCHFORGE_SFT_KEYS))})")
+    dest = TORCHFORGE_SFT_KEYS[key]
+    if dest is None:
+        unused.append(key)
+        return
+    _set(out, dest, value)
+    moved.append(f"{key} -> {dest}")
+
+
+def _set(d: dict[str, Any], path: str, value: Any) -> None:
+    node = d
+    parts = path.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+        node[parts[-1]].update(value)
+    else:
+        node[parts[-1]] = value

@@ -14,9 +14,11 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from apps.grpo.compat import apply_torchforge_defaults, normalize_skill_schema
 from forge.config import BuildReport, ConfigError, build
 from forge.data.datasets import DatasetConfig
 from forge.engine.config import EngineConfig, SamplingParams
+from forge.observability.loggers import validate_metric_logging
 from forge.trainer.config import (
     CheckpointConfig,
     LRSchedulerConfig,
@@ -101,8 +103,64 @@ class WarmupSection:
 
 
 @dataclass
+class ModelSection:
+    """`trainer.model` / `ref_model.model`: forge's keys and torchtitan's (torchforge configs)."""
+
+    path: str | None = None  # an HF directory or hf://org/name; default: top-level `model`
+    tiny: str | None = None  # a tiny random model of this family (tests)
+    seed: int = 0
+    hf_assets_path: str | None = None  # torchtitan's name for `path`
+    name: str | None = None  # torchtitan: the architecture comes from the checkpoint's config.json
+    flavor: str | None = None
+    tokenizer_path: str | None = None
+    converters: list[Any] = field(default_factory=list)
+
+
+def model_spec(m: ModelSection | None) -> dict[str, Any] | None:
+    """The spec the actors' `build_model` reads: `path` (or `tiny`), nothing else."""
+    if m is None:
+        return None
+    if m.tiny:
+        return {"tiny": m.tiny, "seed": m.seed}
+    path = m.path or m.hf_assets_path
+    return {"path": path} if path else None
+
+
+@dataclass
+class RefTrainingSection:
+    dtype: str = "bfloat16"
+    max_tokens_per_microbatch: int = 8192
+    logprob_chunk_size: int = 1024
+    seq_len: int | None = None  # torchtitan's; the reference model packs by max_tokens_per_microbatch
+    gc_freq: int | None = None  # torchtitan's
+
+
+def ref_training(cfg: "GRPOConfig") -> dict[str, Any]:
+    """The ReferenceModel's `training` options (torchtitan's seq_len/gc_freq have no use there)."""
+    t = dataclasses.asdict(cfg.ref_model.training)
+    for k in ("seq_len", "gc_freq"):
+        t.pop(k)
+    return t
+
+
+@dataclass
+class ProvisionerSection:
+    """`provisioner: local | monarch` or a mapping (forge: kind + MonarchProvisioner options;
+    torchforge: `launcher`, refused: multi-host launch is not built)."""
+
+    kind: str = "local"
+    share_gpus: bool = False
+    gpu_count: int | None = None
+    poll_s: float = 0.2
+    boot_timeout_s: float = 120.0
+    stop_timeout_s: float = 10.0
+    launcher: str | None = None
+    IGNORED_KEYS: ClassVar[frozenset[str]] = frozenset({"job_name", "memMB", "cpu", "account", "qos", "gpus_per_node"})
+
+
+@dataclass
 class TrainerSection:
-    model: Any = None  # default: top-level `model`
+    model: ModelSection | None = None  # default: top-level `model`
     loss: Any = None  # default: top-level `loss`
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     lr_scheduler: LRSchedulerConfig = field(default_factory=LRSchedulerConfig)
@@ -112,16 +170,17 @@ class TrainerSection:
     compile: Any = None
     activation_checkpoint: Any = None
     weight_sync: dict[str, Any] = field(default_factory=dict)
-    IGNORED_KEYS: ClassVar[frozenset[str]] = frozenset({"use_dcp"})
+    IGNORED_KEYS: ClassVar[frozenset[str]] = frozenset({"use_dcp", "dcp_path", "comm"})
 
 
 @dataclass
 class RefModelSection:
-    model: Any = None
-    training: dict[str, Any] = field(default_factory=dict)
+    model: ModelSection | None = None
+    training: RefTrainingSection = field(default_factory=RefTrainingSection)
     compile: Any = None
     parallelism: dict[str, Any] = field(default_factory=dict)
     checkpoint: dict[str, Any] = field(default_factory=dict)
+    IGNORED_KEYS: ClassVar[frozenset[str]] = frozenset({"comm"})
 
 
 @dataclass
@@ -165,6 +224,22 @@ def episodes_per_step(cfg: GRPOConfig) -> int:
     if cfg.prompts_per_step:
         return cfg.prompts_per_step * cfg.group_size
     return cfg.local_batch_size
+
+
+def groups_per_step(cfg: GRPOConfig) -> int:
+    """Groups the rollouts must generate for one training step (all data-parallel ranks). When
+    a step's episodes are not a multiple of group_size (torchforge's qwen3_8b: 12 and 8), the
+    buffer fills the batch with episodes, not groups (as torchforge's does), so round up."""
+    need = episodes_per_step(cfg) * cfg.replay_buffer.dp_size
+    return -(-need // cfg.group_size)
+
+
+def buffer_group_size(cfg: GRPOConfig) -> int | None:
+    """Whole groups per batch when the batch holds whole groups; else episodes fill it."""
+    need = episodes_per_step(cfg) * cfg.replay_buffer.dp_size
+    return cfg.group_size if need % cfg.group_size == 0 else None
+
+
 
 
 # torchforge / vLLM / torchtitan keys that forge accepts and does not use (reported once)
@@ -216,11 +291,81 @@ def validate_sections(cfg: GRPOConfig, report: BuildReport) -> None:
     sp = _fields(SamplingParams)
     _check_keys(cfg.policy.sampling_params, sp, "policy.sampling_params", set(), report)
     build(SamplingParams, dict(cfg.policy.sampling_params), path="policy.sampling_params", report=report)
+    validate_metric_logging(cfg.metric_logging, path="metric_logging")
+    _validate_loss(cfg.trainer.loss if cfg.trainer.loss is not None else cfg.loss,
+                   "trainer.loss" if cfg.trainer.loss is not None else "loss")
+    _validate_placement(cfg)
+
+
+def _validate_loss(spec: Any, path: str) -> None:
+    """Build the loss once at start: a wrong name or keyword fails here, not after start-up."""
+    from forge.losses import build_loss
+
+    try:
+        build_loss(spec)
+    except (TypeError, ValueError, ImportError, AttributeError, KeyError) as e:
+        raise ConfigError(f"'{path}': {e}") from None
+
+
+def provisioner_section(cfg: GRPOConfig) -> ProvisionerSection:
+    p = cfg.provisioner
+    return build(ProvisionerSection, {"kind": p} if isinstance(p, str) else p, path="provisioner")
+
+
+def _validate_placement(cfg: GRPOConfig) -> None:
+    """Placements forge cannot run fail here, before any service starts."""
+    prov = provisioner_section(cfg)
+    if prov.kind not in ("local", "monarch"):
+        raise ConfigError(f"'provisioner' must be local or monarch (or {{kind: ..., ...}}), got {prov.kind!r}")
+    if prov.launcher not in (None, "local"):
+        raise ConfigError(
+            f"provisioner.launcher: {prov.launcher!r} asks for a multi-host job; forge runs on one host for now "
+            "(provisioner: local, or monarch for one process per service on this host's GPUs). Remove "
+            "provisioner.launcher (and `hosts`) to run on one host")
+    for name, p in [*vars(cfg.services).items(), *vars(cfg.actors).items()]:
+        if p.hosts not in (None, 0, 1):
+            raise ConfigError(f"'{_placement_path(cfg, name)}.hosts: {p.hosts}': forge runs on one host for now")
+    if cfg.services.policy.procs != 1:
+        raise ConfigError(
+            f"'services.policy.procs: {cfg.services.policy.procs}': in torchforge this is the generator's tensor-"
+            "parallel degree (procs: ${policy.engine_args.tensor_parallel_size}); forge's engine has no tensor "
+            "parallelism yet. Use procs: 1 (torchforge's layout: policy.engine_args.tensor_parallel_size=1), and "
+            "num_replicas for more engines")
+    if prov.kind == "local":
+        for path, p in (("actors.trainer", cfg.actors.trainer), ("services.ref_model", cfg.services.ref_model)):
+            if p.procs != 1:
+                raise ConfigError(
+                    f"'{path}.procs: {p.procs}' needs one process per rank (FSDP): use provisioner: monarch; "
+                    "the local provisioner runs everything in this process")
+
+
+def _placement_path(cfg: GRPOConfig, name: str) -> str:
+    return f"services.{name}" if hasattr(cfg.services, name) else f"actors.{name}"
+
+
+def _check_held_out(cfg: GRPOConfig, report: BuildReport) -> None:
+    """Held-out evaluation reads `eval.split` of `dataset.path`. A path without that split would
+    hand back the training files (a directory's files are all taken when none matches the split):
+    that is no held-out set, so evaluate nothing and say so."""
+    ds = cfg.dataset
+    if cfg.env is not None or ds.get("task") or not ds.get("path") or cfg.eval.num_samples <= 0:
+        return
+    from forge.data.sources import resolve_data_files
+
+    try:
+        train = set(resolve_data_files(ds["path"], ds.get("split", "train"), ds.get("name")))
+        held = set(resolve_data_files(ds["path"], cfg.eval.split, ds.get("name")))
+    except OSError:  # a missing path fails when the dataset loads, with the dataset's own message
+        return
+    if held & train:
+        report.notes.append(
+            f"no held-out evaluation: dataset.path '{ds['path']}' has no '{cfg.eval.split}' split apart from the "
+            f"training rows (eval.num_samples {cfg.eval.num_samples} -> 0); point eval.split at a split the path holds "
+            "(files named <split>*, or a <split>/ folder) to evaluate")
+        cfg.eval.num_samples = 0
 
 
 def load_grpo_config(data: dict[str, Any]) -> tuple[GRPOConfig, BuildReport]:
-    from apps.grpo.compat import normalize_skill_schema
-
     data, moved = normalize_skill_schema(data)
     for extra in ("grpo_unknown", "training_unknown"):
         if extra in data:
@@ -246,10 +391,14 @@ def load_grpo_config(data: dict[str, Any]) -> tuple[GRPOConfig, BuildReport]:
                 if (block, k) == ("training", "max_grad_norm"):
                     sub.setdefault("max_norm", sub[k])
                 del sub[k]
+    apply_torchforge_defaults(data, report.notes)
     cfg = build(GRPOConfig, data, report=report)
     validate_sections(cfg, report)
-    if episodes_per_step(cfg) % cfg.group_size:
-        raise ConfigError(f"local_batch_size/replay_buffer.batch_size ({episodes_per_step(cfg)}) must be a multiple "
-                          f"of group_size ({cfg.group_size}): groups are never split across steps")
+    _check_held_out(cfg, report)
+    if buffer_group_size(cfg) is None:
+        report.notes.append(
+            f"a step's {episodes_per_step(cfg) * cfg.replay_buffer.dp_size} episodes are not a multiple of "
+            f"group_size {cfg.group_size}: episodes, not whole groups, fill each batch (torchforge's meaning); "
+            f"rollouts generate {groups_per_step(cfg)} groups per step")
     report.unused.extend(f"(moved) {m}" for m in moved)
     return cfg, report

@@ -22,7 +22,8 @@ from typing import Any, Awaitable, Callable
 import torch
 
 from apps.grpo.agentic import rollout_env_group
-from apps.grpo.config import GRPOConfig, episodes_per_step, load_grpo_config
+from apps.grpo.config import GRPOConfig, load_grpo_config
+from apps.grpo.config import groups_per_step as groups_per_step_of
 from apps.grpo.supervision import RolloutSupervisor, wait_for_batch
 from apps.grpo.support import (
     RolloutBudget,
@@ -33,11 +34,15 @@ from apps.grpo.support import (
     weight_sync_config,
     write_learning_curve,
 )
-from forge.config import compose, parse_cli, to_container
+from forge.config import compose, parse_cli, run_cli, to_container
 from forge.controller import init_provisioner, shutdown
 from forge.data.collate import collate_episodes
 from forge.observability import MetricLogger, Reduce, build_backends, drain, record_metric
 from forge.types import Episode
+
+# torchforge's apps/grpo/main.py defines these; code importing them from here gets forge's (forge.compat)
+from forge.compat import ComputeAdvantages, DatasetActor, RewardActor, collate, simple_grpo_loss  # noqa: E402,F401,I001
+from forge.types import Group  # noqa: F401
 
 log = logging.getLogger("forge.grpo")
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
@@ -62,7 +67,7 @@ async def main(cfg: GRPOConfig, resume: bool = False,
     drain()  # records left in this process by earlier work (another run, a test) are not this run's
     s = await build_services(cfg, model_path, run_dir, sync)  # dataloader, policy, trainer, buffer, ...
     group_size = cfg.group_size
-    groups_per_step = episodes_per_step(cfg) * cfg.replay_buffer.dp_size // group_size
+    groups_per_step = groups_per_step_of(cfg)
 
     step = 0
     if resume:  # the trainer restores model/optimizer/RNG; we restore the data position and step
@@ -264,10 +269,16 @@ async def save_checkpoint(s, step: int) -> None:
 
 def cli(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    parsed = parse_cli(sys.argv[1:] if argv is None else argv, flags=("resume",))
+    return run_cli(_cli, sys.argv[1:] if argv is None else argv)  # a config error: its message, exit 2
+
+
+def _cli(argv: list[str]) -> dict:
+    parsed = parse_cli(argv, flags=("resume",))
     cfg, report = load_grpo_config(to_container(compose(parsed, DEFAULT_CONFIG)))
     if report.unused:
         print("config keys forge accepts but does not use: " + ", ".join(report.unused))
+    for note in report.notes:
+        print(f"using {note}")
     return asyncio.run(main(cfg, resume=parsed.flags.get("resume", False)))
 
 

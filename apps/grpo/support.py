@@ -9,7 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from apps.grpo.config import GRPOConfig, Placement, episodes_per_step
+from apps.grpo.config import (
+    GRPOConfig,
+    Placement,
+    buffer_group_size,
+    episodes_per_step,
+    model_spec,
+    ref_training,
+)
 from forge.actors import ComputeAdvantages, DatasetActor, Generator, ReferenceModel, ReplayBuffer, RewardActor, Trainer
 from forge.controller import NoHealthyReplicaError
 from forge.engine.config import EngineConfig
@@ -207,15 +214,15 @@ async def build_services(cfg: GRPOConfig, model_path: str, run_dir: Path,
             batch_size=batch_size, dp_size=rb.dp_size,
             max_policy_age=max(rb.max_policy_age if rb.max_policy_age is not None else cfg.off_by_n, cfg.sync_interval - 1),
             max_buffer_size=rb.max_buffer_size, max_resample_count=rb.max_resample_count,
-            group_size=cfg.group_size, seed=rb.seed if rb.seed is not None else cfg.seed),
+            group_size=buffer_group_size(cfg), seed=rb.seed if rb.seed is not None else cfg.seed),
         ComputeAdvantages.options(**_opts(cfg.actors.compute_advantages)).as_actor(
             method=cfg.advantage.method, **cfg.advantage.options),
         RewardActor.options(**_opts(cfg.services.reward_actor)).as_service(rewards=rewards),
     ]
     if needs_ref:  # skipped entirely when the loss has no KL term
         coros.append(ReferenceModel.options(**_opts(cfg.services.ref_model)).as_service(
-            model=cfg.ref_model.model or {"path": model_path},
-            training={**cfg.ref_model.training, "temperature": temperature, "pad_id": pad_id}))
+            model=model_spec(cfg.ref_model.model) or {"path": model_path},
+            training={**ref_training(cfg), "temperature": temperature, "pad_id": pad_id}))
     handles = await asyncio.gather(*coros)
     dataloader, policy, trainer, buffer, adv, reward_actor = handles[:6]
     names = await reward_actor.reward_names.route()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from forge.config import BuildReport, build
+from forge.config import BuildReport, ConfigError, build
 from forge.data.datasets import DatasetConfig
 from forge.trainer.config import CheckpointConfig, LRSchedulerConfig, OptimizerConfig, TrainingConfig
 
@@ -54,10 +54,24 @@ class SFTConfig:
     export_hf: bool = True
     metric_logging: dict[str, Any] = field(default_factory=lambda: {"console": {"every": 50}, "jsonl": {}})
 
+    def __post_init__(self) -> None:
+        from forge.observability.loggers import validate_metric_logging
+
+        validate_metric_logging(self.metric_logging)  # a typo fails at start, with the closest key
+
 
 def load_sft_config(data: dict[str, Any]) -> tuple[SFTConfig, BuildReport]:
+    from apps.grpo.compat import normalize_torchforge_sft  # the one torchforge translation table
+
     report = BuildReport()
+    try:
+        data, moved, unused, notes = normalize_torchforge_sft(data)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    report.unused.extend(unused)
+    report.notes.extend(notes)
     cfg = build(SFTConfig, data, report=report)
+    report.unused.extend(f"(moved) {m}" for m in moved)
     ds = dict(cfg.dataset)
     if "data_split" in ds:
         ds["split"] = ds.pop("data_split")

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import torch
 
 from apps.sft.config import SFTConfig, load_sft_config
-from forge.config import compose, parse_cli, to_container
+from forge.config import compose, parse_cli, run_cli, to_container
 from forge.data.datasets import PromptDataset
 from forge.models.logprobs import compute_logprobs
 from forge.observability import MetricLogger, Reduce, build_backends, record_metric
@@ -237,10 +237,16 @@ def run_sft(cfg: SFTConfig, resume: bool = False, quiet: bool = False) -> dict[s
 
 def cli(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    parsed = parse_cli(sys.argv[1:] if argv is None else argv, flags=("resume",))
+    return run_cli(_cli, sys.argv[1:] if argv is None else argv)  # a config error: its message, exit 2
+
+
+def _cli(argv: list[str]) -> dict[str, Any]:
+    parsed = parse_cli(argv, flags=("resume",))
     cfg, report = load_sft_config(to_container(compose(parsed, DEFAULT_CONFIG)))
     if report.unused:
         print("config keys forge accepts but does not use: " + ", ".join(report.unused))
+    for note in report.notes:
+        print(f"using {note}")
     return run_sft(cfg, resume=parsed.flags.get("resume", False))
 
 

@@ -54,7 +54,9 @@ class Episode:
 
     episode_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     request: str = ""
-    policy_version: int = 0
+    # default: the version of the generator that produced `completion` (0 without one); a
+    # constant 0 would make every episode look stale to the replay buffer once training moves on
+    policy_version: int = None  # type: ignore[assignment]
     pad_id: int = 0
     request_len: int = 0
     response_len: int = 0
@@ -66,6 +68,10 @@ class Episode:
     advantage: float | None = None
     loss_mask: torch.Tensor | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.policy_version is None:
+            self.policy_version = int(self.completion.generator_version) if self.completion is not None else 0
 
     @property
     def prompt_ids(self) -> torch.Tensor:
@@ -112,3 +118,13 @@ Group = list[Episode]
 """Episodes that share one prompt (GRPO's unit for advantages)."""
 
 __all__ = ["Completion", "Episode", "Group"]
+
+_TORCHFORGE = ("LauncherConfig", "ProvisionerConfig", "Launcher")  # torchforge's names, in forge.compat
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TORCHFORGE:
+        import forge.compat
+
+        return getattr(forge.compat, name)
+    raise AttributeError(f"module 'forge.types' has no attribute '{name}'")

@@ -83,16 +83,29 @@ class Generator(ForgeActor):
     # ---- endpoints --------------------------------------------------------------------------
     @endpoint
     async def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None,
-                       token_ids: Iterable[int] | torch.Tensor | None = None, n: int = 1,
-                       sampling: dict | SamplingParams | None = None) -> list[Completion]:
+                       token_ids: Iterable[int] | torch.Tensor | None = None, n: int | None = None,
+                       sampling: dict | SamplingParams | None = None,
+                       sampling_params: dict | SamplingParams | None = None,
+                       priority: int = 0) -> list[Completion]:
         """Exactly one of `prompt` (text, tokenized as is), `messages` (chat, rendered with the
-        tokenizer's template plus the generation prompt) or `token_ids`. Returns n Completions."""
+        tokenizer's template plus the generation prompt) or `token_ids`. Returns n Completions:
+        `n`, else the per-call sampling's `n`, else the configured `sampling_params.n` (torchforge's
+        `policy.generate.route(prompt)` gets the group). `sampling_params=` is torchforge's name
+        for `sampling=`; `priority` (vLLM's) must be 0: forge's scheduler serves requests in order."""
         given = [x is not None for x in (prompt, messages, token_ids)]
         if sum(given) != 1:
             raise ValueError("generate: pass exactly one of prompt=, messages=, token_ids=")
+        if sampling is not None and sampling_params is not None:
+            raise ValueError("generate: pass sampling= or sampling_params= (torchforge's name), not both")
+        if priority != 0:
+            raise ValueError(f"generate(priority={priority!r}): forge's scheduler serves requests first come, "
+                             "first served and has no priorities; pass priority=0 (the default)")
+        sampling = sampling if sampling is not None else sampling_params
         text, ids = self._encode(prompt, messages, token_ids)
-        over = sampling.__dict__ if isinstance(sampling, SamplingParams) else dict(sampling or {})
-        params = self.defaults.replace(**{**over, "n": n})
+        over = dict(sampling.__dict__) if isinstance(sampling, SamplingParams) else dict(sampling or {})
+        if n is not None:
+            over["n"] = n
+        params = self.defaults.replace(**over)
         t0 = time.perf_counter()
         out, version = await self._submit("add", (ids, params))
         dt = time.perf_counter() - t0

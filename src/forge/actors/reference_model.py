@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from forge.actors.trainer import with_tokenizer_pad_id
 from forge.controller import ForgeActor, endpoint
 from forge.trainer.engine import build_model
 from forge.trainer.packing import pack, sequences_from_rl_batch
@@ -32,7 +33,7 @@ class ReferenceModel(ForgeActor):
         self.model_spec = {"path": model} if isinstance(model, str) else dict(model or {"tiny": "qwen2", "seed": 0})
         if "hf_assets_path" in self.model_spec:
             self.model_spec.setdefault("path", self.model_spec.pop("hf_assets_path"))
-        t = dict(training or {})
+        t = with_tokenizer_pad_id(training, self.model_spec)
         self.temperature = float(t.get("temperature", 1.0))
         self.max_tokens = int(t.get("max_tokens_per_microbatch", 8192))
         self.chunk_size = int(t.get("logprob_chunk_size", 1024))
@@ -62,10 +63,16 @@ class ReferenceModel(ForgeActor):
 
     @endpoint
     async def forward(self, tokens_or_inputs: Any, response_mask_or_targets: Any = None, *,
-                      prompt_mask: Tensor | None = None, return_logprobs: bool = True) -> Tensor:
-        """Reference logprobs `[B, R]` (float32, CPU; 0 where the response mask is 0)."""
+                      prompt_mask: Tensor | None = None, return_logprobs: bool = True,
+                      max_req_tokens: int | None = None) -> Tensor:
+        """Reference logprobs `[B, R]` (float32, CPU; 0 where the response mask is 0).
+        `max_req_tokens=` is torchforge's keyword for the second argument of (input_ids, max_req_tokens)."""
         if not return_logprobs:
             raise ValueError("ReferenceModel.forward only returns logprobs (return_logprobs=True)")
+        if max_req_tokens is not None:
+            if response_mask_or_targets is not None:
+                raise TypeError("ReferenceModel.forward: pass max_req_tokens once (positionally or by keyword)")
+            response_mask_or_targets = int(max_req_tokens)
         a, b = tokens_or_inputs, response_mask_or_targets
         if isinstance(a, list):  # trainer batch
             inp, tgt = a[0], b[0]

@@ -14,9 +14,11 @@ Heavy work runs in a thread so other services on a shared event loop keep going.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import inspect
+from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from forge.controller import ForgeActor, endpoint
 from forge.trainer.config import TrainerConfig
@@ -28,6 +30,63 @@ _PUBLISHER_KEYS = {
     "cuda_ipc": ("name", "directory", "dtype"),
     "broadcast": ("addr", "port", "num_receivers", "backend", "dtype", "bucket_bytes", "timeout_s"),
 }
+
+
+def with_tokenizer_pad_id(training: dict[str, Any] | None, model: Any) -> dict[str, Any]:
+    """`training` with `pad_id` taken from the model directory's tokenizer when not given (as
+    torchforge does): the id the collated batch was padded with, which the config's model args
+    need not know (many configs leave pad_token_id unset)."""
+    t = dict(training or {})
+    if t.get("pad_id") is not None:
+        return t
+    path = model if isinstance(model, str) else (model or {}).get("path") or (model or {}).get("hf_assets_path")
+    if not path:
+        return t
+    from forge.models.tokenizer import load_tokenizer
+
+    try:
+        tok = load_tokenizer(str(path))
+    except (OSError, ValueError):  # no tokenizer files: the model args' pad id, as before
+        return t
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if pad is not None:
+        t["pad_id"] = int(pad)
+    return t
+
+
+class FunctionLoss(nn.Module):
+    """A plain loss function `fn(logprobs, ref_logprobs, advantages, padding_mask) -> scalar` as a
+    forge loss (each micro-batch's value weighted by its sequences, like torchforge's per-sequence mean)."""
+
+    agg = "seq-mean-token-mean"
+
+    def __init__(self, fn: Callable[..., torch.Tensor]):
+        super().__init__()
+        self.fn = fn
+        self.needs_ref = "ref_logprobs" in inspect.signature(fn).parameters
+        self.needs_old_logprobs = False
+
+    def forward(self, logprobs, ref_logprobs, advantages, padding_mask, **_: Any) -> torch.Tensor:
+        kw = {"ref_logprobs": ref_logprobs} if self.needs_ref else {}
+        return self.fn(logprobs=logprobs, advantages=advantages, padding_mask=padding_mask, **kw)
+
+
+def loss_from_callable(loss: Any) -> Any:
+    """`Trainer(loss=<function>)`: torchforge passes a function. One that carries a forge loss spec
+    (`forge.compat.simple_grpo_loss`) is that loss; one written on logprobs is wrapped; one on
+    logits is refused: forge computes logprobs chunk-wise and never materialises [B, T, V] logits."""
+    if isinstance(loss, (str, dict, type, nn.Module)) or loss is None or not callable(loss):
+        return loss
+    spec = getattr(loss, "forge_loss_spec", None)
+    if spec is not None:
+        return dict(spec)
+    params = inspect.signature(loss).parameters
+    if "logprobs" in params:
+        return FunctionLoss(loss)
+    raise TypeError(
+        f"Trainer(loss={getattr(loss, '__name__', loss)!r}): forge's trainer computes per-token logprobs "
+        "chunk-wise and never materialises logits; write the loss as fn(logprobs, ref_logprobs, advantages, "
+        "padding_mask) or use a forge.losses loss (torchforge's simple_grpo_loss: forge.compat.simple_grpo_loss)")
 
 
 class Trainer(ForgeActor):
@@ -45,6 +104,8 @@ class Trainer(ForgeActor):
         weight_sync: dict[str, Any] | None = None,
         **unused: Any,
     ):
+        loss = loss_from_callable(loss)
+        training = with_tokenizer_pad_id(training, model)
         raw = {"model": model or {"tiny": "qwen2", "seed": 0}, "loss": loss, "optimizer": optimizer or {},
                "lr_scheduler": lr_scheduler or {}, "training": training or {}, "checkpoint": checkpoint or {},
                "parallelism": parallelism or {}, **unused}
@@ -117,10 +178,13 @@ class Trainer(ForgeActor):
         return self._publisher
 
     @endpoint
-    async def push_weights(self, version: int) -> int:
-        """Publish the current weights as `version` (Generator.update_weights(version) applies them)."""
+    async def push_weights(self, version: int | None = None, *, policy_version: int | None = None) -> int:
+        """Publish the current weights as `version` (Generator.update_weights(version) applies them).
+        `policy_version=` is torchforge's name for it."""
+        if (version is None) == (policy_version is None):
+            raise TypeError("push_weights: pass the version once, as `version` or `policy_version=`")
         pub = self._get_publisher()
-        return await asyncio.to_thread(pub.publish, int(version))
+        return await asyncio.to_thread(pub.publish, int(version if version is not None else policy_version))
 
     @endpoint
     async def get_state_dict(self, dtype: str | None = None) -> dict[str, torch.Tensor]:
@@ -142,3 +206,9 @@ class Trainer(ForgeActor):
                 self._publisher.close()
             except Exception:
                 pass
+
+
+# torchforge's names (its trainer wraps torchtitan; forge's is its own FSDP2 trainer with the same
+# endpoints and config keys): code that imports them gets forge's Trainer
+TitanTrainer = Trainer
+RLTrainer = Trainer

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -22,6 +23,7 @@ from forge.config.errors import ConfigError
 from forge.config.schema import BuildReport, build
 
 T = TypeVar("T")
+R = TypeVar("R")
 log = logging.getLogger("forge.config")
 
 
@@ -65,11 +67,21 @@ def compose(parsed: ParsedArgs, default_yaml: str | os.PathLike | None = None) -
         try:
             # to_container(resolve=False): an override like `a.b=${c.d}` stays an
             # interpolation, resolved against the whole config later, not against itself
-            parsed_value = OmegaConf.to_container(OmegaConf.from_dotlist([f"_v={value}"]), resolve=False)["_v"] if value != "" else ""
+            parsed_value = _parse_value(value)
             OmegaConf.update(cfg, key, parsed_value, merge=True, force_add=True)
         except OmegaConfBaseException as e:
             raise ConfigError(f"cannot apply override '{item}': {e}") from e
     return cfg
+
+
+def _parse_value(value: str) -> Any:
+    """An override's value as YAML reads it; `None` is null, as torchforge's CLI maps it
+    (YAML would read it as the string 'None', which no numeric or path key accepts)."""
+    if value == "":
+        return ""
+    if value == "None":
+        return None
+    return OmegaConf.to_container(OmegaConf.from_dotlist([f"_v={value}"]), resolve=False)["_v"]
 
 
 def _delete(cfg: DictConfig, key: str) -> None:
@@ -106,6 +118,19 @@ def load_config(
     return cfg, report, parsed
 
 
+def run_cli(fn: Callable[[list[str]], R], argv: list[str]) -> R:
+    """Run an app's `fn(argv)`: a `ConfigError` prints its message alone and exits with status 2
+    (a traceback would bury the one line that says which key is wrong); `--debug` anywhere on
+    the command line re-raises it with the traceback."""
+    try:
+        return fn(argv)
+    except ConfigError as e:
+        if "--debug" in argv:
+            raise
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 __all__ = [
     "BuildReport",
     "ConfigError",
@@ -115,5 +140,6 @@ __all__ = [
     "load_config",
     "load_yaml",
     "parse_cli",
+    "run_cli",
     "to_container",
 ]

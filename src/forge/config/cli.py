@@ -1,7 +1,7 @@
 """Command-line parsing: `--config x.yaml` plus overrides in every form torchforge users type.
 
 Accepted forms (they can be mixed):  `a.b=v`, `--a.b v`, `--a.b=v`, `~a.b` (delete a key),
-`+a.b=v` (add a key, Hydra style). A bare flag `--a.b` followed by another flag or nothing
+`+a.b=v` (add a key, Hydra style). `a.b=None` sets null (as torchforge's CLI does). A bare flag `--a.b` followed by another flag or nothing
 means `true`.
 """
 
@@ -21,8 +21,13 @@ class ParsedArgs:
     flags: dict[str, bool] = field(default_factory=dict)  # --resume and similar
 
 
+# flags every app accepts: `--debug` shows the traceback of a config error (see `run_cli`)
+COMMON_FLAGS = ("debug",)
+
+
 def parse_cli(argv: list[str], flags: tuple[str, ...] = ("resume",)) -> ParsedArgs:
     out = ParsedArgs()
+    flags = tuple(flags) + COMMON_FLAGS
     i = 0
     while i < len(argv):
         arg = argv[i]

@@ -23,6 +23,9 @@ T = TypeVar("T")
 @dataclass
 class BuildReport:
     unused: list[str] = field(default_factory=list)
+    # "using X instead of Y because ...": where forge reads a config differently from its face
+    # value (a torchforge default it fills in), said once at start
+    notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         """One line naming every key that was accepted but is not used (empty if none)."""

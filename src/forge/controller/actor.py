@@ -37,6 +37,16 @@ def endpoint(fn: F) -> F:
     return fn
 
 
+def _foreign_endpoint(member: Any) -> Callable[..., Any] | None:
+    """The method under monarch's `@monarch.actor.endpoint` (what torchforge code imports): an
+    `EndpointProperty` descriptor holding it as `_method`. Recognised by shape, so monarch stays
+    an optional dependency."""
+    method = getattr(member, "_method", None)
+    if type(member).__name__ == "EndpointProperty" and callable(method):
+        return method
+    return None
+
+
 def endpoint_names(cls: type) -> list[str]:
     return [
         name
@@ -67,6 +77,14 @@ class ActorOptions:
 
 class ForgeActor:
     _forge_options: ActorOptions = ActorOptions()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # `@monarch.actor.endpoint` methods become forge endpoints: the plain method, marked
+        for name, member in list(cls.__dict__.items()):
+            method = _foreign_endpoint(member)
+            if method is not None:
+                setattr(cls, name, endpoint(method))
 
     # runtime context, set by the provisioner before __init__ runs
     rank: int = 0

@@ -46,30 +46,60 @@ def _listing(d: Path) -> str:
 
 
 def resolve_model_path(path: str | Path) -> Path:
-    """A local directory, or `hf://org/name[@revision]` looked up in the local HF cache (offline)."""
+    """A local directory, or `hf://org/name[@revision]` looked up in the local HF cache (offline).
+
+    torchforge configs write `hf://${model}`: with a local `model` that is `hf:///models/x`,
+    which is the local directory. A bare hub id (`Qwen/Qwen3-1.7B`) that is no local directory
+    but is in the HF cache resolves from the cache, as torchforge would."""
     s = str(path)
     if s.startswith("hf://"):
-        repo, _, rev = s[len("hf://"):].partition("@")
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(repo, revision=rev or None, local_files_only=True))
-        except Exception as e:  # not cached (LocalEntryNotFoundError) or a malformed repo id
-            home = os.environ.get("HF_HOME", "~/.cache/huggingface")
-            raise FileNotFoundError(
-                f"model '{s}' is not in the local Hugging Face cache (HF_HOME={home}) and forge never "
-                f"downloads. Download it elsewhere (`huggingface-cli download {repo}`) and set HF_HOME, "
-                f"or point the config at a local directory holding config.json + *.safetensors "
-                f"(e.g. --trainer.model.path /data/{repo.split('/')[-1]}). ({type(e).__name__})"
-            ) from None
+        rest = s[len("hf://"):]
+        local = Path(rest).expanduser()
+        if local.is_dir():
+            return local
+        repo, _, rev = rest.partition("@")
+        if rest.startswith(("/", "~", ".")):
+            raise FileNotFoundError(f"model '{s}': '{local}' is not a directory (hf:// followed by a local path "
+                                    f"means that directory)")
+        cached = _from_hf_cache(repo, rev)
+        if isinstance(cached, Path):
+            return cached
+        home = os.environ.get("HF_HOME", "~/.cache/huggingface")
+        raise FileNotFoundError(
+            f"model '{s}' is not in the local Hugging Face cache (HF_HOME={home}) and forge never "
+            f"downloads. Download it elsewhere (`huggingface-cli download {repo}`) and set HF_HOME, "
+            f"or point the config at a local directory holding config.json + *.safetensors "
+            f"(e.g. --model /data/{repo.split('/')[-1]}). ({cached})"
+        )
     d = Path(s).expanduser()
     if not d.exists():
+        if _HUB_ID.match(s):  # `Qwen/Qwen3-1.7B`: torchforge's `model:` value
+            cached = _from_hf_cache(*s.partition("@")[::2])
+            if isinstance(cached, Path):
+                return cached
+            raise FileNotFoundError(
+                f"model '{s}' is neither a local directory nor in the local Hugging Face cache "
+                f"(HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}); forge never downloads: "
+                f"`huggingface-cli download {s}` elsewhere and set HF_HOME, or pass a local directory")
         parent = d.parent if d.parent.exists() else None
         hint = f"; {parent} holds: {_listing(parent)}" if parent else ""
         raise FileNotFoundError(f"model directory '{d}' does not exist{hint}")
     if not d.is_dir():
         raise NotADirectoryError(f"model path '{d}' is a file; pass the directory that holds config.json")
     return d
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+def _from_hf_cache(repo: str, rev: str | None) -> Path | str:
+    """The cached snapshot of `repo`, or why there is none (the exception's type name)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo, revision=rev or None, local_files_only=True))
+    except Exception as e:  # not cached (LocalEntryNotFoundError) or a malformed repo id
+        return type(e).__name__
 
 
 def load_args(path: str | Path) -> ModelArgs:

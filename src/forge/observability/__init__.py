@@ -23,3 +23,14 @@ __all__ = [
     "record_metric",
     "reduce_records",
 ]
+
+
+_TORCHFORGE = ("get_or_create_metric_logger", "Tracer", "trace")  # defined in forge.compat
+
+
+def __getattr__(name: str):
+    if name in _TORCHFORGE:
+        import forge.compat
+
+        return getattr(forge.compat, name)
+    raise AttributeError(f"module 'forge.observability' has no attribute '{name}'")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from forge.config.errors import ConfigError
+from forge.config.schema import build
 from forge.observability.metrics import drain, reduce_records
 
 
@@ -94,6 +98,40 @@ class WandbBackend:
         self.run.finish()
 
 
+# forge's metric -> torchforge's name for the same quantity; both are logged, so a torchforge
+# dashboard keeps working (one table: add a pair here, nowhere else)
+TORCHFORGE_METRIC_NAMES: dict[str, str] = {
+    "rl_trainer/lr": "rl_trainer/learning_rate",
+    "loss/kl_ref": "rl_trainer/step/avg_kl_divergence",
+    "generator/num_requests": "generator/generate/count_requests",
+    "dataset/epoch": "dataset/sample/current_epoch",
+    "reward/total/mean": "reward/evaluate_response/avg_total_reward",
+    "rl_trainer/step_time_s": "rl_trainer_perf/step/total_duration_avg_s",
+    "time/generate_s": "main_perf/continuous_rollouts/policy_generation/duration_avg_s",
+    "time/reward_s": "main_perf/continuous_rollouts/reward_evaluation/duration_avg_s",
+    "time/ref_s": "main_perf/continuous_rollouts/reference_model_calculate_logprobs/duration_avg_s",
+    "time/wait_for_batch_s": "main_perf/continuous_training/waiting_for_buffer/duration_avg_s",
+    "time/train_s": "main_perf/continuous_training/train_step/duration_avg_s",
+    "time/weight_sync_s": "main_perf/continuous_training/push_weights/duration_avg_s",
+    "time/step_s": "main_perf/continuous_training/total_duration_avg_s",
+}
+_NOT_A_REWARD = {"total", "count", "errors", "timeouts"}
+
+
+def torchforge_names(metrics: dict[str, float]) -> dict[str, float]:
+    """torchforge's names for the metrics it also logs: the table above, plus each reward's mean
+    as `reward/evaluate_response/avg_<Fn>_reward` (`math` -> MathReward, as torchforge names its
+    reward classes)."""
+    out = {tf: metrics[k] for k, tf in TORCHFORGE_METRIC_NAMES.items() if k in metrics and tf not in metrics}
+    for k, v in metrics.items():
+        parts = k.split("/")
+        if len(parts) == 3 and parts[0] == "reward" and parts[2] == "mean" and parts[1] not in _NOT_A_REWARD:
+            name = "".join(w.capitalize() for w in parts[1].split("_"))
+            name = name if name.lower().endswith("reward") else f"{name}Reward"
+            out.setdefault(f"reward/evaluate_response/avg_{name}_reward", v)
+    return out
+
+
 class MetricLogger:
     """Drains every process's records at the end of a step and writes them to all backends."""
 
@@ -115,6 +153,7 @@ class MetricLogger:
         metrics = reduce_records(records)
         if extra:
             metrics.update(extra)
+        metrics.update(torchforge_names(metrics))
         self.history.append({"step": step, **metrics})
         for b in self.backends:
             b.log(metrics, step)
@@ -125,24 +164,104 @@ class MetricLogger:
             b.close()
 
 
-def build_backends(spec: dict[str, dict[str, Any]], total_steps: int | None, run_dir: str | os.PathLike) -> list[LoggerBackend]:
+# ---------------------------------------------------------------- the `metric_logging` schema
+# torchforge's keys (logging_mode, per_rank_share_run, project/group) sit beside forge's own:
+# a torchforge config's metric_logging block is valid as written.
+LOGGING_MODES = ("global_reduce", "per_rank_reduce", "per_rank_no_reduce")
+
+
+@dataclass
+class BackendSpec:
+    enabled: bool = True
+    # torchforge: global_reduce (one value per key per step, reduced over every rank: what
+    # forge's MetricLogger does), per_rank_reduce / per_rank_no_reduce (one stream per rank)
+    logging_mode: str = "global_reduce"
+    per_rank_share_run: bool = False  # torchforge: per-rank streams share one W&B run
+    reduce_across_ranks: bool | None = None  # torchforge's older name for global_reduce
+
+    def __post_init__(self) -> None:
+        if self.logging_mode not in LOGGING_MODES:
+            raise ConfigError(f"logging_mode must be one of {list(LOGGING_MODES)}, got {self.logging_mode!r}")
+        if self.logging_mode != "global_reduce" or self.reduce_across_ranks is False:
+            raise ConfigError(
+                f"logging_mode {self.logging_mode!r} (or reduce_across_ranks: false) asks for one metric stream per "
+                "rank; forge reduces every rank's records on the controller once per step (torchforge's "
+                "'global_reduce', the mode of its shipped configs): set logging_mode: global_reduce")
+
+
+@dataclass
+class ConsoleSpec(BackendSpec):
+    every: int = 1
+    keys: list[str] | None = None
+    desc: str = "train"
+
+
+@dataclass
+class JsonlSpec(BackendSpec):
+    path: str | None = None  # default: <run_dir>/metrics.jsonl
+
+
+@dataclass
+class TensorBoardSpec(BackendSpec):
+    log_dir: str | None = None  # default: <run_dir>/tb
+
+
+@dataclass
+class WandbSpec(BackendSpec):
+    project: str = "forge"
+    group: str | None = None
+    name: str | None = None
+    entity: str | None = None
+    tags: list[str] | None = None
+    notes: str | None = None
+    mode: str | None = None  # online | offline | disabled
+    dir: str | None = None
+
+
+BACKEND_SPECS: dict[str, type[BackendSpec]] = {
+    "console": ConsoleSpec, "jsonl": JsonlSpec, "tensorboard": TensorBoardSpec, "wandb": WandbSpec,
+}
+
+
+def validate_metric_logging(spec: dict[str, Any] | None, path: str = "metric_logging") -> dict[str, BackendSpec]:
+    """The typed `metric_logging` block; an unknown backend or key fails naming it and the closest valid one."""
+    if spec is None:
+        return {}
+    if not isinstance(spec, dict):
+        raise ConfigError(f"'{path}' must be a mapping of backend name -> options, got {type(spec).__name__}")
+    out: dict[str, BackendSpec] = {}
+    for name, opts in spec.items():
+        if isinstance(opts, BackendSpec):
+            out[name] = opts
+            continue
+        cls = BACKEND_SPECS.get(str(name))
+        if cls is None:
+            close = difflib.get_close_matches(str(name), list(BACKEND_SPECS), n=1)
+            hint = f" — did you mean '{path}.{close[0]}'?" if close else ""
+            raise ConfigError(f"{path}.{name}: unknown logger backend{hint} (expected one of {', '.join(BACKEND_SPECS)})")
+        try:
+            out[name] = build(cls, opts, path=f"{path}.{name}")
+        except ConfigError as e:
+            msg = str(e)
+            raise ConfigError(msg if msg.startswith(("unknown key", "missing", "'")) else f"{path}.{name}: {msg}") from None
+    return out
+
+
+def build_backends(spec: dict[str, Any], total_steps: int | None, run_dir: str | os.PathLike) -> list[LoggerBackend]:
     """`spec` is the config's `metric_logging` block: {console: {...}, jsonl: {...}, tensorboard: {...}, wandb: {...}}."""
     out: list[LoggerBackend] = []
     run_dir = Path(run_dir)
-    for name, opts in spec.items():
-        opts = dict(opts or {})
-        if opts.pop("enabled", True) is False:
+    for name, opts in validate_metric_logging(spec).items():
+        if not opts.enabled:
             continue
-        if name == "console":
-            out.append(ConsoleBackend(total_steps=total_steps, **opts))
-        elif name == "jsonl":
-            out.append(JsonlBackend(opts.get("path", run_dir / "metrics.jsonl")))
-        elif name == "tensorboard":
-            out.append(TensorBoardBackend(opts.get("log_dir", run_dir / "tb")))
-        elif name == "wandb":
-            out.append(WandbBackend(**opts))
-        else:
-            raise ValueError(
-                f"metric_logging.{name}: unknown logger backend; expected console, jsonl, tensorboard or wandb"
-            )
+        if isinstance(opts, ConsoleSpec):
+            out.append(ConsoleBackend(total_steps=total_steps, every=opts.every, keys=opts.keys, desc=opts.desc))
+        elif isinstance(opts, JsonlSpec):
+            out.append(JsonlBackend(opts.path or run_dir / "metrics.jsonl"))
+        elif isinstance(opts, TensorBoardSpec):
+            out.append(TensorBoardBackend(opts.log_dir or run_dir / "tb"))
+        elif isinstance(opts, WandbSpec):
+            kw = {k: getattr(opts, k) for k in ("group", "name", "entity", "tags", "notes", "mode", "dir")
+                  if getattr(opts, k) is not None}
+            out.append(WandbBackend(project=opts.project, **kw))
     return out

@@ -1,0 +1,1 @@
+"""torchforge's `forge.util` (see forge.compat)."""
