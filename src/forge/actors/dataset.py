@@ -23,6 +23,10 @@ from forge.observability import Reduce, record_metric
 
 
 class DatasetActor(ForgeActor):
+    # a restarted dataset continues from the position the service kept after the last sample,
+    # never from the start of its epoch
+    restart_policy = "restore"
+
     def __init__(self, model: str | None = None, tokenizer: Any = None, dp_rank: int | None = None,
                  dp_size: int | None = None, **dataset_config: Any):
         # `model` (torchforge) and `tokenizer` both name where the chat template comes from
@@ -41,7 +45,7 @@ class DatasetActor(ForgeActor):
             self.dataset = PromptDataset(self.config, tokenizer=self._tokenizer_src, rank=rank, world_size=world)
         return self.dataset
 
-    @endpoint
+    @endpoint(changes_state=True)
     async def sample(self) -> dict[str, Any] | None:
         ds = self._ds()
         try:
@@ -57,7 +61,7 @@ class DatasetActor(ForgeActor):
     async def state_dict(self) -> dict[str, Any]:
         return self._ds().state_dict()
 
-    @endpoint
+    @endpoint(changes_state=True)
     async def load_state_dict(self, state: dict[str, Any]) -> None:
         self._ds().load_state_dict(state)
 

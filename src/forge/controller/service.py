@@ -5,8 +5,17 @@ what `as_service()` / `as_actor()` return.
 Failure policy (where forge differs from torchforge on purpose):
 - an endpoint that raises -> `ActorError` raised in the caller, naming endpoint and replica;
   the replica keeps its state and is *not* restarted;
-- a replica whose process died -> marked unhealthy, restarted in the background (re-running
-  `setup()`), and the call retried on a healthy replica up to `max_retries` times;
+- a replica whose process died -> marked unhealthy, and the call retried on a healthy replica up
+  to `max_retries` times; what happens to the dead one is its restart policy
+  (`options(restart=...)`, default the class's `restart_policy`):
+  `stateless`: restarted in the background, re-running `__init__` and `setup()` (all its state
+  comes from its arguments: rewards, reference models);
+  `restore`: restarted, then `load_state_dict()` with the state the service kept from
+  `state_dict()` after the last `@endpoint(changes_state=True)` call (dataset position, weights
+  version), before it serves again; a restore that fails loses the replica;
+  `fail`: never restarted (model and optimizer state no restart can rebuild): the replica is lost
+  and calls that find no other replica raise `ReplicaLostError` naming it. A service never serves
+  from reset state;
 - every call has a timeout (`options(timeout_s=...)`); nothing waits forever.
 """
 
@@ -21,12 +30,13 @@ import random
 import uuid
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
-from forge.controller.actor import ActorOptions, endpoint_names
+from forge.controller.actor import ActorOptions, endpoint_names, state_changing_endpoints
 from forge.controller.errors import (
     AdverbError,
     CallTimeoutError,
     NoHealthyReplicaError,
     ReplicaDeadError,
+    ReplicaLostError,
 )
 
 if TYPE_CHECKING:
@@ -50,6 +60,14 @@ class Service:
         self._restarting: dict[int, asyncio.Task] = {}
         self._rr = itertools.count()
         self._closed = False
+        self.restart = options.restart or getattr(actor_cls, "restart_policy", "stateless")
+        if self.restart == "restore" and not {"state_dict", "load_state_dict"} <= self.endpoints:
+            raise ValueError(f"{self.name}: restart='restore' needs endpoints state_dict() and "
+                             "load_state_dict(state) to carry its state over a restart")
+        self._state_endpoints = state_changing_endpoints(actor_cls) if self.restart == "restore" else set()
+        # replica id -> (sequence, per-rank state_dict): the state a restarted replica is restored to
+        self._snapshots: dict[int, tuple[int, list[Any]]] = {}
+        self._snap_seq = itertools.count()
 
     @property
     def name(self) -> str:
@@ -76,14 +94,19 @@ class Service:
 
     # ---- replica choice -------------------------------------------------------------------
     def _healthy(self) -> list["Replica"]:
-        return [r for r in self.replicas if r.healthy]
+        # a restarting replica is up before its state is restored: not yet
+        return [r for r in self.replicas if r.healthy and r.replica_id not in self._restarting]
+
+    def _no_replica(self, what: str) -> NoHealthyReplicaError:
+        lost = [r for r in self.replicas if r.lost]
+        if lost and not self._restarting and len(lost) + len(self._healthy()) == len(self.replicas):
+            return ReplicaLostError(f"{self.name}: {what}; " + "; ".join(f"{r.name} is lost: {r.lost}" for r in lost))
+        return NoHealthyReplicaError(f"{self.name}: {what}")
 
     def _pick(self, sess_id: str | None, exclude: set[int]) -> "Replica":
         healthy = [r for r in self._healthy() if r.replica_id not in exclude]
         if not healthy:
-            raise NoHealthyReplicaError(
-                f"{self.name}: no healthy replica (of {len(self.replicas)}) is available"
-            )
+            raise self._no_replica(f"no healthy replica (of {len(self.replicas)}) is available")
         if sess_id is not None:
             rid = self.sessions.get(sess_id)
             for r in healthy:
@@ -106,22 +129,60 @@ class Service:
         if generation is not None and generation != replica.generation:
             return  # a late report about an incarnation that was already replaced
         replica.healthy = False
-        if self._closed or not self.options.restart_on_death:
+        if self._closed or replica.lost:
+            return
+        if self.restart == "fail":
+            self._lose(replica, "its process died and its restart policy is 'fail' (it holds state a restart "
+                                "would reset, so it is not restarted)")
             return
         if replica.replica_id not in self._restarting:
             self._restarting[replica.replica_id] = asyncio.ensure_future(self._restart(replica))
 
+    def _lose(self, replica: "Replica", why: str) -> None:
+        replica.healthy = False
+        replica.lost = why
+        log.error("%s is lost: %s", replica.name, why)
+
     async def _restart(self, replica: "Replica") -> None:
         try:
-            log.warning("%s died; restarting it", replica.name)
+            log.warning("%s died; restarting it (restart policy '%s')", replica.name, self.restart)
             replica.generation += 1
             await replica.stop()
             await replica.start()
+            if self.restart == "restore":
+                try:
+                    await self._restore(replica)
+                except Exception as e:
+                    self._lose(replica, f"it died and restoring its state failed ({type(e).__name__}: {e})")
+                    await replica.stop()
+                    return
             replica.restarts += 1
         except Exception:
             log.exception("%s failed to restart", replica.name)
         finally:
             self._restarting.pop(replica.replica_id, None)
+
+    async def _restore(self, replica: "Replica") -> None:
+        """Bring a restarted replica back to the state kept from its previous incarnation (none
+        kept: it died before any state-changing call, so its fresh state is the right one)."""
+        snap = self._snapshots.get(replica.replica_id)
+        if snap is None:
+            return
+        for rank, state in enumerate(snap[1]):
+            await asyncio.wait_for(replica.call("load_state_dict", (state,), {}, rank), self.options.timeout_s)
+        log.warning("%s restored to its state before it died", replica.name)
+
+    async def _after_call(self, replica: "Replica", endpoint: str) -> None:
+        """Under restart='restore': keep the replica's state after a call that changed it."""
+        if endpoint not in self._state_endpoints:
+            return
+        seq = next(self._snap_seq)
+        try:
+            state = await asyncio.wait_for(replica.call("state_dict", (), {}, None), self.options.timeout_s)
+        except (ReplicaDeadError, asyncio.TimeoutError):
+            return  # died right after the call: restored to the previous snapshot
+        if seq > self._snapshots.get(replica.replica_id, (-1, None))[0]:  # concurrent calls: the latest wins
+            self._snapshots[replica.replica_id] = (seq, list(state))
 
     # ---- calls ----------------------------------------------------------------------------
     async def _call_replica(self, replica: "Replica", endpoint: str, args: tuple, kwargs: dict, rank: int | None) -> list[Any]:
@@ -148,11 +209,12 @@ class Service:
                 replica = self._pick(sess_id, tried)
             except NoHealthyReplicaError as e:
                 if last is not None:
-                    raise NoHealthyReplicaError(f"{e}; last failure: {last}") from last
+                    raise type(e)(f"{e}; last failure: {last}") from last
                 raise
             gen = replica.generation
             try:
                 results = await self._call_replica(replica, endpoint, args, kwargs, rank)
+                await self._after_call(replica, endpoint)
                 return results if all_ranks else results[0]
             except ReplicaDeadError as e:
                 last = e
@@ -175,12 +237,14 @@ class Service:
         await self._wait_for_any_healthy()
         healthy = self._healthy()
         if not healthy:
-            raise NoHealthyReplicaError(f"{self.name}: no healthy replica for fanout of '{endpoint}'")
+            raise self._no_replica(f"no healthy replica for fanout of '{endpoint}'")
 
         async def one(r: "Replica") -> Any:
             gen = r.generation
             try:
-                return (await self._call_replica(r, endpoint, args, kwargs, None))[0]
+                out = (await self._call_replica(r, endpoint, args, kwargs, None))[0]
+                await self._after_call(r, endpoint)
+                return out
             except ReplicaDeadError:
                 self._on_dead(r, gen)
                 raise
