@@ -32,10 +32,12 @@ from apps.grpo.support import (
     write_learning_curve,
 )
 from forge.config import compose, parse_cli, to_container
-from forge.controller import init_provisioner, shutdown
+from forge.controller import ReplicaLostError, init_provisioner, shutdown
 from forge.data.collate import collate_episodes
 from forge.observability import MetricLogger, Reduce, build_backends, drain, record_metric
+from forge.trainer.checkpoint import latest_checkpoint
 from forge.types import Episode
+from forge.weight_sync import cleanup_run
 
 log = logging.getLogger("forge.grpo")
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
@@ -45,6 +47,25 @@ async def main(cfg: GRPOConfig, resume: bool = False,
                on_step: Callable[[int, Any], Awaitable[None]] | None = None) -> dict:
     """Run GRPO. `on_step(step, services)` (optional) runs after each training step: a hook for
     tests and experiments (fault injection, custom evaluation)."""
+    sync = weight_sync_config(cfg)  # a bad transport/placement fails here, before any warm-up
+    try:
+        return await _train(cfg, sync, resume, on_step)
+    except ReplicaLostError as e:  # a stateful service (the trainer) died: the run cannot go on
+        raise ReplicaLostError(f"{e}. The run stops: {resume_hint(Path(cfg.output_dir))}") from e
+    finally:
+        await shutdown()  # every service's teardown, after a crash too (the publisher removes its files)
+        cleanup_run(sync)  # and what a killed trainer process left in /dev/shm
+
+
+def resume_hint(run_dir: Path) -> str:
+    last = latest_checkpoint(run_dir / "checkpoints")
+    if last is None:
+        return f"no checkpoint was saved in {run_dir / 'checkpoints'} (checkpoint_interval sets how often)"
+    return f"the last checkpoint is {last}; rerun with --resume to continue from it"
+
+
+async def _train(cfg: GRPOConfig, sync: dict[str, Any], resume: bool,
+                 on_step: Callable[[int, Any], Awaitable[None]] | None) -> dict:
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -53,7 +74,6 @@ async def main(cfg: GRPOConfig, resume: bool = False,
     else:  # {kind: monarch, share_gpus: true, ...}
         opts = dict(cfg.provisioner)
         init_provisioner(opts.pop("kind", "local"), **opts)
-    sync = weight_sync_config(cfg)  # a bad transport/placement fails here, before any warm-up
     model_path = await asyncio.to_thread(resolve_model, cfg)  # may run the SFT warm-up (first time)
     max_steps = cfg.steps or 100
     logger = MetricLogger(build_backends(cfg.metric_logging, total_steps=max_steps, run_dir=run_dir))

@@ -36,7 +36,7 @@ from forge.engine import EngineConfig, LLMEngine, RequestOutput, SamplingParams
 from forge.models.decoder import CausalLM
 from forge.observability import Reduce, record_metric
 from forge.types import Completion
-from forge.weight_sync import WeightSyncError
+from forge.weight_sync import WeightSyncError, available_version
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,16 @@ class Generator(ForgeActor):
         if self.weight_sync.get("transport") == "broadcast":
             raise WeightSyncError(f"Generator: version {version} arrived by broadcast, a collective "
                                             "with the trainer; one restarted replica cannot receive it alone")
-        await self.update_weights(version)
+        try:
+            await self.update_weights(version)
+        except WeightSyncError:
+            # the trainer pushed again while this replica restarted and `version` is gone:
+            # the newest published version is as good (newer, and labelled as what it is)
+            newest = available_version(self.weight_sync.get("name", "policy"), self.weight_sync.get("transport"),
+                                       self.weight_sync.get("directory"))
+            if newest is None or newest <= version:
+                raise
+            await self.update_weights(newest)
 
     @endpoint
     async def get_version(self) -> int:

@@ -1,0 +1,71 @@
+"""apps/grpo/main.py when services die or the run crashes (issue 29 items 6 and 8): stateful
+services come back with their state or the run stops naming the loss and the checkpoint; a
+crashed run leaves no weight files behind."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from apps.grpo.main import main
+from forge.controller import ReplicaLostError
+from tests.test_grpo_app import config, tiny_model  # noqa: F401  (the fixture)
+
+FAST = ["--eval.num_samples", "8", "--eval.every", "0", "--local_batch_size", "16",
+        "--advantage.filter_zero_variance", "false"]
+
+
+def test_killed_trainer_stops_the_run_naming_the_last_checkpoint(tiny_model, tmp_path):
+    run = tmp_path / "run"
+
+    async def kill_trainer(step: int, s) -> None:
+        if step == 3:
+            await s.trainer.kill_replica()
+
+    cfg = config("--model", tiny_model, "--output_dir", str(run), "--steps", "6", "--checkpoint_interval", "2", *FAST)
+    with pytest.raises(ReplicaLostError) as info:
+        asyncio.run(main(cfg, on_step=kill_trainer))
+    msg = str(info.value)
+    assert "Trainer[replica 0] is lost" in msg and "restart policy is 'fail'" in msg, msg
+    assert str(run / "checkpoints" / "step_2") in msg and "--resume" in msg, msg
+    assert not (run / "summary.json").exists()  # it did not go on training a reset model
+
+
+def test_killed_generator_comes_back_at_the_current_version(tiny_model, tmp_path):
+    seen: list[int] = []
+
+    async def kill_generator(step: int, s) -> None:
+        if step != 2:
+            return
+        svc = s.policy._service
+        await s.policy.kill_replica(0)
+        deadline = time.monotonic() + 60
+        while not (svc.replicas[0].healthy and svc.replicas[0].restarts == 1 and not svc._restarting):
+            assert time.monotonic() < deadline, "the generator never came back"
+            await asyncio.sleep(0.02)
+        seen.extend(await s.policy.get_version.fanout())  # before the next weight sync
+
+    cfg = config("--model", tiny_model, "--output_dir", str(tmp_path / "run"), "--steps", "4", *FAST)
+    out = asyncio.run(main(cfg, on_step=kill_generator))
+    assert out["steps"] == 4
+    assert seen == [2]  # the weights of step 2, not the constructor's version 0
+
+
+def test_crashed_run_leaves_no_weight_files(tiny_model, tmp_path):
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    files: list[str] = []
+
+    async def crash(step: int, s) -> None:
+        files.extend(p.name for p in shm.iterdir())
+        if step == 2:
+            raise RuntimeError("boom")
+
+    cfg = config("--model", tiny_model, "--output_dir", str(tmp_path / "run"), "--steps", "4", *FAST,
+                 "--trainer.weight_sync.transport", "shm", "--trainer.weight_sync.directory", str(shm))
+    with pytest.raises(RuntimeError, match="boom"):
+        asyncio.run(main(cfg, on_step=crash))
+    assert any(f.endswith(".latest") for f in files)  # the run did publish there
+    assert list(shm.iterdir()) == []
