@@ -69,3 +69,36 @@ def test_crashed_run_leaves_no_weight_files(tiny_model, tmp_path):
         asyncio.run(main(cfg, on_step=crash))
     assert any(f.endswith(".latest") for f in files)  # the run did publish there
     assert list(shm.iterdir()) == []
+
+
+def test_resume_after_a_crash_redoes_steps_without_duplicate_rows(tiny_model, tmp_path, monkeypatch):
+    """Item 7: the checkpoint holds the replay buffer; rows of steps redone after a resume are not
+    duplicated in metrics.jsonl / samples.jsonl; the learning curve covers the whole run."""
+    import json
+
+    import torch
+
+    import apps.grpo.main as app
+
+    run = tmp_path / "run"
+    common = ["--model", tiny_model, "--output_dir", str(run), "--checkpoint_interval", "2", "--samples_every", "1",
+              *FAST]
+
+    async def crash(step: int, s) -> None:
+        if step == 3:
+            raise RuntimeError("crash after step 3")
+
+    with pytest.raises(RuntimeError, match="crash after step 3"):
+        asyncio.run(main(config(*common, "--steps", "4"), on_step=crash))
+    state = torch.load(run / "checkpoints" / "step_2" / "trainer_state.pt", weights_only=True)
+    assert "replay_buffer" in state["extra"]["extra"]
+    curves: list[list[dict]] = []
+    monkeypatch.setattr(app, "write_learning_curve", lambda history, path: curves.append(list(history)))
+    out = asyncio.run(main(config(*common, "--steps", "5"), resume=True))
+    assert out["steps"] == 5
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "rl_trainer/avg_loss" in r] == [1, 2, 3, 4, 5]
+    samples = [json.loads(x)["step"] for x in (run / "samples.jsonl").read_text().splitlines()]
+    per_step = {st: samples.count(st) for st in set(samples)}
+    assert sorted(per_step) == [1, 2, 3, 4, 5] and len(set(per_step.values())) == 1, per_step
+    assert [h["step"] for h in curves[0] if "rl_trainer/avg_loss" in h] == [1, 2, 3, 4, 5]

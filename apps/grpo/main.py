@@ -34,7 +34,7 @@ from apps.grpo.support import (
 from forge.config import compose, parse_cli, to_container
 from forge.controller import ReplicaLostError, init_provisioner, shutdown
 from forge.data.collate import collate_episodes
-from forge.observability import MetricLogger, Reduce, build_backends, drain, record_metric
+from forge.observability import MetricLogger, Reduce, build_backends, drain, record_metric, truncate_jsonl
 from forge.trainer.checkpoint import latest_checkpoint
 from forge.types import Episode
 from forge.weight_sync import cleanup_run
@@ -83,16 +83,9 @@ async def _train(cfg: GRPOConfig, sync: dict[str, Any], resume: bool,
     groups_per_step = episodes_per_step(cfg) * cfg.replay_buffer.dp_size // group_size
 
     step = 0
-    if resume:  # the trainer restores model/optimizer/RNG; we restore the data position and step
-        loaded = (await s.trainer.load.call())[0]
-        if loaded is None:
-            log.warning("--resume: no checkpoint in %s; starting from scratch", run_dir / "checkpoints")
-        else:
-            extra = loaded["extra"]
-            step = int(extra["step"])
-            await s.dataloader.load_state_dict.call_one(extra["dataset"])
-            await sync_weights(s, step)
-            print(f"resumed at step {step}")
+    restored_groups = 0
+    if resume:  # the trainer restores model/optimizer/RNG; we restore the data position, buffer and step
+        step, restored_groups = await restore_run_state(s, run_dir, logger)
 
     before = await evaluate(cfg, s, step)
     print(f"held-out accuracy before training: {before['eval/accuracy']:.3f}")
@@ -101,6 +94,7 @@ async def _train(cfg: GRPOConfig, sync: dict[str, Any], resume: bool,
     # the app saves (with the data position); torchforge configs put the interval under trainer
     checkpoint_interval = cfg.checkpoint_interval or cfg.trainer.checkpoint.interval
     budget = RolloutBudget(groups_per_step, ahead=cfg.off_by_n)
+    budget.available = max(0, budget.available - restored_groups)  # run-ahead groups the checkpoint kept
     stop = asyncio.Event()
     recent: list[list[Episode]] = []
 
@@ -257,7 +251,31 @@ def write_samples(path: Path, step: int, groups: list[list[Episode]]) -> None:
 
 async def save_checkpoint(s, step: int) -> None:
     data_state = await s.dataloader.state_dict.call_one()
-    await s.trainer.save.call(step, extra={"step": step, "dataset": data_state})
+    buffer_state = await s.replay_buffer.state_dict.call_one()  # run-ahead episodes survive a resume
+    await s.trainer.save.call(step, extra={"step": step, "dataset": data_state, "replay_buffer": buffer_state})
+
+
+async def restore_run_state(s, run_dir: Path, logger: MetricLogger) -> tuple[int, int]:
+    """--resume: the newest checkpoint's step, data position and replay buffer; the rows logged
+    for later steps (redone now) are dropped. Returns (step, complete groups restored)."""
+    loaded = (await s.trainer.load.call())[0]
+    if loaded is None:
+        log.warning("--resume: no checkpoint in %s; starting from scratch", run_dir / "checkpoints")
+        logger.rewind(-1)
+        truncate_jsonl(run_dir / "samples.jsonl", -1)
+        return 0, 0
+    extra = loaded["extra"]
+    step = int(extra["step"])
+    await s.dataloader.load_state_dict.call_one(extra["dataset"])
+    groups = 0
+    if "replay_buffer" in extra:  # checkpoints written before the buffer was saved have none
+        await s.replay_buffer.load_state_dict.call_one(extra["replay_buffer"])
+        groups = len(extra["replay_buffer"]["groups"])
+    logger.rewind(step)
+    truncate_jsonl(run_dir / "samples.jsonl", step)
+    await sync_weights(s, step)
+    print(f"resumed at step {step}" + (f" with {groups} buffered groups" if groups else ""))
+    return step, groups
 
 
 def cli(argv: list[str] | None = None) -> dict:
