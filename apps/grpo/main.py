@@ -11,6 +11,7 @@ concurrent loops sharing a replay buffer; `off_by_n` (max policy age) 0 makes it
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import sys
@@ -117,17 +118,17 @@ async def _train(cfg: GRPOConfig, sync: dict[str, Any], resume: bool,
             else:
                 prompt, target = sample["request"], sample["target"]
                 t0 = time.perf_counter()
-                completions = await s.policy.generate.route(prompt, n=group_size)
+                completions = await s.policy.generate.route(prompt, n=group_size, **sample_seed(cfg, sample))
                 t1 = time.perf_counter()
                 scores = await s.reward_actor.evaluate.route(
                     [prompt] * group_size, [c.text for c in completions], [target] * group_size)
                 t2 = time.perf_counter()
-                group_id = completions[0].metadata.get("request_id", id(completions))
+                group_id = sample.get("sample_id") or f"{step}-{completions[0].metadata.get('request_id')}-{t0}"
                 group = [
                     Episode(request=prompt, policy_version=c.generator_version, pad_id=s.pad_id,
                             request_len=len(c.prompt_ids), response_len=len(c.token_ids), target=target,
                             completion=c, reward=sc["total"], reward_breakdown=sc["breakdown"],
-                            metadata={"group_id": f"{step}-{group_id}-{t0}"})
+                            metadata={"group_id": group_id})
                     for c, sc in zip(completions, scores)
                 ]
             advantages = await s.compute_advantages.compute.call_one(group)
@@ -235,6 +236,16 @@ def record_rollout_metrics(group: list[Episode], correct_key: str | None, t_gen:
     record_metric("time/generate_s", t_gen, Reduce.MEAN)
     record_metric("time/reward_s", t_reward, Reduce.MEAN)
     record_metric("time/ref_s", t_ref, Reduce.MEAN)
+
+
+def sample_seed(cfg: GRPOConfig, sample: dict[str, Any]) -> dict[str, Any]:
+    """The group's sampling seed, from the run's seed and the sample's place in the data order, so
+    that its completions do not depend on which rollout task asked first (the engine's default
+    seeds follow request order). A seed set in policy.sampling_params is the user's and stays."""
+    if "seed" in cfg.policy.sampling_params or "sample_id" not in sample:
+        return {}
+    digest = hashlib.blake2b(f"{cfg.seed}/{sample['sample_id']}".encode(), digest_size=8).digest()
+    return {"sampling": {"seed": int.from_bytes(digest, "little") >> 1}}
 
 
 def write_samples(path: Path, step: int, groups: list[list[Episode]]) -> None:

@@ -52,6 +52,9 @@ class DatasetActor(ForgeActor):
             item = next(ds)
         except StopIteration:
             return None
+        # where the item sits in the run's data order (rank, epoch, position in the epoch): the same in
+        # every run with this seed, whichever rollout task drew it — the app seeds and orders by it
+        item = {**item, "sample_id": f"r{ds.rank}-e{ds.epoch}-i{ds.index:08d}"}
         record_metric("dataset/epoch", ds.epoch, Reduce.MAX)
         record_metric("dataset/sample/count_samples_generated", 1, Reduce.SUM)
         record_metric("dataset/sample/avg_sample_len", len(item["request"]), Reduce.MEAN)

@@ -108,7 +108,9 @@ class ReplayBuffer(ForgeActor):
     async def sample(self, curr_policy_version: int) -> Any | None:
         await self.evict(curr_policy_version)
         need = self.batch_size * self.dp_size
-        keys = [k for k in self.groups if self._complete(k)]
+        # sorted, not arrival order: which rollout task finishes first is timing, the keys are not
+        # (with keys the run's data order fixes, the batch is the same in every run with the seed)
+        keys = sorted(k for k in self.groups if self._complete(k))
         per = self.group_size or 1
         n_keys = need // per
         record_metric("buffer/sample/avg_buffer_size", self._num_episodes(), Reduce.MEAN)
