@@ -111,3 +111,25 @@ def test_buffer_state_survives_a_checkpoint_file(tmp_path):
                     assert torch.equal(a[1][0][k], b[1][0][k])
 
     run(main())
+
+
+def test_buffer_choice_does_not_depend_on_arrival_order():
+    """Two rollout tasks finish their groups in a timing-dependent order; the batch drawn from the
+    same groups with the same seed must not depend on it (issue 29 item 7)."""
+    seed = random.randint(0, 10_000)
+    groups = {f"r0-e0-i{i:08d}": [make_episode(version=0, group=f"r0-e0-i{i:08d}", p_len=random.randint(1, 6),
+                                               r_len=random.randint(1, 6)) for _ in range(2)] for i in range(16)}
+
+    async def batch(order: list[str]):
+        buf = ReplayBuffer(batch_size=4, max_policy_age=1, group_size=2, seed=seed)
+        for k in order:
+            await buf.add_group(groups[k])
+        return await buf.sample(0)
+
+    keys = list(groups)
+    shuffled = keys[:]
+    while shuffled == keys:
+        random.shuffle(shuffled)
+    a, b = run(batch(keys)), run(batch(shuffled))
+    assert torch.equal(a[0][0]["tokens"], b[0][0]["tokens"])
+    assert torch.equal(a[1][0]["advantages"], b[1][0]["advantages"])

@@ -85,17 +85,22 @@ class ShmPublisher:
         total = data_start + offset
         final, tmp = self.path(version), self.path(version).with_suffix(".tmp")
         buf = None
-        if rank0:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            with create_private(tmp) as f:
-                f.truncate(total)
-                f.write(MAGIC + struct.pack("<Q", len(header)) + header)
-            buf = torch.from_file(str(tmp), shared=True, size=total, dtype=torch.uint8)
-        for (name, t), e, h in zip(iter_full_params(self.model), entries, header_entries):
-            if buf is not None:
-                start = data_start + h[3]
-                buf[start:start + e.nbytes].view(e.dtype).view(e.shape).copy_(t)
-            del t  # FSDP: drop the gathered parameter before the next
+        try:
+            if rank0:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                with create_private(tmp) as f:
+                    f.truncate(total)
+                    f.write(MAGIC + struct.pack("<Q", len(header)) + header)
+                buf = torch.from_file(str(tmp), shared=True, size=total, dtype=torch.uint8)
+            for (name, t), e, h in zip(iter_full_params(self.model), entries, header_entries):
+                if buf is not None:
+                    start = data_start + h[3]
+                    buf[start:start + e.nbytes].view(e.dtype).view(e.shape).copy_(t)
+                del t  # FSDP: drop the gathered parameter before the next
+        except BaseException:
+            if rank0:  # a publish that failed half-way leaves no file the size of the model behind
+                tmp.unlink(missing_ok=True)
+            raise
         if rank0:
             del buf
             os.replace(tmp, final)
