@@ -160,7 +160,9 @@ class MetricLogger:
     def rewind(self, last_step: int) -> None:
         """A run resumed at `last_step`: drop the rows of later steps from the backends that keep
         rows (JSONL), and take the rows kept into `history`, so that the history (and the learning
-        curve drawn from it) covers the whole run, not only the resumed part."""
+        curve drawn from it) covers the whole run, not only the resumed part. Console, TensorBoard
+        and W&B cannot take back what they showed: the redone steps appear there again (TensorBoard
+        plots both points of a step; a resumed W&B run is a new run)."""
         kept: list[dict[str, float]] | None = None
         for b in self.backends:
             rewind = getattr(b, "rewind", None)
