@@ -149,3 +149,18 @@ def test_restarted_dataset_continues_where_it_was():
         assert got == want
 
     run(main())
+
+
+def test_restarted_env_sampler_continues_where_it_was():
+    from apps.grpo.agentic import EnvSampler
+    from tests.test_grpo_agentic import ENV
+
+    async def main() -> None:
+        a = await EnvSampler.as_actor(env=ENV)
+        n = random.randint(2, 6)
+        first = [(await a.sample.call_one())["index"] for _ in range(n)]
+        await a.kill_replica()
+        await _wait_restarted(a, 0)
+        assert first + [(await a.sample.call_one())["index"] for _ in range(3)] == list(range(n + 3))
+
+    run(main())
