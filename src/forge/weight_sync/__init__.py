@@ -23,7 +23,7 @@ from torch import nn
 
 from forge.weight_sync.common import WeightSyncError, iter_full_params, manifest, read_private_text
 from forge.weight_sync.files import remove_run_files, remove_stale
-from forge.weight_sync.inproc import clear_registry, register_model
+from forge.weight_sync.inproc import clear_registry, published_version, register_model
 
 TRANSPORTS = ("inproc", "shm", "cuda_ipc", "broadcast")
 
@@ -104,7 +104,6 @@ def get_weights(version: int, name: str = "policy", transport: str | None = None
 def available_version(name: str = "policy", transport: str | None = None, directory: str | None = None) -> int | None:
     """The newest version published under `name` (None: nothing yet), for the transports a
     generator fetches from by version (inproc, shm, cuda_ipc)."""
-    from forge.weight_sync.inproc import published_version
     from forge.weight_sync.shm import default_dir
 
     transport = transport or os.environ.get("FORGE_WEIGHT_SYNC") or (
@@ -136,6 +135,6 @@ def should_sync(step: int, sync_interval: int = 1) -> bool:
     return step % sync_interval == 0
 
 
-__all__ = ["TRANSPORTS", "WeightPublisher", "available_version", "WeightSubscriber", "WeightSyncError", "cleanup_run", "clear_registry",
-           "get_weights", "iter_full_params", "manifest", "register_model", "remove_run_files", "remove_stale",
-           "should_sync"]
+__all__ = ["TRANSPORTS", "WeightPublisher", "WeightSubscriber", "WeightSyncError", "available_version", "cleanup_run",
+           "clear_registry", "get_weights", "iter_full_params", "manifest", "register_model", "remove_run_files",
+           "remove_stale", "should_sync"]
