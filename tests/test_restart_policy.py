@@ -164,3 +164,36 @@ def test_restarted_env_sampler_continues_where_it_was():
         assert first + [(await a.sample.call_one())["index"] for _ in range(3)] == list(range(n + 3))
 
     run(main())
+
+
+def test_generator_restore_fetches_its_version_or_the_newest():
+    """A restarted generator asks the transport for the version it held; when the trainer pushed
+    again meanwhile (that version is gone), it takes the newest, labelled as such. Weights it was
+    handed directly, or received by broadcast, cannot be fetched again: a clear error."""
+    import torch
+
+    from forge.actors.generator import Generator
+    from forge.models import build_tiny_model
+    from forge.weight_sync import WeightPublisher, WeightSyncError, clear_registry
+
+    name = f"restore-{random.randint(0, 1 << 30)}"
+    trainer = build_tiny_model("qwen2", seed=random.randint(1, 1000))
+
+    async def main() -> None:
+        g = Generator(model=build_tiny_model("qwen2", seed=0), weight_sync={"transport": "inproc", "name": name})
+        try:
+            pub = WeightPublisher(trainer, "inproc", name=name)
+            pub.publish(3)  # version 2, which the dead replica held, was replaced by 3
+            await g.load_state_dict({"version": 2, "fetched": True})
+            assert await g.get_version() == 3
+            assert torch.equal(g.engine.model.lm_head.weight, trainer.lm_head.weight)
+            with pytest.raises(WeightSyncError, match="passed to update_weights as a state_dict"):
+                await g.load_state_dict({"version": 4, "fetched": False})
+            g.weight_sync["transport"] = "broadcast"
+            with pytest.raises(WeightSyncError, match="broadcast"):
+                await g.load_state_dict({"version": 4, "fetched": True})
+        finally:
+            await g.teardown()
+            clear_registry(name)
+
+    asyncio.run(main())
