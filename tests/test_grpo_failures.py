@@ -16,8 +16,7 @@ from apps.grpo.main import main
 from apps.grpo.supervision import FilteredGroupsError
 from forge.actors.generator import Generator
 from forge.config import compose, parse_cli, to_container
-from forge.controller import ActorError, endpoint
-from forge.errors import InfraError
+from forge.controller import ActorError, ReplicaLostError, endpoint
 
 APPS = Path(__file__).resolve().parents[1] / "apps" / "grpo"
 BOUND_S = 120.0  # far above what each run takes; only a hang reaches it
@@ -87,7 +86,8 @@ def test_constant_rewards_stop_the_run_with_the_reason(tiny_model, tmp_path):
 
 
 def test_killed_replay_buffer_stops_the_run_naming_it(tiny_model, tmp_path):
-    """Item 2: a killed replay buffer restarted empty, its groups lost, and training waited forever."""
+    """Item 2: a killed replay buffer restarted empty, its groups lost, and training waited forever.
+    Now it is lost (restart policy 'fail') and the run stops naming it and the checkpoint to resume."""
     killed = []
 
     async def kill_buffer(step, services):
@@ -96,7 +96,7 @@ def test_killed_replay_buffer_stops_the_run_naming_it(tiny_model, tmp_path):
             await services.replay_buffer.kill_replica(0)
 
     cfg = config(tiny_model, tmp_path / "b", "--steps", "30", "--advantage.filter_zero_variance", "false")
-    with pytest.raises(InfraError, match=r"replay_buffer \(ReplayBuffer\) was restarted .*episodes it held are lost"):
+    with pytest.raises(ReplicaLostError, match=r"ReplayBuffer.*is lost.*restart policy is 'fail'.*--resume"):
         run(cfg, on_step=kill_buffer)
     assert killed == [2]
 

@@ -164,3 +164,31 @@ def test_wandb_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None
         WandbBackend(project="p")
     with pytest.raises(ImportError, match=r"pip install 'forge\[wandb\]'"):
         build_backends({"wandb": {"project": "p"}}, 1, ".")
+
+
+def test_rewind_drops_redone_steps_and_keeps_the_history(tmp_path):
+    """Resume at step k: rows of later steps (they run again) leave metrics.jsonl, rows up to k stay
+    and become the logger's history (the learning curve covers the whole run); a row a crash cut
+    short is dropped (issue 29 item 7)."""
+    import json
+    import random
+
+    from forge.observability import JsonlBackend, MetricLogger
+
+    path = tmp_path / "metrics.jsonl"
+    vals = [random.random() for _ in range(7)]
+    first = MetricLogger([JsonlBackend(path)])
+    for step, v in enumerate(vals):
+        first.flush_local(step, extra={"loss": v})
+    first.close()
+    with open(path, "a") as f:
+        f.write('{"step": 7, "loss": 0.')  # the crash
+    k = random.randint(1, 5)
+    resumed = MetricLogger([JsonlBackend(path)])
+    resumed.rewind(k)
+    assert [(h["step"], h["loss"]) for h in resumed.history] == list(enumerate(vals[: k + 1]))
+    resumed.flush_local(k + 1, extra={"loss": -1.0})
+    resumed.close()
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(k + 2)) and rows[-1]["loss"] == -1.0
+    assert [h["step"] for h in resumed.history] == list(range(k + 2))

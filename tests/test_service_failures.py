@@ -1,7 +1,7 @@
 """Replica failures during a fanout or a call (issue 29 item 4): `fanout` skips a replica that
 dies mid-call instead of raising; a call that times out on a replica that does not answer a
 liveness probe (a hung or SIGSTOPped process) marks it dead, replaces it and retries elsewhere;
-a replacement runs the service's restart hook (live state) before it takes calls.
+a replacement is restored (restart policy 'restore') to the state it held before it takes calls.
 
 The local backend runs the logic in-process (a hang is simulated by a probe that never answers);
 the monarch backend does it with real processes and real `SIGKILL` / `SIGSTOP`.
@@ -15,7 +15,6 @@ import os
 import random
 import signal
 import time
-from typing import Any
 
 import pytest
 
@@ -27,14 +26,24 @@ HAS_MONARCH = importlib.util.find_spec("monarch") is not None
 class Holder(ForgeActor):
     """Holds a value (the 'weights version'); `set` may be slow so that a kill lands mid-call."""
 
+    restart_policy = "restore"
+
     def __init__(self) -> None:
         self.value = 0
 
-    @endpoint
+    @endpoint(changes_state=True)
     async def set(self, value: int, seconds: float = 0.0) -> int:
         await asyncio.sleep(seconds)
         self.value = value
         return self.replica_id
+
+    @endpoint
+    async def state_dict(self) -> dict[str, int]:
+        return {"value": self.value}
+
+    @endpoint
+    async def load_state_dict(self, state: dict[str, int]) -> None:
+        self.value = state["value"]
 
     @endpoint
     async def get(self) -> tuple[int, int, int]:
@@ -54,23 +63,13 @@ async def _wait(cond, what: str, timeout: float = 90.0) -> None:
         await asyncio.sleep(0.05)
 
 
-def _with_hook(svc: Any, live: dict[str, int], hooked: list[int]) -> None:
-    async def hook(call) -> None:  # a replacement takes the live value before it serves
-        hooked.append(live["value"])
-        await call("set", live["value"])
-
-    svc.set_restart_hook(hook)
-
-
 def test_fanout_skips_a_replica_killed_mid_call_and_the_replacement_gets_the_live_state():
     async def main() -> None:
         init_provisioner("local")
         svc = await Holder.options(num_replicas=3).as_service()
-        live, hooked = {"value": 0}, []
-        _with_hook(svc, live, hooked)
         replicas = svc._service.replicas
-        value = random.randint(1, 10**6)
-        live["value"] = value
+        held, value = random.sample(range(1, 10**6), 2)
+        await svc.set.fanout(held)  # what every replica holds before the crash
         victim = random.randrange(3)
         fan = asyncio.ensure_future(svc.set.fanout(value, seconds=0.3))
         await asyncio.sleep(0.05)
@@ -78,8 +77,8 @@ def test_fanout_skips_a_replica_killed_mid_call_and_the_replacement_gets_the_liv
         answered = await fan  # the old fanout re-raised ReplicaDeadError here
         assert sorted(answered) == sorted(set(range(3)) - {victim})
         await _wait(lambda: replicas[victim].healthy and replicas[victim].restarts == 1, "never replaced")
-        assert hooked == [value]
-        assert sorted(await svc.get.fanout()) == [(r, value, os.getpid()) for r in range(3)]
+        # the replacement holds what the dead replica held (not the constructor's 0)
+        assert sorted(await svc.get.fanout()) == [(r, held if r == victim else value, os.getpid()) for r in range(3)]
         await shutdown()
 
     asyncio.run(main())
@@ -134,21 +133,18 @@ def test_monarch_sigkill_during_fanout_and_sigstop_during_a_call(monarch_loop):
     async def main() -> None:
         svc = await Holder.options(num_replicas=2, timeout_s=3.0).as_service()
         replicas = svc._service.replicas
-        live, hooked = {"value": 0}, []
-        _with_hook(svc, live, hooked)
         pids = {r: pid for r, _, pid in await svc.get.fanout()}
+        held, value = random.sample(range(1, 10**6), 2)
+        await svc.set.fanout(held)
 
         # SIGKILL a replica's process while a fanout is in flight on it
-        value = random.randint(1, 10**6)
-        live["value"] = value
         fan = asyncio.ensure_future(svc.set.fanout(value, seconds=1.0))
         await asyncio.sleep(0.3)
         os.kill(pids[0], signal.SIGKILL)
         assert await fan == [1]
         await _wait(lambda: replicas[0].healthy and replicas[0].restarts == 1, "killed replica never replaced")
-        assert hooked == [value]
-        states = await svc.get.fanout()
-        assert [(r, v) for r, v, _ in states] == [(0, value), (1, value)] and states[0][2] != pids[0]
+        states = await svc.get.fanout()  # the replacement is restored to what the dead process held
+        assert [(r, v) for r, v, _ in states] == [(0, held), (1, value)] and states[0][2] != pids[0]
 
         # SIGSTOP: the process is alive but hung; calls to it time out, the probe gets no answer
         stopped = states[1][2]
@@ -161,7 +157,7 @@ def test_monarch_sigkill_during_fanout_and_sigstop_during_a_call(monarch_loop):
             await _wait(lambda: replicas[1].healthy and replicas[1].restarts == 1, "stopped replica never replaced")
             assert not pid_alive(stopped), "a hung replica's process is killed when it is replaced"
             new = await svc.get.fanout()
-            assert [(r, v) for r, v, _ in new] == [(0, value), (1, value)] and new[1][2] != stopped
+            assert [(r, v) for r, v, _ in new] == [(0, held), (1, value)] and new[1][2] != stopped
         finally:
             if pid_alive(stopped):
                 os.kill(stopped, signal.SIGKILL)

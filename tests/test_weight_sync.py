@@ -274,3 +274,49 @@ def test_bench_smoke_writes_json(tmp_path):
     res = json.loads(out.read_text())
     assert res["train_step_s"] > 0 and {row["path"] for row in res["rows"]} >= {"inproc direct", "shm: total"}
     assert all(row["seconds"] > 0 for row in res["rows"])
+
+
+def _publish_and_die(name: str, directory: str) -> None:
+    import os
+    import signal
+
+    m = build_tiny_model("qwen2", seed=1)
+    pub = WeightPublisher(m, "shm", name=name, directory=directory)
+    pub.publish(1)
+    pub.publish(2)
+    os.kill(os.getpid(), signal.SIGKILL)  # a crash: no close(), no finally
+
+
+def test_stale_files_of_dead_publishers_are_removed_at_start(tmp_path):
+    """A killed trainer leaves 2 versions + `.latest` in /dev/shm; the next publisher to start there
+    removes them — and only them: a live publisher's files, a reused pid's, another user's are judged
+    by the owner recorded inside each file."""
+    import json
+    import os
+
+    from forge.weight_sync.files import owner
+
+    dead = f"d{uuid.uuid4().hex[:6]}"
+    p = mp.get_context("spawn").Process(target=_publish_and_die, args=(dead, str(tmp_path)))
+    p.start()
+    p.join(120)
+    assert p.exitcode == -9
+    left = sorted(f.name for f in tmp_path.iterdir())
+    assert left == [f"forge_ws_{dead}.latest", f"forge_ws_{dead}_v1.bin", f"forge_ws_{dead}_v2.bin"]
+    live = WeightPublisher(build_tiny_model("qwen2", seed=2), "shm", name="live", directory=str(tmp_path))
+    live.publish(5)
+    # this pid, but another process's start time: the pid was reused, the writer is dead
+    reused = tmp_path / "forge_ws_reused.latest"
+    me = owner()
+    reused.write_text(json.dumps({"version": 1, "file": "x", "owner": {**me, "start": (me["start"] or 0) + 1}}))
+    os.chmod(reused, 0o600)
+    foreign_host = tmp_path / "forge_ws_other.latest"
+    foreign_host.write_text(json.dumps({"version": 1, "owner": {**me, "host": "elsewhere", "pid": 999999999}}))
+    os.chmod(foreign_host, 0o600)
+    unrelated = tmp_path / "notes_forge_ws.txt"
+    unrelated.write_text("not ours")
+    WeightPublisher(build_tiny_model("qwen2", seed=3), "shm", name="next", directory=str(tmp_path))
+    assert sorted(f.name for f in tmp_path.iterdir()) == sorted(
+        ["forge_ws_live.latest", "forge_ws_live_v5.bin", foreign_host.name, unrelated.name])
+    live.close()  # and a clean end removes the run's own files
+    assert sorted(f.name for f in tmp_path.iterdir()) == sorted([foreign_host.name, unrelated.name])

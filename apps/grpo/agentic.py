@@ -78,6 +78,8 @@ def env_setup(cfg: Any) -> tuple[Callable[[], Environment], str, RolloutOptions]
 class EnvSampler(ForgeActor):
     """The env task's training samples in order (`task.sample("train", i)`: already random per i)."""
 
+    restart_policy = "restore"  # a restarted sampler continues at its index, not at the first task
+
     def __init__(self, env: dict[str, Any], split: str = "train"):
         spec, _ = split_env_config(env)
         self.task = _factory(json.dumps(spec, sort_keys=True, default=str))[0]().task
@@ -86,7 +88,7 @@ class EnvSampler(ForgeActor):
                              "the GRPO app needs one to draw training samples")
         self.split, self.index = split, 0
 
-    @endpoint
+    @endpoint(changes_state=True)
     async def sample(self) -> dict[str, Any]:
         item = self.task.sample(self.split, self.index)
         self.index += 1
@@ -97,7 +99,7 @@ class EnvSampler(ForgeActor):
     async def state_dict(self) -> dict[str, Any]:
         return {"index": self.index}
 
-    @endpoint
+    @endpoint(changes_state=True)
     async def load_state_dict(self, state: dict[str, Any]) -> None:
         self.index = int(state["index"])
 

@@ -11,6 +11,7 @@ concurrent loops sharing a replay buffer; `off_by_n` (max policy age) 0 makes it
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import math
@@ -35,10 +36,12 @@ from apps.grpo.support import (
     write_learning_curve,
 )
 from forge.config import compose, parse_cli, run_cli, to_container
-from forge.controller import init_provisioner, shutdown
+from forge.controller import ReplicaLostError, init_provisioner, shutdown
 from forge.data.collate import collate_episodes
-from forge.observability import MetricLogger, Reduce, build_backends, drain, record_metric
+from forge.observability import MetricLogger, Reduce, build_backends, drain, record_metric, truncate_jsonl
+from forge.trainer.checkpoint import latest_checkpoint
 from forge.types import Episode
+from forge.weight_sync import cleanup_run
 
 # torchforge's apps/grpo/main.py defines these; code importing them from here gets forge's (forge.compat)
 from forge.compat import ComputeAdvantages, DatasetActor, RewardActor, collate, simple_grpo_loss  # noqa: E402,F401,I001
@@ -52,6 +55,25 @@ async def main(cfg: GRPOConfig, resume: bool = False,
                on_step: Callable[[int, Any], Awaitable[None]] | None = None) -> dict:
     """Run GRPO. `on_step(step, services)` (optional) runs after each training step: a hook for
     tests and experiments (fault injection, custom evaluation)."""
+    sync = weight_sync_config(cfg)  # a bad transport/placement fails here, before any warm-up
+    try:
+        return await _train(cfg, sync, resume, on_step)
+    except ReplicaLostError as e:  # a stateful service (the trainer) died: the run cannot go on
+        raise ReplicaLostError(f"{e}. The run stops: {resume_hint(Path(cfg.output_dir))}") from e
+    finally:
+        await shutdown()  # every service's teardown, after a crash too (the publisher removes its files)
+        cleanup_run(sync)  # and what a killed trainer process left in /dev/shm
+
+
+def resume_hint(run_dir: Path) -> str:
+    last = latest_checkpoint(run_dir / "checkpoints")
+    if last is None:
+        return f"no checkpoint was saved in {run_dir / 'checkpoints'} (checkpoint_interval sets how often)"
+    return f"the last checkpoint is {last}; rerun with --resume to continue from it"
+
+
+async def _train(cfg: GRPOConfig, sync: dict[str, Any], resume: bool,
+                 on_step: Callable[[int, Any], Awaitable[None]] | None) -> dict:
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -60,7 +82,6 @@ async def main(cfg: GRPOConfig, resume: bool = False,
     else:  # {kind: monarch, share_gpus: true, ...}
         opts = dict(cfg.provisioner)
         init_provisioner(opts.pop("kind", "local"), **opts)
-    sync = weight_sync_config(cfg)  # a bad transport/placement fails here, before any warm-up
     model_path = await asyncio.to_thread(resolve_model, cfg)  # may run the SFT warm-up (first time)
     max_steps = cfg.steps or 100
     logger = MetricLogger(build_backends(cfg.metric_logging, total_steps=max_steps, run_dir=run_dir))
@@ -70,16 +91,9 @@ async def main(cfg: GRPOConfig, resume: bool = False,
     groups_per_step = groups_per_step_of(cfg)
 
     step = 0
-    if resume:  # the trainer restores model/optimizer/RNG; we restore the data position and step
-        loaded = (await s.trainer.load.call())[0]
-        if loaded is None:
-            log.warning("--resume: no checkpoint in %s; starting from scratch", run_dir / "checkpoints")
-        else:
-            extra = loaded["extra"]
-            step = int(extra["step"])
-            await s.dataloader.load_state_dict.call_one(extra["dataset"])
-            await sync_weights(s, step)
-            print(f"resumed at step {step}")
+    restored_groups = 0
+    if resume:  # the trainer restores model/optimizer/RNG; we restore the data position, buffer and step
+        step, restored_groups = await restore_run_state(s, run_dir, logger)
 
     before = await evaluate(cfg, s, step)
     print(f"held-out accuracy before training: {before['eval/accuracy']:.3f}")
@@ -88,12 +102,10 @@ async def main(cfg: GRPOConfig, resume: bool = False,
     # the app saves (with the data position); torchforge configs put the interval under trainer
     checkpoint_interval = cfg.checkpoint_interval or cfg.trainer.checkpoint.interval
     budget = RolloutBudget(groups_per_step, ahead=cfg.off_by_n)
+    budget.available = max(0, budget.available - restored_groups)  # run-ahead groups the checkpoint kept
     stop = asyncio.Event()
     recent: list[list[Episode]] = []
     sup = RolloutSupervisor(cfg.advantage.max_consecutive_filtered, cfg.batch_timeout_s)
-    s.replay_buffer.set_restart_hook(sup.lost_on_restart(
-        "replay_buffer (ReplayBuffer)", "the episodes it held are lost and the rollouts that made them "
-        "would never be redone"))
 
     # ---------------------------------------------------------------- the two loops
     async def continuous_rollouts() -> None:
@@ -114,17 +126,17 @@ async def main(cfg: GRPOConfig, resume: bool = False,
             else:
                 prompt, target = sample["request"], sample["target"]
                 t0 = time.perf_counter()
-                completions = await s.policy.generate.route(prompt, n=group_size)
+                completions = await s.policy.generate.route(prompt, n=group_size, **sample_seed(cfg, sample))
                 t1 = time.perf_counter()
                 scores = await s.reward_actor.evaluate.route(
                     [prompt] * group_size, [c.text for c in completions], [target] * group_size)
                 t2 = time.perf_counter()
-                group_id = completions[0].metadata.get("request_id", id(completions))
+                group_id = sample.get("sample_id") or f"{step}-{completions[0].metadata.get('request_id')}-{t0}"
                 group = [
                     Episode(request=prompt, policy_version=c.generator_version, pad_id=s.pad_id,
                             request_len=len(c.prompt_ids), response_len=len(c.token_ids), target=target,
                             completion=c, reward=sc["total"], reward_breakdown=sc["breakdown"],
-                            metadata={"group_id": f"{step}-{group_id}-{t0}"})
+                            metadata={"group_id": group_id})
                     for c, sc in zip(completions, scores)
                 ]
             advantages = await s.compute_advantages.compute.call_one(group)
@@ -250,6 +262,16 @@ def record_rollout_metrics(group: list[Episode], correct_key: str | None, t_gen:
     record_metric("time/ref_s", t_ref, Reduce.MEAN)
 
 
+def sample_seed(cfg: GRPOConfig, sample: dict[str, Any]) -> dict[str, Any]:
+    """The group's sampling seed, from the run's seed and the sample's place in the data order, so
+    that its completions do not depend on which rollout task asked first (the engine's default
+    seeds follow request order). A seed set in policy.sampling_params is the user's and stays."""
+    if "seed" in cfg.policy.sampling_params or "sample_id" not in sample:
+        return {}
+    digest = hashlib.blake2b(f"{cfg.seed}/{sample['sample_id']}".encode(), digest_size=8).digest()
+    return {"sampling": {"seed": int.from_bytes(digest, "little") >> 1}}
+
+
 def write_samples(path: Path, step: int, groups: list[list[Episode]]) -> None:
     with open(path, "a") as f:
         for group in groups[-2:]:
@@ -264,7 +286,31 @@ def write_samples(path: Path, step: int, groups: list[list[Episode]]) -> None:
 
 async def save_checkpoint(s, step: int) -> None:
     data_state = await s.dataloader.state_dict.call_one()
-    await s.trainer.save.call(step, extra={"step": step, "dataset": data_state})
+    buffer_state = await s.replay_buffer.state_dict.call_one()  # run-ahead episodes survive a resume
+    await s.trainer.save.call(step, extra={"step": step, "dataset": data_state, "replay_buffer": buffer_state})
+
+
+async def restore_run_state(s, run_dir: Path, logger: MetricLogger) -> tuple[int, int]:
+    """--resume: the newest checkpoint's step, data position and replay buffer; the rows logged
+    for later steps (redone now) are dropped. Returns (step, complete groups restored)."""
+    loaded = (await s.trainer.load.call())[0]
+    if loaded is None:
+        log.warning("--resume: no checkpoint in %s; starting from scratch", run_dir / "checkpoints")
+        logger.rewind(-1)
+        truncate_jsonl(run_dir / "samples.jsonl", -1)
+        return 0, 0
+    extra = loaded["extra"]
+    step = int(extra["step"])
+    await s.dataloader.load_state_dict.call_one(extra["dataset"])
+    groups = 0
+    if "replay_buffer" in extra:  # checkpoints written before the buffer was saved have none
+        await s.replay_buffer.load_state_dict.call_one(extra["replay_buffer"])
+        groups = len(extra["replay_buffer"]["groups"])
+    logger.rewind(step)
+    truncate_jsonl(run_dir / "samples.jsonl", step)
+    await sync_weights(s, step)
+    print(f"resumed at step {step}" + (f" with {groups} buffered groups" if groups else ""))
+    return step, groups
 
 
 def cli(argv: list[str] | None = None) -> dict:

@@ -2,14 +2,14 @@
 
 The training loop waits for a batch from the replay buffer while rollout tasks fill it. That
 wait used to poll forever when nothing could come: every rollout task had died of an
-exception (kept until the run's end), every group was filtered for zero reward variance (a
-reward that raises or returns a constant, NaN weights), or the replay buffer was restarted
-empty after its process died. `RolloutSupervisor` watches for each and `wait_for_batch` ends
+exception (kept until the run's end), or every group was filtered for zero reward variance (a
+reward that raises or returns a constant, NaN weights). `RolloutSupervisor` watches for each and `wait_for_batch` ends
 the wait with the reason:
 
 - a rollout task that raised -> the run ends with that exception;
 - `max_consecutive_filtered` groups in a row filtered -> `FilteredGroupsError` with the reason;
-- a service whose state cannot be rebuilt restarted (the replay buffer) -> `InfraError` naming it;
+- the replay buffer's process died -> its calls raise `ReplicaLostError` naming it (its restart
+  policy is 'fail': a restarted buffer would be empty);
 - no group added or filtered for `batch_timeout_s` while training waits -> `TimeoutError`;
 - every rollout task finished (dataset exhausted) -> None: training ends with what it has.
 """
@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from forge.errors import InfraError
 
 log = logging.getLogger("forge.grpo")
 
@@ -36,7 +35,6 @@ class RolloutSupervisor:
     max_consecutive_filtered: int  # 0: no bound
     batch_timeout_s: float
     tasks: list[asyncio.Task] = field(default_factory=list)
-    lost: list[str] = field(default_factory=list)  # services restarted with their state gone
     consecutive_filtered: int = 0
     last_filtered: str = ""
     last_progress: float = field(default_factory=time.monotonic)
@@ -69,8 +67,6 @@ class RolloutSupervisor:
     # ---- what the training loop asks ---------------------------------------------------------
     def check(self) -> None:
         """Raise why the rollouts can no longer deliver, if they cannot."""
-        if self.lost:
-            raise InfraError(self.lost[0])
         for t in self.tasks:
             if t.done() and not t.cancelled() and t.exception() is not None:
                 log.error("a rollout task failed; ending the run: %r", t.exception())
@@ -79,17 +75,6 @@ class RolloutSupervisor:
     def producers_alive(self) -> bool:
         return any(not t.done() for t in self.tasks)
 
-    def lost_on_restart(self, service: str, what: str) -> Callable[[Any], Awaitable[None]]:
-        """A restart hook for a service whose state is gone with its process: the run stops naming
-        it instead of continuing on an empty one."""
-
-        async def hook(call: Any) -> None:
-            msg = (f"{service} was restarted after its process died: {what}. The run stops rather than "
-                   "continue on reset state; resume from the last checkpoint with --resume")
-            self.lost.append(msg)
-            raise InfraError(msg)
-
-        return hook
 
 
 async def wait_for_batch(sup: RolloutSupervisor, sample: Callable[[], Awaitable[Any]],
@@ -100,12 +85,7 @@ async def wait_for_batch(sup: RolloutSupervisor, sample: Callable[[], Awaitable[
     t0 = time.monotonic()
     while True:
         sup.check()
-        try:
-            batch = await sample()
-        except Exception as e:
-            if sup.lost:  # the buffer is gone: say so rather than how the call failed
-                raise InfraError(sup.lost[0]) from e
-            raise
+        batch = await sample()  # a dead buffer raises ReplicaLostError (its restart policy is 'fail')
         if batch is not None:
             return batch
         sup.check()

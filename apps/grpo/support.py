@@ -128,7 +128,6 @@ class Services:
     eval_prompts: list[dict[str, Any]]
     tokenizer: Any = None  # agentic rollouts render chat turns with it
     weight_transport: str = "inproc"
-    weights_version: int = 0  # the version the trainer last published: what a replacement generator loads
 
 
 async def sync_weights(s: Services, version: int) -> None:
@@ -136,14 +135,12 @@ async def sync_weights(s: Services, version: int) -> None:
     push and the generators' receive run at once; the other transports publish, then apply.
 
     A generator replica that dies (or hangs) during the update is skipped, not a crash: the
-    service replaces it, and the replacement loads `s.weights_version` before it takes requests
-    (`generator_restart_hook`)."""
+    service replaces it, and the replacement restores the newest published weights before it
+    takes requests (the Generator's restart policy 'restore')."""
     if s.weight_transport == "broadcast":
         await asyncio.gather(s.trainer.push_weights.call(version), s.policy.update_weights.fanout(version))
-        s.weights_version = version
         return
     await s.trainer.push_weights.call(version)
-    s.weights_version = version  # published: a replica restarting from now on loads it
     try:
         await s.policy.update_weights.fanout(version)
     except NoHealthyReplicaError:
@@ -151,24 +148,6 @@ async def sync_weights(s: Services, version: int) -> None:
             raise
         log.warning("weight sync %d: every generator replica died during the update; their replacements "
                     "load version %d as they start", version, version)
-
-
-def generator_restart_hook(s: Services) -> Any:
-    """Bring a restarted generator replica to the current weights before it serves: it starts from
-    the base checkpoint at version 0, and its completions would otherwise train as fresh."""
-
-    async def hook(call: Any) -> None:
-        while s.weights_version > 0:
-            version = s.weights_version
-            if s.weight_transport == "broadcast":  # a collective with a fixed group: no late joiner
-                raise RuntimeError(f"a restarted generator cannot receive weights version {version} by "
-                                   "broadcast (a fixed NCCL group); use transport shm/inproc to survive "
-                                   "generator restarts")
-            await call("update_weights", version)
-            if s.weights_version == version:  # no newer publish while it loaded
-                return
-
-    return hook
 
 
 async def build_services(cfg: GRPOConfig, model_path: str, run_dir: Path,
@@ -235,7 +214,6 @@ async def build_services(cfg: GRPOConfig, model_path: str, run_dir: Path,
     eval_prompts = _eval_prompts(cfg_eval, model_path, cfg.eval.num_samples if cfg.env is None else 0)
     s = Services(dataloader, policy, trainer, buffer, adv, reward_actor, handles[6] if needs_ref else None,
                  pad_id, correct_key, eval_prompts, tokenizer, weight_transport=sync["transport"])
-    policy.set_restart_hook(generator_restart_hook(s))
     return s
 
 

@@ -24,6 +24,10 @@ from forge.observability import Reduce, record_metric
 
 
 class DatasetActor(ForgeActor):
+    # a restarted dataset continues from the position the service kept after the last sample,
+    # never from the start of its epoch
+    restart_policy = "restore"
+
     def __init__(self, model: str | None = None, tokenizer: Any = None, dp_rank: int | None = None,
                  dp_size: int | None = None, **dataset_config: Any):
         # `model` (torchforge) and `tokenizer` both name where the chat template comes from
@@ -44,13 +48,16 @@ class DatasetActor(ForgeActor):
                                      require_target=True)
         return self.dataset
 
-    @endpoint
+    @endpoint(changes_state=True)
     async def sample(self) -> dict[str, Any] | None:
         ds = self._ds()
         try:
             item = next(ds)
         except StopIteration:
             return None
+        # where the item sits in the run's data order (rank, epoch, position in the epoch): the same in
+        # every run with this seed, whichever rollout task drew it — the app seeds and orders by it
+        item = {**item, "sample_id": f"r{ds.rank}-e{ds.epoch}-i{ds.index:08d}"}
         record_metric("dataset/epoch", ds.epoch, Reduce.MAX)
         record_metric("dataset/sample/count_samples_generated", 1, Reduce.SUM)
         record_metric("dataset/sample/avg_sample_len", len(item["request"]), Reduce.MEAN)
@@ -60,7 +67,7 @@ class DatasetActor(ForgeActor):
     async def state_dict(self) -> dict[str, Any]:
         return self._ds().state_dict()
 
-    @endpoint
+    @endpoint(changes_state=True)
     async def load_state_dict(self, state: dict[str, Any]) -> None:
         self._ds().load_state_dict(state)
 

@@ -36,6 +36,7 @@ from forge.engine import EngineConfig, LLMEngine, RequestOutput, SamplingParams
 from forge.models.decoder import CausalLM
 from forge.observability import Reduce, record_metric
 from forge.types import Completion
+from forge.weight_sync import WeightSyncError, available_version
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,10 @@ _VLLM_ENGINE = {"gpu_memory_utilization": "gpu_memory_fraction", "max_num_seqs":
 
 
 class Generator(ForgeActor):
+    # a restarted replica fetches the weights version it held (the transport still has it), never
+    # serves the constructor's weights under a newer run's rollouts
+    restart_policy = "restore"
+
     def __init__(self, model: str | Path | CausalLM | None = None, engine: dict | EngineConfig | None = None,
                  sampling: dict | SamplingParams | None = None, tokenizer: Any = None, version: int = 0,
                  engine_args: dict | None = None, sampling_params: dict | None = None,
@@ -71,6 +76,7 @@ class Generator(ForgeActor):
             eos.add(int(self.tokenizer.eos_token_id))
         self.engine = LLMEngine(net, cfg, eos_token_ids=sorted(eos), tokenizer=self.tokenizer)
         self.version = int(version)
+        self._fetched = True  # the current weights can be fetched again by version (restart="restore")
         self._commands: deque = deque()
         self._cv = threading.Condition()
         self._futures: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future, int]] = {}
@@ -124,7 +130,7 @@ class Generator(ForgeActor):
         record_metric("generator/generate/avg_response_len", ntok / max(1, len(comps)), Reduce.MEAN)
         return comps
 
-    @endpoint
+    @endpoint(changes_state=True)
     async def update_weights(self, version: int, state_dict: Any = None) -> int:
         """Copy new weights into the model in place and record `version`.
 
@@ -133,10 +139,46 @@ class Generator(ForgeActor):
         given at construction: inproc / shm / cuda_ipc read what `Trainer.push_weights(version)` published;
         broadcast takes part in that push (call both at once: it is a collective).
         """
-        if state_dict is None:
+        fetched = state_dict is None
+        if fetched:
             state_dict = await asyncio.to_thread(self._fetch_weights, int(version))
         await self._submit("update", (int(version), state_dict))
+        self._fetched = fetched
         return self.version
+
+    @endpoint
+    async def state_dict(self) -> dict[str, Any]:
+        """What a restarted replica needs to serve the same policy: the weights version."""
+        return {"version": self.version, "fetched": self._fetched}
+
+    @endpoint(changes_state=True)
+    async def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Fetch the weights version `state` names from the transport (after a restart)."""
+        version = int(state["version"])
+        if version == self.version:
+            return
+        if not state.get("fetched", True):
+            raise WeightSyncError(f"Generator: version {version} was passed to update_weights as a "
+                                            "state_dict; a restarted replica cannot fetch it again")
+        if self.weight_sync.get("transport") == "broadcast":
+            raise WeightSyncError(f"Generator: version {version} arrived by broadcast, a collective "
+                                            "with the trainer; one restarted replica cannot receive it alone")
+        # the newest published weights, not only the version it held: a replica killed during an
+        # update would otherwise serve one version behind until the next sync
+        newest = available_version(self.weight_sync.get("name", "policy"), self.weight_sync.get("transport"),
+                                   self.weight_sync.get("directory"))
+        if newest is not None and newest > version:
+            version = newest
+        try:
+            await self.update_weights(version)
+        except WeightSyncError:
+            # the trainer pushed again while this replica restarted and `version` is gone:
+            # the newest published version is as good (newer, and labelled as what it is)
+            newest = available_version(self.weight_sync.get("name", "policy"), self.weight_sync.get("transport"),
+                                       self.weight_sync.get("directory"))
+            if newest is None or newest <= version:
+                raise
+            await self.update_weights(newest)
 
     @endpoint
     async def get_version(self) -> int:

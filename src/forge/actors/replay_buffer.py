@@ -13,6 +13,7 @@ An episode is used `1 + max_resample_count` times at most.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import random
 from collections import OrderedDict
@@ -21,7 +22,7 @@ from typing import Any, Callable
 from forge.controller import ForgeActor, endpoint
 from forge.data.collate import collate_episodes
 from forge.observability import Reduce, record_metric
-from forge.types import Episode
+from forge.types import Completion, Episode
 
 
 def _resolve(fn: Callable | str | None) -> Callable:
@@ -34,6 +35,11 @@ def _resolve(fn: Callable | str | None) -> Callable:
 
 
 class ReplayBuffer(ForgeActor):
+    # its groups live only in its process (and in checkpoints): a restart would serve an empty
+    # buffer whose rollouts are never redone, so a dead buffer stops the run (ReplicaLostError,
+    # with the last checkpoint to --resume from)
+    restart_policy = "fail"
+
     def __init__(
         self,
         batch_size: int = 4,
@@ -131,7 +137,9 @@ class ReplayBuffer(ForgeActor):
         self._last_version = curr_policy_version
         await self.evict(curr_policy_version)
         need = bsz * self.dp_size
-        keys = [k for k in self.groups if self._complete(k)]
+        # sorted, not arrival order: which rollout task finishes first is timing, the keys are not
+        # (with keys the run's data order fixes, the batch is the same in every run with the seed)
+        keys = sorted(k for k in self.groups if self._complete(k))
         per = self.group_size or 1
         n_keys = need // per
         record_metric("buffer/sample/avg_buffer_size", self._num_episodes(), Reduce.MEAN)
@@ -164,14 +172,44 @@ class ReplayBuffer(ForgeActor):
 
     @endpoint
     async def state_dict(self) -> dict[str, Any]:
+        """Plain data (dicts, lists, tensors, numbers, strings): it goes into the trainer checkpoint,
+        which is read back with `torch.load(weights_only=True)`."""
         return {
-            "groups": [(k, list(v)) for k, v in self.groups.items()],
+            "groups": [[k, [_episode_state(e) for e in v]] for k, v in self.groups.items()],
             "sample_counts": dict(self.sample_counts),
-            "rng": self.rng.getstate(),
+            "rng": _rng_state(self.rng.getstate()),
         }
 
     @endpoint
     async def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.groups = OrderedDict((k, list(v)) for k, v in state["groups"])
+        self.groups = OrderedDict((k, [_episode_from_state(e) for e in v]) for k, v in state["groups"])
         self.sample_counts = dict(state["sample_counts"])
-        self.rng.setstate(state["rng"])
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((int(version), tuple(int(x) for x in internal), gauss))
+
+
+def _episode_state(ep: Episode | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(ep, dict):  # already plain
+        return ep
+    out = {f.name: getattr(ep, f.name) for f in dataclasses.fields(ep)}
+    out["metadata"] = dict(ep.metadata)
+    out["reward_breakdown"] = dict(ep.reward_breakdown)
+    if ep.completion is not None:
+        c = ep.completion
+        out["completion"] = {f.name: getattr(c, f.name) for f in dataclasses.fields(c)}
+        out["completion"]["metadata"] = dict(c.metadata)
+    return out
+
+
+def _episode_from_state(d: Episode | dict[str, Any]) -> Episode:
+    if isinstance(d, Episode):
+        return d
+    d = dict(d)
+    if d.get("completion") is not None:
+        d["completion"] = Completion(**d["completion"])
+    return Episode(**d)
+
+
+def _rng_state(st: tuple) -> list:
+    version, internal, gauss = st
+    return [version, list(internal), gauss]

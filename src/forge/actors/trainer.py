@@ -90,6 +90,10 @@ def loss_from_callable(loss: Any) -> Any:
 
 
 class Trainer(ForgeActor):
+    # weights, optimizer moments, LR schedule and step live only in the process: a restart would
+    # train on from the base weights. A dead trainer is lost; the run resumes from a checkpoint.
+    restart_policy = "fail"
+
     def __init__(
         self,
         model: dict[str, Any] | str | None = None,

@@ -8,6 +8,7 @@ from forge.controller.errors import (
     ForgeRuntimeError,
     NoHealthyReplicaError,
     ReplicaDeadError,
+    ReplicaLostError,
     ResourceError,
 )
 from forge.controller.provisioner import get_provisioner, init_provisioner, shutdown
@@ -23,6 +24,7 @@ __all__ = [
     "ForgeRuntimeError",
     "NoHealthyReplicaError",
     "ReplicaDeadError",
+    "ReplicaLostError",
     "ResourceError",
     "Service",
     "ServiceHandle",

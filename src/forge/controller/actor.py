@@ -31,10 +31,17 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def endpoint(fn: F) -> F:
-    """Mark a method as callable through a service/actor handle."""
-    fn._forge_endpoint = True  # type: ignore[attr-defined]
-    return fn
+def endpoint(fn: F | None = None, *, changes_state: bool = False) -> Any:
+    """Mark a method as callable through a service/actor handle: `@endpoint`, or
+    `@endpoint(changes_state=True)` for one that changes state a restart would lose: under
+    `restart="restore"` the service keeps the actor's `state_dict()` after each such call."""
+
+    def mark(f: F) -> F:
+        f._forge_endpoint = True  # type: ignore[attr-defined]
+        f._forge_changes_state = changes_state  # type: ignore[attr-defined]
+        return f
+
+    return mark(fn) if fn is not None else mark
 
 
 def _foreign_endpoint(member: Any) -> Callable[..., Any] | None:
@@ -55,6 +62,15 @@ def endpoint_names(cls: type) -> list[str]:
     ]
 
 
+def state_changing_endpoints(cls: type) -> set[str]:
+    return {name for name, member in inspect.getmembers(cls)
+            if callable(member) and getattr(member, "_forge_changes_state", False)}
+
+
+# What the Service does when a replica's process dies (forge.controller.service's docstring says how).
+RESTART_POLICIES = ("stateless", "restore", "fail")
+
+
 @dataclass(frozen=True)
 class ActorOptions:
     procs: int = 1
@@ -64,7 +80,8 @@ class ActorOptions:
     hosts: int | None = None
     timeout_s: float = 1800.0  # per call; a generous bound so nothing ever hangs forever
     max_retries: int = 2  # retries on a *dead* replica; user exceptions are never retried
-    restart_on_death: bool = True
+    # what happens when a replica's process dies (RESTART_POLICIES); None: the actor class's `restart_policy`
+    restart: str | None = None
 
     def validate(self, who: str) -> None:
         if self.procs < 1:
@@ -73,10 +90,16 @@ class ActorOptions:
             raise ValueError(f"{who}: num_replicas must be >= 1, got {self.num_replicas}")
         if self.timeout_s <= 0:
             raise ValueError(f"{who}: timeout_s must be > 0, got {self.timeout_s}")
+        if self.restart is not None and self.restart not in RESTART_POLICIES:
+            raise ValueError(f"{who}: restart must be one of {list(RESTART_POLICIES)}, got {self.restart!r}")
 
 
 class ForgeActor:
     _forge_options: ActorOptions = ActorOptions()
+    # The class's own answer to "what is lost when my process dies" (ActorOptions.restart overrides):
+    # "stateless" (everything comes back from the constructor), "restore" (state_dict/load_state_dict
+    # endpoints carry the rest), "fail" (state no restart can rebuild: the service stops serving).
+    restart_policy: str = "stateless"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

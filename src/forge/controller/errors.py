@@ -21,6 +21,12 @@ class NoHealthyReplicaError(ForgeRuntimeError):
     pass
 
 
+class ReplicaLostError(NoHealthyReplicaError):
+    """A replica died and its restart policy forbids ('fail') or could not complete ('restore')
+    bringing its state back: the service never serves from it again. Names the service, the
+    replica and why."""
+
+
 class CallTimeoutError(ForgeRuntimeError, TimeoutError):
     pass
 

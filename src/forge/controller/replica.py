@@ -27,6 +27,9 @@ class Replica(abc.ABC):
         # Set by the Service: called when the backend notices on its own (a watchdog, a kill)
         # that this replica died, so an idle dead replica is restarted too.
         self.on_death: Callable[["Replica"], None] | None = None
+        # Why this replica is gone for good (its restart policy is 'fail', or restoring its state
+        # failed); the Service never routes to a lost replica again. None while it serves.
+        self.lost: str | None = None
 
     @property
     def name(self) -> str:

@@ -5,12 +5,20 @@ what `as_service()` / `as_actor()` return.
 Failure policy (where forge differs from torchforge on purpose):
 - an endpoint that raises -> `ActorError` raised in the caller, naming endpoint and replica;
   the replica keeps its state and is *not* restarted;
-- a replica whose process died -> marked unhealthy, restarted in the background (re-running
-  `setup()`, then the service's restart hook, e.g. loading the current weights), and the call
-  retried on a healthy replica up to `max_retries` times;
+- a replica whose process died -> marked unhealthy, and the call retried on a healthy replica up
+  to `max_retries` times; what happens to the dead one is its restart policy
+  (`options(restart=...)`, default the class's `restart_policy`):
+  `stateless`: restarted in the background, re-running `__init__` and `setup()` (all its state
+  comes from its arguments: rewards, reference models);
+  `restore`: restarted, then `load_state_dict()` with the state the service kept from
+  `state_dict()` after the last `@endpoint(changes_state=True)` call (dataset position, weights
+  version), before it serves again; a restore that fails loses the replica;
+  `fail`: never restarted (model and optimizer state no restart can rebuild): the replica is lost
+  and calls that find no other replica raise `ReplicaLostError` naming it. A service never serves
+  from reset state; a restarted replica is not routable before its state is back;
 - every call has a timeout (`options(timeout_s=...)`); nothing waits forever. A timed-out call
   probes its replica: one that answers is slow (`CallTimeoutError`, state kept); one that does
-  not (a hung or SIGSTOPped process) is dead: marked, replaced, and the call retried as above;
+  not (a hung or SIGSTOPped process) is dead: handled as above, and the call retried;
 - `fanout` reaches every healthy replica and skips one that dies during the call (it is being
   replaced); it fails only when none answers.
 """
@@ -24,14 +32,15 @@ import itertools
 import logging
 import random
 import uuid
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
-from forge.controller.actor import ActorOptions, endpoint_names
+from forge.controller.actor import ActorOptions, endpoint_names, state_changing_endpoints
 from forge.controller.errors import (
     AdverbError,
     CallTimeoutError,
     NoHealthyReplicaError,
     ReplicaDeadError,
+    ReplicaLostError,
 )
 
 if TYPE_CHECKING:
@@ -43,8 +52,6 @@ log = logging.getLogger(__name__)
 # How long a replica whose call timed out has to answer a liveness probe (capped by timeout_s).
 PROBE_TIMEOUT_S = 10.0
 
-# A restart hook gets `call(endpoint, *args, **kwargs)` bound to the new replica (all ranks).
-RestartHook = Callable[[Callable[..., Awaitable[list[Any]]]], Awaitable[None]]
 
 _current_session: contextvars.ContextVar[str | None] = contextvars.ContextVar("forge_session", default=None)
 
@@ -61,8 +68,15 @@ class Service:
         self._restarting: dict[int, asyncio.Task] = {}
         self._rr = itertools.count()
         self._closed = False
-        self.restart_hook: RestartHook | None = None
-        self._catching_up: set[int] = set()  # restarted, running the restart hook: not routable yet
+        self._catching_up: set[int] = set()  # restarted, restoring its state: not routable yet
+        self.restart = options.restart or getattr(actor_cls, "restart_policy", "stateless")
+        if self.restart == "restore" and not {"state_dict", "load_state_dict"} <= self.endpoints:
+            raise ValueError(f"{self.name}: restart='restore' needs endpoints state_dict() and "
+                             "load_state_dict(state) to carry its state over a restart")
+        self._state_endpoints = state_changing_endpoints(actor_cls) if self.restart == "restore" else set()
+        # replica id -> (sequence, per-rank state_dict): the state a restarted replica is restored to
+        self._snapshots: dict[int, tuple[int, list[Any]]] = {}
+        self._snap_seq = itertools.count()
 
     @property
     def name(self) -> str:
@@ -91,12 +105,16 @@ class Service:
     def _healthy(self) -> list["Replica"]:
         return [r for r in self.replicas if r.healthy and r.replica_id not in self._catching_up]
 
+    def _no_replica(self, what: str) -> NoHealthyReplicaError:
+        lost = [r for r in self.replicas if r.lost]
+        if lost and not self._restarting and len(lost) + len(self._healthy()) == len(self.replicas):
+            return ReplicaLostError(f"{self.name}: {what}; " + "; ".join(f"{r.name} is lost: {r.lost}" for r in lost))
+        return NoHealthyReplicaError(f"{self.name}: {what}")
+
     def _pick(self, sess_id: str | None, exclude: set[int]) -> "Replica":
         healthy = [r for r in self._healthy() if r.replica_id not in exclude]
         if not healthy:
-            raise NoHealthyReplicaError(
-                f"{self.name}: no healthy replica (of {len(self.replicas)}) is available"
-            )
+            raise self._no_replica(f"no healthy replica (of {len(self.replicas)}) is available")
         if sess_id is not None:
             rid = self.sessions.get(sess_id)
             for r in healthy:
@@ -119,33 +137,65 @@ class Service:
         if generation is not None and generation != replica.generation:
             return  # a late report about an incarnation that was already replaced
         replica.healthy = False
-        if self._closed or not self.options.restart_on_death:
+        if self._closed or replica.lost:
+            return
+        if self.restart == "fail":
+            self._lose(replica, "its process died and its restart policy is 'fail' (it holds state a restart "
+                                "would reset, so it is not restarted)")
             return
         if replica.replica_id not in self._restarting:
             self._restarting[replica.replica_id] = asyncio.ensure_future(self._restart(replica))
 
+    def _lose(self, replica: "Replica", why: str) -> None:
+        replica.healthy = False
+        replica.lost = why
+        log.error("%s is lost: %s", replica.name, why)
+
     async def _restart(self, replica: "Replica") -> None:
         try:
-            log.warning("%s died; restarting it", replica.name)
+            log.warning("%s died; restarting it (restart policy '%s')", replica.name, self.restart)
             replica.generation += 1
             await replica.stop()
             await replica.start()
-            if self.restart_hook is not None:  # not routable until it holds the live state
-                self._catching_up.add(replica.replica_id)
-
-                async def call(endpoint: str, *args: Any, **kwargs: Any) -> list[Any]:
-                    return await asyncio.wait_for(replica.call(endpoint, args, kwargs, None), self.options.timeout_s)
-
-                try:
-                    await self.restart_hook(call)
-                finally:
-                    self._catching_up.discard(replica.replica_id)
+            self._catching_up.add(replica.replica_id)  # not routable until it holds the live state
+            try:
+                if self.restart == "restore":
+                    try:
+                        await self._restore(replica)
+                    except Exception as e:
+                        self._lose(replica, f"it died and restoring its state failed ({type(e).__name__}: {e})")
+                        await replica.stop()
+                        return
+            finally:
+                self._catching_up.discard(replica.replica_id)
             replica.restarts += 1
         except Exception:
             log.exception("%s failed to restart; it stays out of service", replica.name)
             await replica.stop()  # never half-alive: a replica that could not take the live state holds nothing
         finally:
             self._restarting.pop(replica.replica_id, None)
+
+    async def _restore(self, replica: "Replica") -> None:
+        """Bring a restarted replica back to the state kept from its previous incarnation (none
+        kept: it died before any state-changing call, so its fresh state is the right one)."""
+        snap = self._snapshots.get(replica.replica_id)
+        if snap is None:
+            return
+        for rank, state in enumerate(snap[1]):
+            await asyncio.wait_for(replica.call("load_state_dict", (state,), {}, rank), self.options.timeout_s)
+        log.warning("%s restored to its state before it died", replica.name)
+
+    async def _after_call(self, replica: "Replica", endpoint: str) -> None:
+        """Under restart='restore': keep the replica's state after a call that changed it."""
+        if endpoint not in self._state_endpoints:
+            return
+        seq = next(self._snap_seq)
+        try:
+            state = await asyncio.wait_for(replica.call("state_dict", (), {}, None), self.options.timeout_s)
+        except (ReplicaDeadError, asyncio.TimeoutError):
+            return  # died right after the call: restored to the previous snapshot
+        if seq > self._snapshots.get(replica.replica_id, (-1, None))[0]:  # concurrent calls: the latest wins
+            self._snapshots[replica.replica_id] = (seq, list(state))
 
     # ---- calls ----------------------------------------------------------------------------
     async def _call_replica(self, replica: "Replica", endpoint: str, args: tuple, kwargs: dict, rank: int | None) -> list[Any]:
@@ -190,11 +240,12 @@ class Service:
                 replica = self._pick(sess_id, tried)
             except NoHealthyReplicaError as e:
                 if last is not None:
-                    raise NoHealthyReplicaError(f"{e}; last failure: {last}") from last
+                    raise type(e)(f"{e}; last failure: {last}") from last
                 raise
             gen = replica.generation
             try:
                 results = await self._call_replica(replica, endpoint, args, kwargs, rank)
+                await self._after_call(replica, endpoint)
                 return results if all_ranks else results[0]
             except ReplicaDeadError as e:
                 last = e
@@ -215,19 +266,21 @@ class Service:
         """Every healthy replica; the results of those that answered, in replica order.
 
         A replica that dies (or hangs) during the call is skipped: it is being replaced, and its
-        replacement starts from the live state through the restart hook (a generator loads the
-        current weights). Raises `NoHealthyReplicaError` only when no replica answered."""
+        replacement comes back under the service's restart policy (a generator restores the
+        newest weights). Raises `NoHealthyReplicaError` only when no replica answered."""
         self._check_endpoint(endpoint)
         await self._wait_for_any_healthy()
         healthy = self._healthy()
         if not healthy:
-            raise NoHealthyReplicaError(f"{self.name}: no healthy replica for fanout of '{endpoint}'")
+            raise self._no_replica(f"no healthy replica for fanout of '{endpoint}'")
         dead: list[str] = []
 
         async def one(r: "Replica") -> tuple[bool, Any]:
             gen = r.generation
             try:
-                return True, (await self._call_replica(r, endpoint, args, kwargs, None))[0]
+                out = (await self._call_replica(r, endpoint, args, kwargs, None))[0]
+                await self._after_call(r, endpoint)
+                return True, out
             except ReplicaDeadError as e:
                 self._on_dead(r, gen)
                 dead.append(f"replica {r.replica_id}: {e}")
@@ -331,12 +384,6 @@ class ServiceHandle:
     def num_replicas(self) -> int:
         return len(self._service.replicas)
 
-    def set_restart_hook(self, hook: RestartHook | None) -> None:
-        """`await hook(call)` runs on every restarted replica before it takes calls again;
-        `call(endpoint, *args, **kwargs)` runs on the new replica. Stateful services use it to
-        bring a replacement to the live state (the generator: the current weights version)."""
-        self._service.restart_hook = hook
-
     @property
     def restarting(self) -> bool:
         """Whether a replica is being replaced now."""
@@ -403,8 +450,3 @@ class ActorHandle:
 
     async def kill_replica(self, replica_id: int = 0) -> None:
         await self._service.replicas[replica_id].kill()
-
-    def set_restart_hook(self, hook: RestartHook | None) -> None:
-        """As `ServiceHandle.set_restart_hook`: runs on the restarted actor before it takes calls;
-        a hook that raises leaves it stopped (e.g. an actor whose lost state cannot be restored)."""
-        self._service.restart_hook = hook

@@ -7,6 +7,7 @@ from forge.observability.loggers import (
     TensorBoardBackend,
     WandbBackend,
     build_backends,
+    truncate_jsonl,
 )
 from forge.observability.metrics import MetricRecord, Reduce, drain, record_metric, reduce_records
 
@@ -22,6 +23,7 @@ __all__ = [
     "drain",
     "record_metric",
     "reduce_records",
+    "truncate_jsonl",
 ]
 
 

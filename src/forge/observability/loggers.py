@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -55,6 +56,35 @@ def _fmt(v: float) -> str:
     return f"{v:.3e}"
 
 
+log = logging.getLogger(__name__)
+
+
+def truncate_jsonl(path: str | os.PathLike, last_step: int) -> list[dict[str, Any]]:
+    """Keep the rows of `path` with `step <= last_step` (a resumed run redoes the later steps, so
+    their old rows would be duplicates); returns the rows kept. The file is rewritten atomically; a
+    line a crash cut short is dropped with a warning. A missing file is no rows."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    kept_lines, rows = [], []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            step = int(row["step"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("%s line %d is not a JSON row with a step (cut short by a crash?); dropped", path, i + 1)
+            continue
+        if step <= last_step:
+            kept_lines.append(line)
+            rows.append(row)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(x + "\n" for x in kept_lines))
+    os.replace(tmp, path)
+    return rows
+
+
 class JsonlBackend:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -63,6 +93,13 @@ class JsonlBackend:
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+
+    def rewind(self, last_step: int) -> list[dict[str, Any]]:
+        """Drop the rows after `last_step` (resume); returns the rows kept."""
+        self.f.close()
+        rows = truncate_jsonl(self.path, last_step)
+        self.f = open(self.path, "a", buffering=1)
+        return rows
 
     def close(self) -> None:
         self.f.close()
@@ -158,6 +195,19 @@ class MetricLogger:
         for b in self.backends:
             b.log(metrics, step)
         return metrics
+
+    def rewind(self, last_step: int) -> None:
+        """A run resumed at `last_step`: drop the rows of later steps from the backends that keep
+        rows (JSONL), and take the rows kept into `history`, so that the history (and the learning
+        curve drawn from it) covers the whole run, not only the resumed part. Console, TensorBoard
+        and W&B cannot take back what they showed: the redone steps appear there again (TensorBoard
+        plots both points of a step; a resumed W&B run is a new run)."""
+        kept: list[dict[str, float]] | None = None
+        for b in self.backends:
+            rewind = getattr(b, "rewind", None)
+            if rewind is not None:
+                kept = [{k: v for k, v in row.items() if k != "time"} for row in rewind(last_step)]
+        self.history = kept if kept is not None else [h for h in self.history if h["step"] <= last_step]
 
     def close(self) -> None:
         for b in self.backends:

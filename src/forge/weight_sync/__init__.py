@@ -14,12 +14,16 @@ at a time on the publishing side, never a whole second copy.
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from forge.weight_sync.common import WeightSyncError, iter_full_params, manifest
-from forge.weight_sync.inproc import clear_registry, register_model
+from forge.weight_sync.common import WeightSyncError, iter_full_params, manifest, read_private_text
+from forge.weight_sync.files import remove_run_files, remove_stale
+from forge.weight_sync.inproc import clear_registry, published_version, register_model
 
 TRANSPORTS = ("inproc", "shm", "cuda_ipc", "broadcast")
 
@@ -97,6 +101,33 @@ def get_weights(version: int, name: str = "policy", transport: str | None = None
                      f"got {transport!r}")
 
 
+def available_version(name: str = "policy", transport: str | None = None, directory: str | None = None) -> int | None:
+    """The newest version published under `name` (None: nothing yet), for the transports a
+    generator fetches from by version (inproc, shm, cuda_ipc)."""
+    from forge.weight_sync.shm import default_dir
+
+    transport = transport or os.environ.get("FORGE_WEIGHT_SYNC") or (
+        "inproc" if published_version(name) is not None else "shm")
+    if transport == "inproc":
+        return published_version(name)
+    path = Path(directory or default_dir()) / (f"forge_ws_{name}.latest" if transport == "shm"
+                                               else f"forge_ipc_{name}.json")
+    try:
+        return int(json.loads(read_private_text(path))["version"])
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+
+
+def cleanup_run(sync: dict[str, Any]) -> list:
+    """Remove the files a run's weight sync left in /dev/shm (`sync`: the trainer's weight_sync
+    block, with its transport and name). Meant for a `finally`: a crashed run leaves nothing behind."""
+    if sync.get("transport") not in ("shm", "cuda_ipc") or not sync.get("name"):
+        return []
+    from forge.weight_sync.shm import default_dir
+
+    return remove_run_files(sync["name"], sync.get("directory") or default_dir())
+
+
 def should_sync(step: int, sync_interval: int = 1) -> bool:
     """Push weights after `step` (1-based count of finished train steps) every `sync_interval`."""
     if sync_interval < 1:
@@ -104,5 +135,6 @@ def should_sync(step: int, sync_interval: int = 1) -> bool:
     return step % sync_interval == 0
 
 
-__all__ = ["TRANSPORTS", "WeightPublisher", "WeightSubscriber", "WeightSyncError", "clear_registry", "get_weights",
-           "iter_full_params", "manifest", "register_model", "should_sync"]
+__all__ = ["TRANSPORTS", "WeightPublisher", "WeightSubscriber", "WeightSyncError", "available_version", "cleanup_run",
+           "clear_registry", "get_weights", "iter_full_params", "manifest", "register_model", "remove_run_files",
+           "remove_stale", "should_sync"]

@@ -33,6 +33,7 @@ from forge.weight_sync.common import (
     target_params,
     write_private_text,
 )
+from forge.weight_sync.files import owner, remove_stale
 from forge.weight_sync.shm import _DTYPE_NAMES, _is_rank0, default_dir
 
 
@@ -55,6 +56,9 @@ class CudaIpcPublisher:
             raise WeightSyncError(f"cuda_ipc weight sync needs the trainer on a GPU (it is on {self.device}); "
                                   "use 'shm' between CPU processes")
         self.is_source = _is_rank0()
+        self._owner = owner()
+        if self.is_source:  # descriptors of publishers that died without cleaning up
+            remove_stale(self.path.parent)
         self.staging: dict[torch.dtype, torch.Tensor] = {}
         self.views: dict[str, torch.Tensor] = {}
 
@@ -89,7 +93,7 @@ class CudaIpcPublisher:
         if not self.is_source:
             return version
         torch.cuda.current_stream(self.device).synchronize()  # the data is in place before it is announced
-        desc = {"version": int(version), "gpu_uuid": _gpu_uuid(self.device), "pid": os.getpid(),
+        desc = {"version": int(version), "gpu_uuid": _gpu_uuid(self.device), "pid": os.getpid(), "owner": self._owner,
                 "entries": [[e.name, str(e.dtype).removeprefix("torch."), list(e.shape)] for e in self.entries],
                 "handles": self._share()}
         tmp = self.path.with_suffix(".tmp")

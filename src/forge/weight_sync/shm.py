@@ -34,6 +34,7 @@ from forge.weight_sync.common import (
     target_params,
     write_private_text,
 )
+from forge.weight_sync.files import owner, remove_run_files, remove_stale
 
 MAGIC = b"FORGEWS1"
 ALIGN = 64
@@ -62,6 +63,9 @@ class ShmPublisher:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.model, self.name, self.dtype, self.keep = model, name, dtype, keep
         self.dir = Path(directory) if directory else default_dir()
+        self._owner = owner()
+        if _is_rank0():  # files of publishers that died without cleaning up (a crashed run's 2 versions + .latest)
+            remove_stale(self.dir)
 
     def path(self, version: int) -> Path:
         return self.dir / f"forge_ws_{self.name}_v{version}.bin"
@@ -76,28 +80,33 @@ class ShmPublisher:
         for e in entries:
             header_entries.append([e.name, str(e.dtype).removeprefix("torch."), list(e.shape), offset, e.nbytes])
             offset = _align(offset + e.nbytes)
-        header = json.dumps({"version": version, "entries": header_entries}).encode()
+        header = json.dumps({"version": version, "owner": self._owner, "entries": header_entries}).encode()
         data_start = _align(len(MAGIC) + 8 + len(header))
         total = data_start + offset
         final, tmp = self.path(version), self.path(version).with_suffix(".tmp")
         buf = None
-        if rank0:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            with create_private(tmp) as f:
-                f.truncate(total)
-                f.write(MAGIC + struct.pack("<Q", len(header)) + header)
-            buf = torch.from_file(str(tmp), shared=True, size=total, dtype=torch.uint8)
-        for (name, t), e, h in zip(iter_full_params(self.model), entries, header_entries):
-            if buf is not None:
-                start = data_start + h[3]
-                buf[start:start + e.nbytes].view(e.dtype).view(e.shape).copy_(t)
-            del t  # FSDP: drop the gathered parameter before the next
+        try:
+            if rank0:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                with create_private(tmp) as f:
+                    f.truncate(total)
+                    f.write(MAGIC + struct.pack("<Q", len(header)) + header)
+                buf = torch.from_file(str(tmp), shared=True, size=total, dtype=torch.uint8)
+            for (name, t), e, h in zip(iter_full_params(self.model), entries, header_entries):
+                if buf is not None:
+                    start = data_start + h[3]
+                    buf[start:start + e.nbytes].view(e.dtype).view(e.shape).copy_(t)
+                del t  # FSDP: drop the gathered parameter before the next
+        except BaseException:
+            if rank0:  # a publish that failed half-way leaves no file the size of the model behind
+                tmp.unlink(missing_ok=True)
+            raise
         if rank0:
             del buf
             os.replace(tmp, final)
             latest = self.dir / f"forge_ws_{self.name}.latest"
             ltmp = latest.with_suffix(".latest.tmp")
-            write_private_text(ltmp, json.dumps({"version": version, "file": final.name}))
+            write_private_text(ltmp, json.dumps({"version": version, "file": final.name, "owner": self._owner}))
             os.replace(ltmp, latest)
             self._prune(version)
         return version
@@ -112,8 +121,7 @@ class ShmPublisher:
                 f.unlink(missing_ok=True)
 
     def close(self) -> None:
-        for f in self.dir.glob(f"forge_ws_{self.name}*"):
-            f.unlink(missing_ok=True)
+        remove_run_files(self.name, self.dir)
 
 
 def read_header(path: Path) -> tuple[dict, int]:
