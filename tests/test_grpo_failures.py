@@ -96,7 +96,7 @@ def test_killed_replay_buffer_stops_the_run_naming_it(tiny_model, tmp_path):
             await services.replay_buffer.kill_replica(0)
 
     cfg = config(tiny_model, tmp_path / "b", "--steps", "30", "--advantage.filter_zero_variance", "false")
-    with pytest.raises(ReplicaLostError, match=r"ReplayBuffer.*is lost.*restart policy is 'fail'.*--resume"):
+    with pytest.raises(ReplicaLostError, match=r"ReplayBuffer.*is lost.*restart policy is 'fail'.*The run stops: no checkpoint was saved"):
         run(cfg, on_step=kill_buffer)
     assert killed == [2]
 
@@ -133,7 +133,7 @@ def test_generator_killed_during_weight_sync_is_replaced_with_current_weights(ti
     services, killed, versions = [], [], []
     orig = Generator.update_weights
 
-    @endpoint
+    @endpoint(changes_state=True)  # as the original: the service snapshots the version after it
     @functools.wraps(orig)
     async def update_weights(self, version, state_dict=None):
         if version == kill_at and self.replica_id == 0 and not killed:
