@@ -243,3 +243,107 @@ def test_abandoned_reward_thread_finishes_without_an_error(monkeypatch):
     thread.join(5)
     assert not errors, errors
     assert fut.result() == value
+
+
+# ---- issue 27: answers that must never mis-score --------------------------------------------
+def test_math_reward_integers_exact_large_numbers_off_by_one_are_wrong():
+    m = MathReward()
+    rng = random.Random()
+    for _ in range(20):
+        n = rng.randint(10**6, 10**12)
+        assert m("", f"<answer>{n}</answer>", str(n)) == 1.0
+        assert m("", f"<answer>{n + rng.choice([-1, 1])}</answer>", str(n)) == 0.0
+        assert m("", f"<answer>{n}.0000001</answer>", str(n)) == 0.0  # an integer target is exact
+    assert m("", "<answer>1000001</answer>", "1000000") == 0.0
+    assert m("", "<answer>123456789</answer>", "123456790") == 0.0
+
+
+def test_math_reward_non_integers_absolute_tolerance():
+    rng = random.Random()
+    for _ in range(20):
+        x = round(rng.uniform(-1000, 1000), 3) + 0.0005
+        assert MathReward()("", f"<answer>{x + 4e-7:.7f}</answer>", f"{x:.4f}") == 1.0
+        assert MathReward()("", f"<answer>{x + 3e-6:.7f}</answer>", f"{x:.4f}") == 0.0
+        assert MathReward(tolerance=1e-2)("", f"<answer>{x + 5e-3:.4f}</answer>", f"{x:.4f}") == 1.0
+    with pytest.raises(ValueError, match="tolerance"):
+        MathReward(tolerance=-1.0)
+
+
+def test_math_reward_scientific_notation():
+    m = MathReward()
+    assert m("", "<answer>1e6</answer>", "1000000") == 1.0
+    assert m("", "<answer>1e-6</answer>", "0.000001") == 1.0
+    assert m("", "<answer>2.5E3</answer>", "2500") == 1.0
+    assert m("", "<answer>1e6</answer>", "1000001") == 0.0
+    assert m("", "so the result is 3e4", "30000") == 1.0  # the last-number fallback reads exponents
+
+
+def test_math_reward_answer_first_or_last():
+    resp = "<answer>3</answer> wait, no: <answer>4</answer>"
+    assert MathReward(answer="first")("", resp, "3") == 1.0 and MathReward(answer="first")("", resp, "4") == 0.0
+    assert MathReward()("", resp, "4") == 1.0 and MathReward(answer="last")("", resp, "3") == 0.0
+    with pytest.raises(ValueError, match="answer"):
+        MathReward(answer="middle")
+    combo = build_rewards([{"_target_": "math", "answer": "first"}])
+    assert combo("", resp, "3") == 1.0
+
+
+def test_torchforge_layout_takes_the_first_answer():
+    import yaml
+
+    from pathlib import Path
+
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "apps/grpo/qwen3_1_7b.yaml").read_text())
+    combo = build_rewards(cfg["rewards"])
+    assert combo.rewards[0].answer == "first"
+
+
+ADVERSARIAL = {
+    "unclosed_boxed": "\\boxed{" * 15_000,
+    "unclosed_answer": "<answer>" * 12_500,
+    "unclosed_think": "<think>" * 14_000,
+    "space_runs": ("< " + " " * 2000) * 50,
+    "gsm8k_spaces": "#### a" + " " * 100_000 + "b",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ADVERSARIAL))
+def test_rewards_are_linear_on_degenerate_rollouts(kind):
+    """100k characters of unclosed tags/braces: old main took 6-38 s; every extractor is one pass now."""
+    from forge.data.formats import extract_answer, extract_answer_tag, extract_boxed, extract_gsm8k
+
+    text = ADVERSARIAL[kind]
+    t0 = time.perf_counter()
+    for fn in (extract_boxed, extract_answer_tag, extract_answer, extract_gsm8k):
+        fn(text)
+    ThinkingReward()("", text)
+    FormatReward()("", text)
+    MathReward(max_chars=None)("", text, "1")  # what math-verify would choke on is no answer: never sent
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_extractors_match_the_regex_semantics_on_random_tag_soup():
+    """The one-pass scanners pair tags exactly as the lazy regexes did (on inputs small enough for them)."""
+    import re
+
+    from forge.data.formats import extract_answer_tag
+
+    rng = random.Random()
+    pieces = ["<answer>", "</answer>", "<ANSWER>", "x", " ", "7", "<think>", "</think>", "< think >", "</ think>"]
+    think = ThinkingReward()
+    for _ in range(300):
+        s = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+        found = re.findall(r"<answer>(.*?)</answer>", s, re.IGNORECASE | re.DOTALL)
+        assert extract_answer_tag(s) == (found[-1].strip() if found else None), s
+        assert extract_answer_tag(s, "first") == (found[0].strip() if found else None), s
+        blocks = re.findall(r"<\s*think\s*>(.*?)<\s*/\s*think\s*>", s, re.IGNORECASE | re.DOTALL)
+        old = 1.0 if any(b.strip() for b in blocks) else (0.2 if re.search(r"<\s*/?\s*think\s*>", s, re.I) else 0.0)
+        assert think("", s) == old, s
+        assert FormatReward()("", s) == (1.0 if re.search(r"<answer>.*?</answer>", s, re.I | re.S) else 0.0), s
+
+
+def test_math_reward_reads_only_the_last_max_chars():
+    m = MathReward(max_chars=50)
+    assert m("", "<answer>5</answer>" + "x" * 100, "5") == 0.0  # outside the window
+    assert m("", "x" * 100 + "<answer>5</answer>", "5") == 1.0
+    assert MathReward(max_chars=None)("", "<answer>5</answer>" + "x" * 100, "5") == 1.0
