@@ -71,7 +71,7 @@ class ReplayBufferSection:
 
 @dataclass
 class AdvantageSection:
-    method: str = "grpo"  # grpo | drgrpo | rloo | reinforce_pp | opo | pass_at_k | reinforce | gpg
+    method: str = "grpo"  # grpo | drgrpo | rloo | reinforce_pp | reinforce_pp_response | opo | passk | reinforce | gpg
     options: dict[str, Any] = field(default_factory=dict)  # e.g. {eps: 1e-4}
     filter_zero_variance: bool = False  # DAPO dynamic sampling: drop groups whose rewards are all equal
 
