@@ -138,16 +138,20 @@ async def rollout_env_group(cfg: Any, services: Any, sample: int | dict[str, Any
         finals = [next((m["content"] for m in reversed(t.messages) if m["role"] == "assistant"), "") for t in trajs]
         scores = await services.reward_actor.evaluate.route([sample.get("prompt", "")] * len(trajs), finals,
                                                             [sample.get("target")] * len(trajs))
-        extra = [{"reward_actor": float(sc["total"]), **sc["breakdown"]} for sc in scores]
+        extra = [{"reward_actor": float(sc["total"]), **sc["breakdown"],
+                  **({"infra_error": sc["infra_error"]} if sc.get("failed") else {})} for sc in scores]
     group_id = f"env-{sample.get('split', 'train')}-{sample.get('index', '?')}-{time.time_ns()}"
     group = []
     for traj, ex in zip(trajs, extra):
         ep = traj.to_episode(services.pad_id, request_len=len(traj.prompt_ids), response_len=len(traj.token_ids),
                              target=sample.get("target"), reward=ro.reward)
+        infra_error = ex.pop("infra_error", None) if ex else None
         if ex:
             ep.reward = float(ep.reward) + ex["reward_actor"]
             ep.reward_breakdown = {**ep.reward_breakdown, **ex}
         ep.metadata = {**ep.metadata, "group_id": group_id, "env": env_name}
+        if infra_error:  # the reward actor failed on it: the app drops it (apps/grpo/support.py InfraErrors)
+            ep.metadata["infra_error"] = infra_error
         record_trajectory_metrics(traj, env_name)
         record_metric("reward/total/mean", float(ep.reward), Reduce.MEAN)
         record_metric(f"reward/env/{env_name}/mean", float(ep.reward), Reduce.MEAN)

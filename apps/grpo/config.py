@@ -77,6 +77,20 @@ class AdvantageSection:
 
 
 @dataclass
+class RewardSection:
+    """How the reward actor runs the `rewards`, and when its failures stop the run."""
+
+    timeout_s: float = 10.0  # per reward call; a call past it is stopped and counted as an infrastructure failure
+    isolation: str = "process"  # process (a hung call's worker is killed) | thread (cannot be stopped)
+    workers: int = 2  # reward worker processes per reward replica (isolation: process)
+    max_infra_error_fraction: float = 0.5  # more failed episodes than this in a step's worth stops the run
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_infra_error_fraction <= 1.0:
+            raise ValueError(f"reward.max_infra_error_fraction must be in [0, 1], got {self.max_infra_error_fraction}")
+
+
+@dataclass
 class EvalSection:
     every: int = 0  # steps between held-out evaluations (0: only before and after training)
     num_samples: int = 200
@@ -141,6 +155,7 @@ class GRPOConfig:
     samples_every: int = 5  # write example completions every k steps
     loss: Any = field(default_factory=lambda: {"name": "grpo", "beta": 0.0})
     rewards: list[Any] = field(default_factory=lambda: [{"name": "math"}])
+    reward: RewardSection = field(default_factory=RewardSection)
     advantage: AdvantageSection = field(default_factory=AdvantageSection)
     dataset: dict[str, Any] = field(default_factory=dict)
     policy: Policy = field(default_factory=Policy)

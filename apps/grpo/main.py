@@ -23,6 +23,7 @@ import torch
 from apps.grpo.agentic import rollout_env_group
 from apps.grpo.config import GRPOConfig, episodes_per_step, load_grpo_config
 from apps.grpo.support import (
+    InfraErrors,
     RolloutBudget,
     build_services,
     evaluate,
@@ -81,6 +82,7 @@ async def main(cfg: GRPOConfig, resume: bool = False,
     # the app saves (with the data position); torchforge configs put the interval under trainer
     checkpoint_interval = cfg.checkpoint_interval or cfg.trainer.checkpoint.interval
     budget = RolloutBudget(groups_per_step, ahead=cfg.off_by_n)
+    infra = InfraErrors(groups_per_step * group_size, cfg.reward.max_infra_error_fraction)
     stop = asyncio.Event()
     recent: list[list[Episode]] = []
 
@@ -113,9 +115,13 @@ async def main(cfg: GRPOConfig, resume: bool = False,
                     Episode(request=prompt, policy_version=c.generator_version, pad_id=s.pad_id,
                             request_len=len(c.prompt_ids), response_len=len(c.token_ids), target=target,
                             completion=c, reward=sc["total"], reward_breakdown=sc["breakdown"],
-                            metadata={"group_id": f"{step}-{group_id}-{t0}"})
+                            metadata={"group_id": f"{step}-{group_id}-{t0}",
+                                      **({"infra_error": sc["infra_error"]} if sc.get("failed") else {})})
                     for c, sc in zip(completions, scores)
                 ]
+            if not infra.keep(group):  # a reward failed: never trained on; too many failures stop the run
+                budget.refund()
+                continue
             advantages = await s.compute_advantages.compute.call_one(group)
             for ep, adv in zip(group, advantages):
                 ep.advantage = adv
@@ -141,6 +147,8 @@ async def main(cfg: GRPOConfig, resume: bool = False,
             t0 = time.perf_counter()
             batch = await s.replay_buffer.sample.call_one(curr_policy_version=step)
             if batch is None:  # not enough fresh episodes yet
+                if infra.error is not None:  # the rollouts stopped on too many reward failures
+                    raise infra.error
                 await asyncio.sleep(0.02)
                 continue
             t1 = time.perf_counter()
