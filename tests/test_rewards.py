@@ -404,3 +404,21 @@ def test_math_reward_reads_only_the_last_max_chars():
     assert m("", "<answer>5</answer>" + "x" * 100, "5") == 0.0  # outside the window
     assert m("", "x" * 100 + "<answer>5</answer>", "5") == 1.0
     assert MathReward(max_chars=None)("", "<answer>5</answer>" + "x" * 100, "5") == 1.0
+
+
+def test_reward_benchmark_smoke(tmp_path):
+    """bench/reward_throughput.py --smoke: runs, writes its JSON record, adversarial inputs within the timeout."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, str(root / "bench/reward_throughput.py"), "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(out.read_text())
+    assert {"commit", "command", "device", "date", "rows"} <= set(data) and data["adversarial_within_timeout"]
+    kinds = {(r["reward"], r["input"].split("_2")[0]) for r in data["rows"]}
+    assert ("math", "realistic_1-8k") in kinds and ("thinking", "adv_unclosed_think") in kinds
+    assert all(r["workers"]["completions_per_s"] > 0 for r in data["rows"])
