@@ -422,3 +422,19 @@ def test_reward_benchmark_smoke(tmp_path):
     kinds = {(r["reward"], r["input"].split("_2")[0]) for r in data["rows"]}
     assert ("math", "realistic_1-8k") in kinds and ("thinking", "adv_unclosed_think") in kinds
     assert all(r["workers"]["completions_per_s"] > 0 for r in data["rows"])
+
+
+def test_no_math_verify_timeout_warnings_in_reward_threads():
+    """math-verify warned "Timeout is disabled" twice at every run (forge turns its SIGALRM timeout off in
+    threads): forge bounds the time itself, passes the timeouts explicitly and the warnings are gone."""
+    import subprocess
+
+    code = ("import logging, threading; logging.basicConfig(level=logging.WARNING)\n"
+            "from forge.data.rewards import MathReward\n"
+            "out = []\n"
+            "t = threading.Thread(target=lambda: out.append(MathReward()('', '<answer>x^2+2x</answer>', '2x+x^2')))\n"
+            "t.start(); t.join(); assert out == [1.0], out\n"
+            "assert MathReward()('', '<answer>\\\\frac{1}{2}</answer>', '0.5') == 1.0\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Timeout is disabled" not in proc.stdout + proc.stderr
