@@ -31,6 +31,7 @@ import torch
 
 from forge.controller import ForgeActor, endpoint
 from forge.envs import Environment, Trajectory, env_factory, record_trajectory_metrics, run_episode
+from forge.errors import InfraError
 from forge.observability import Reduce, record_metric
 from forge.types import Episode
 
@@ -103,20 +104,24 @@ class EnvSampler(ForgeActor):
 
 
 async def _episodes(cfg: Any, services: Any, sample: dict[str, Any], n: int, sampling: dict[str, Any]
-                    ) -> list[Trajectory]:
+                    ) -> list[Trajectory | InfraError]:
+    """`n` episodes; one whose environment hit an infrastructure failure (a sandbox that cannot start)
+    comes back as its `InfraError`: never an episode scored as a wrong answer."""
     make, _, ro = env_setup(cfg)
     tok = services.tokenizer
 
     async def generate_fn(ids: list[int], sp: dict[str, Any]) -> Any:
         return await services.policy.generate.route(token_ids=ids, sampling=sp)
 
-    async def one() -> Trajectory:
+    async def one() -> Trajectory | InfraError:
         env = make()
         try:
             return await run_episode(generate_fn, env, sample, tok, max_turns=ro.max_turns,
                                      max_total_tokens=cfg.max_req_tokens + cfg.max_res_tokens,
                                      max_tokens_per_turn=ro.max_tokens_per_turn, sampling=sampling,
                                      max_response_tokens=cfg.max_res_tokens)
+        except InfraError as e:
+            return e
         finally:
             await env.close()
 
@@ -129,7 +134,14 @@ async def rollout_env_group(cfg: Any, services: Any, sample: int | dict[str, Any
     make, env_name, ro = env_setup(cfg)
     if isinstance(sample, int):
         sample = make().task.sample("train", sample)
-    trajs = await _episodes(cfg, services, sample, group_size, {})
+    results = await _episodes(cfg, services, sample, group_size, {})
+    failed = [r for r in results if isinstance(r, InfraError)]
+    if failed:  # the app counts these and drops the group (apps/grpo/support.py InfraErrors); nothing to train on
+        gid = f"env-infra-{time.time_ns()}"
+        return [Episode(metadata={"group_id": gid, "env": env_name,
+                                  **({"infra_error": f"InfraError: {r}"} if isinstance(r, InfraError) else {})})
+                for r in results]
+    trajs = [r for r in results if isinstance(r, Trajectory)]
     if any(t.stop_reason == "prompt_too_long" or len(t.prompt_ids) > cfg.max_req_tokens for t in trajs):
         record_metric(f"env/{env_name}/skipped_prompt_too_long", 1, Reduce.SUM)
         return []
@@ -167,8 +179,12 @@ async def evaluate_env(cfg: Any, services: Any, n: int) -> dict[str, float]:
     task = make().task
     samples = [task.sample(cfg.eval.split, i) for i in range(n)]
     sampling = {"temperature": cfg.eval.temperature}
-    trajs = [t for group in await asyncio.gather(*(_episodes(cfg, services, s, 1, sampling) for s in samples))
-             for t in group]
+    results = [t for group in await asyncio.gather(*(_episodes(cfg, services, s, 1, sampling) for s in samples))
+               for t in group]
+    trajs = [t for t in results if isinstance(t, Trajectory)]  # an infrastructure failure is no verdict
+    record_metric("eval/infra_errors", len(results) - len(trajs), Reduce.SUM)
+    if not trajs:
+        return {"eval/accuracy": float("nan")}
     rewards = [t.reward if ro.reward == "sum" else (t.rewards[-1] if t.rewards else 0.0) for t in trajs]
     n_ok = sum(float(r >= 1.0 - 1e-6) for r in rewards)
     record_metric("eval/num_samples", len(trajs), Reduce.MAX)
