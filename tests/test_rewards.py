@@ -438,3 +438,30 @@ def test_no_math_verify_timeout_warnings_in_reward_threads():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "Timeout is disabled" not in proc.stdout + proc.stderr
+
+
+def test_code_reward_sandbox_failure_is_an_infra_error_not_zero(monkeypatch):
+    """Issue 21: a sandbox that cannot start its interpreter raises InfraError (forge.envs.sandbox);
+    the code reward lets it through and the reward actor marks the item failed, never 0.0."""
+    import forge.envs.code as code_mod
+    from forge.actors.reward import RewardActor
+    from forge.envs.code import CodeReward
+    from forge.errors import InfraError
+
+    cause = f"sandbox: interpreter '/tmp/gone-{random.randint(0, 10**6)}/bin/python' not found"
+
+    def no_sandbox(*args, **kwargs):
+        raise InfraError(cause)
+
+    monkeypatch.setattr(code_mod, "run_python", no_sandbox)
+
+    async def main():
+        drain()
+        actor = await RewardActor.as_actor(reward_functions=[CodeReward()], isolation="thread")
+        items = await actor.evaluate.call_one(["p"], ["```python\ndef f():\n    return 1\n```"], [["assert f() == 1"]])
+        assert items[0]["failed"] and cause in items[0]["infra_error"]
+        assert items[0]["total"] != items[0]["total"]  # NaN, not 0.0
+        assert _reduced()["reward/infra_errors"] == 1
+        await actor.shutdown()
+
+    asyncio.run(main())
