@@ -217,9 +217,9 @@ def test_env_group_infra_failures_are_marked_and_dropped_never_scored():
     cfg.env = {**ENV, "rollout": {**ENV["rollout"], "reward_actor": True}}
 
     async def evaluate(prompts, responses, targets):
+        ok = {"total": 0.25, "breakdown": {"format": 0.25}, "failed": False, "infra_error": None}
         return [{"total": float("nan"), "breakdown": {"format": float("nan")}, "failed": True,
-                 "infra_error": "reward 'format': RuntimeError: down"}] + \
-               [{"total": 0.25, "breakdown": {"format": 0.25}, "failed": False, "infra_error": None}] * (len(responses) - 1)
+                 "infra_error": "reward 'format': RuntimeError: down"}] + [ok] * (len(responses) - 1)
 
     s.reward_actor = NS(evaluate=NS(route=evaluate))
     flaky = asyncio.run(rollout_env_group(cfg, s, 1, group_size=4))

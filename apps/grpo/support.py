@@ -280,8 +280,8 @@ class InfraErrors:
             frac = self.failed / self.seen
             if frac > self.max_fraction:
                 self.error = InfraError(
-                    f"{self.failed} of {self.seen} episodes ({frac:.0%}) hit infrastructure failures (reward/sandbox), over "
-                    f"reward.max_infra_error_fraction={self.max_fraction}; first cause: {self.cause}")
+                    f"{self.failed} of {self.seen} episodes ({frac:.0%}) hit infrastructure failures (reward/sandbox), "
+                    f"over reward.max_infra_error_fraction={self.max_fraction}; first cause: {self.cause}")
                 raise self.error
             self.seen = self.failed = 0
         return not causes

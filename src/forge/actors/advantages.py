@@ -20,8 +20,8 @@ class ComputeAdvantages(ForgeActor):
         """Advantages for one group: episodes (their `.reward`) or plain rewards."""
         rewards = [float(e.reward) if isinstance(e, Episode) else float(e) for e in group]  # type: ignore[arg-type]
         if lengths is None and group and isinstance(group[0], Episode):
-            lengths = [len(e.completion.token_ids) if e.completion is not None else e.response_len  # type: ignore[union-attr]
-                       for e in group]
+            lengths = [len(e.completion.token_ids) if e.completion is not None  # type: ignore[union-attr]
+                       else e.response_len for e in group]
         kw = dict(self.options)
         if lengths is not None:  # the methods that weigh by length (opo, reinforce_pp) read it; the others ignore it
             kw["lengths"] = list(lengths)

@@ -142,7 +142,8 @@ class RewardActor(ForgeActor):
                     return name, math.nan, f"timeout: {e}"
                 except Exception as e:  # noqa: BLE001 — a broken reward is reported on its item, never a score
                     # the workers' errors already read "<type>: <message>"
-                    msg = str(e) if isinstance(e, InfraError) and type(e) is not InfraError else f"{type(e).__name__}: {e}"
+                    own = isinstance(e, InfraError) and type(e) is not InfraError
+                    msg = str(e) if own else f"{type(e).__name__}: {e}"
                     return name, math.nan, msg
 
         c = self.combined

@@ -3,8 +3,9 @@
 The answer is read from `<answer>...</answer>` (`answer: last` (default) or `first`, which is
 torchforge's choice), else the last `\\boxed{}` (nested braces), else `#### x`, else the last
 number; an extracted answer over `max_answer_chars` (default 1000) is no answer (math-verify's
-parse time grows superlinearly with it). Only the last `max_chars` characters of a response are read (default 20000): answers come
-at the end, and a degenerate 100k-character rollout must not cost more than a normal one.
+parse time grows superlinearly with it). Only the last `max_chars` characters of a response are
+read (default 20000): answers come at the end, and a degenerate 100k-character rollout must not
+cost more than a normal one.
 
 Plain numbers (`$`, `,` and spaces stripped; scientific notation read: "1e6" == "1000000") are
 compared directly: exactly when the target is an integer (off by one is wrong, however large the
