@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 import statistics
 
 import pytest
@@ -75,12 +76,12 @@ def test_rloo_leave_one_out():
 def test_reinforce_pp_and_baselines():
     r, ids = grouped(3, 4)
     rv = [float(x) for x in r]
-    pp = compute_advantages(r, ids, "reinforce++")
+    pp = compute_advantages(r, ids, "reinforce++_response")  # the per-response form
     m, s = statistics.mean(rv), statistics.stdev(rv)
     for i, x in enumerate(rv):
         assert pp[i].item() == pytest.approx((x - m) / (s + 1e-4), rel=1e-10)
-    ppb = compute_advantages(r, ids, "reinforce_pp", group_baseline=True)
-    assert torch.equal(ppb, compute_advantages(r, ids, "reinforce++_baseline"))
+    ppb = compute_advantages(r, ids, "reinforce_pp_response", group_baseline=True)
+    assert torch.equal(ppb, compute_advantages(r, ids, "reinforce_pp_response_baseline"))
     centred = [0.0] * len(rv)
     for idx in members(ids).values():
         gm = statistics.mean(rv[i] for i in idx)
@@ -193,3 +194,41 @@ def test_advantage_errors():
         compute_advantages(torch.tensor([1.0, float("nan")]))
     with pytest.raises(ValueError, match="empty"):
         compute_advantages(torch.tensor([]))
+
+
+def test_reinforce_pp_whitens_over_tokens_like_verl_on_ragged_masks():
+    """REINFORCE++ as OpenRLHF/verl compute it: each response's reward on each of its tokens, then
+    masked whitening over all tokens (unbiased variance). Hand computation on a ragged [B, T] mask."""
+    import math
+
+    rng = random.Random()
+    B, T = 8, 24
+    rewards = [rng.uniform(-1, 2) for _ in range(B)]
+    lengths = [rng.randint(1, T) for _ in range(B)]
+    mask = [[1 if t < lengths[i] else 0 for t in range(T)] for i in range(B)]
+    for i in range(B):  # a ragged mask with holes (tool tokens), not just right padding
+        if lengths[i] > 3:
+            mask[i][1] = 0
+    counts = [sum(row) for row in mask]
+    toks = [rewards[i] for i in range(B) for t in range(T) if mask[i][t]]
+    mean = sum(toks) / len(toks)
+    var = sum((x - mean) ** 2 for x in toks) / (len(toks) - 1)
+    expected = [(rewards[i] - mean) / (math.sqrt(var) + 1e-4) for i in range(B)]
+    adv = compute_advantages(torch.tensor(rewards, dtype=torch.float64), None, "reinforce_pp", lengths=counts)
+    assert adv.tolist() == pytest.approx(expected, rel=1e-9)
+    # the per-response form stays under its own name, and differs
+    per_resp = compute_advantages(torch.tensor(rewards, dtype=torch.float64), None, "reinforce_pp_response")
+    m, s = statistics.mean(rewards), statistics.stdev(rewards)
+    assert per_resp.tolist() == pytest.approx([(r - m) / (s + 1e-4) for r in rewards], rel=1e-9)
+    if len(set(counts)) > 1:
+        assert not torch.allclose(adv, per_resp)
+    # baseline variant: group mean removed first, then token whitening
+    ids = [i // 4 for i in range(B)]
+    a = [rewards[i] - statistics.mean(rewards[4 * (i // 4): 4 * (i // 4) + 4]) for i in range(B)]
+    toks = [a[i] for i in range(B) for _ in range(counts[i])]
+    mean = sum(toks) / len(toks)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in toks) / (len(toks) - 1))
+    base = compute_advantages(torch.tensor(rewards, dtype=torch.float64), ids, "reinforce_pp_baseline", lengths=counts)
+    assert base.tolist() == pytest.approx([(x - mean) / (sd + 1e-4) for x in a], rel=1e-9)
+    with pytest.raises(ValueError, match="lengths"):
+        compute_advantages(torch.tensor(rewards), None, "reinforce_pp")

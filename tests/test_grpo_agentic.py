@@ -196,3 +196,42 @@ def test_grpo_raises_tool_task_success_rate(tmp_path):
     before, after = out["accuracy_before"], out["accuracy_after"]
     assert 0.1 < before < 0.7, f"the gold-demo warm-up should be partly correct, got {before}"
     assert after >= before + 0.1, f"GRPO did not raise the tool task's success rate: {before:.3f} -> {after:.3f}"
+
+
+def test_env_group_infra_failures_are_marked_and_dropped_never_scored():
+    """Issue 21: an environment/sandbox that cannot run (InfraError) or a reward actor item that failed
+    marks the episode failed; the app's InfraErrors drops the group, counts it, and stops past the limit."""
+    from apps.grpo.support import InfraErrors
+    from forge.errors import InfraError
+
+    class BrokenSandbox(OraclePolicy):
+        async def route(self, *, token_ids, sampling):
+            raise InfraError("sandbox: interpreter '/x/bin/python' not found")
+
+    cfg, s = fake_run(BrokenSandbox())
+    group = asyncio.run(rollout_env_group(cfg, s, 2, group_size=3))
+    assert len(group) == 3 and all("interpreter" in ep.metadata["infra_error"] for ep in group)
+    assert all(ep.reward is None for ep in group)  # no score at all, not 0.0
+
+    cfg, s = fake_run(OraclePolicy())
+    cfg.env = {**ENV, "rollout": {**ENV["rollout"], "reward_actor": True}}
+
+    async def evaluate(prompts, responses, targets):
+        ok = {"total": 0.25, "breakdown": {"format": 0.25}, "failed": False, "infra_error": None}
+        return [{"total": float("nan"), "breakdown": {"format": float("nan")}, "failed": True,
+                 "infra_error": "reward 'format': RuntimeError: down"}] + [ok] * (len(responses) - 1)
+
+    s.reward_actor = NS(evaluate=NS(route=evaluate))
+    flaky = asyncio.run(rollout_env_group(cfg, s, 1, group_size=4))
+    assert [bool(ep.metadata.get("infra_error")) for ep in flaky] == [True, False, False, False]
+
+    drain()
+    infra = InfraErrors(episodes_per_step=8, max_fraction=0.5)
+    assert infra.keep(flaky) is False  # 1 of 4: dropped, counted, under the limit
+    m = reduce_records(drain())
+    assert m["rollout/infra_error_episodes"] == 1 and m["rollout/infra_error_groups"] == 1
+    assert infra.keep(group) is False  # 4 of 7 seen: the step's window (8) is not full, no verdict yet
+    with pytest.raises(InfraError, match="7 of 10 .*first cause: reward 'format': RuntimeError: down"):
+        infra.keep(group)  # 7 of 10 > 0.5: stops with the first cause
+    with pytest.raises(InfraError):
+        infra.keep(flaky)  # and stays stopped

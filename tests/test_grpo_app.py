@@ -105,3 +105,54 @@ def test_monarch_fsdp_trainer_broadcasts_to_two_generator_replicas(tiny_model, t
     assert versions == [[s, s] for s in range(1, 5)]  # both replicas hold each step's weights
     trained = [r for r in metrics(run) if "rl_trainer/avg_loss" in r]
     assert len(trained) == 4 and all(r["time/weight_sync_s"] > 0 for r in trained)
+
+
+def flaky_math(prompt, response, target):
+    """The math reward, except that its backend "fails" on about one response in ten."""
+    import zlib
+
+    from forge.data.rewards import MathReward
+
+    if zlib.crc32(response.encode()) % 10 == 0:
+        raise RuntimeError("reward backend unreachable")
+    return MathReward()(prompt, response, target)
+
+
+def broken_reward(prompt, response, target):
+    raise RuntimeError("reward backend unreachable: connection refused")
+
+
+def test_reward_infra_errors_are_dropped_counted_and_reported(tiny_model, tmp_path):
+    """Issue 21: a reward that raises is never a 0.0 score: those episodes are not trained on, the
+    run counts them (reward/infra_errors, rollout/infra_error_episodes) and goes on under the limit."""
+    run = tmp_path / "flaky"
+    out = asyncio.run(main(config(
+        "--model", tiny_model, "--output_dir", str(run), "--steps", "3", "--eval.num_samples", "4",
+        "--local_batch_size", "16", "--advantage.filter_zero_variance", "false",
+        "--rewards", f'[{{"_target_": "{__name__}:flaky_math", "log_name": "math"}}]',
+        "--reward.isolation", "thread")))
+    assert out["steps"] == 3
+    rows = metrics(run)
+    assert sum(r.get("reward/infra_errors", 0) for r in rows) > 0
+    assert sum(r.get("rollout/infra_error_episodes", 0) for r in rows) > 0
+    samples = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()] \
+        if (run / "samples.jsonl").exists() else []
+    assert all(s["reward"] == s["reward"] for s in samples)  # no NaN (failed) episode was trained on
+
+
+def test_a_run_whose_rewards_all_fail_stops_with_the_cause(tiny_model, tmp_path):
+    from forge.controller import shutdown
+    from forge.errors import InfraError
+
+    async def run_it():
+        try:
+            await main(config(
+                "--model", tiny_model, "--output_dir", str(tmp_path / "broken"), "--steps", "3",
+                "--eval.num_samples", "4", "--local_batch_size", "16",
+                "--rewards", f'[{{"_target_": "{__name__}:broken_reward"}}]', "--reward.isolation", "thread"))
+        finally:
+            await shutdown()
+
+    with pytest.raises(InfraError, match="connection refused") as exc:
+        asyncio.run(run_it())
+    assert "max_infra_error_fraction" in str(exc.value)

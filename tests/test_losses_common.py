@@ -181,3 +181,29 @@ def test_build_loss_errors():
         build_loss({"clip_low": 1})
     with pytest.raises(TypeError, match="not an nn.Module"):
         build_loss("math.sqrt")
+
+
+def test_kl_abs_estimator_is_abs_log_ratio():
+    """verl's `abs` KL penalty: |log r| per token, >= 0, beside k1/k2/k3."""
+    lp, ref = torch.randn(3, 7, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64)
+    got = kl_penalty(lp, ref, "abs")
+    for i in range(3):
+        for t in range(7):
+            assert got[i, t].item() == pytest.approx(abs(ref[i, t].item() - lp[i, t].item()), rel=1e-12)
+    assert torch.equal(got, kl_penalty(lp, ref, "k1").abs())
+
+
+def test_grpo_config_names_only_advantage_methods_that_exist():
+    """apps/grpo/config.py's comment listed `pass_at_k`, which compute_advantages rejects."""
+    import re
+    from pathlib import Path
+
+    from forge.advantages import compute_advantages
+
+    src = (Path(__file__).parents[1] / "apps/grpo/config.py").read_text()
+    line = next(ln for ln in src.splitlines() if ln.strip().startswith("method: str ="))
+    names = [n.strip() for n in line.split("#", 1)[1].split("|")]
+    assert len(names) >= 8
+    for name in names:
+        assert re.fullmatch(r"[a-z_+]+", name), name
+        compute_advantages([0.0, 1.0], method=name, lengths=[2, 3], k=1, log_metrics=False)

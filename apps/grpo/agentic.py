@@ -31,6 +31,7 @@ import torch
 
 from forge.controller import ForgeActor, endpoint
 from forge.envs import Environment, Trajectory, env_factory, record_trajectory_metrics, run_episode
+from forge.errors import InfraError
 from forge.observability import Reduce, record_metric
 from forge.types import Episode
 
@@ -105,20 +106,24 @@ class EnvSampler(ForgeActor):
 
 
 async def _episodes(cfg: Any, services: Any, sample: dict[str, Any], n: int, sampling: dict[str, Any]
-                    ) -> list[Trajectory]:
+                    ) -> list[Trajectory | InfraError]:
+    """`n` episodes; one whose environment hit an infrastructure failure (a sandbox that cannot start)
+    comes back as its `InfraError`: never an episode scored as a wrong answer."""
     make, _, ro = env_setup(cfg)
     tok = services.tokenizer
 
     async def generate_fn(ids: list[int], sp: dict[str, Any]) -> Any:
         return await services.policy.generate.route(token_ids=ids, sampling=sp)
 
-    async def one() -> Trajectory:
+    async def one() -> Trajectory | InfraError:
         env = make()
         try:
             return await run_episode(generate_fn, env, sample, tok, max_turns=ro.max_turns,
                                      max_total_tokens=cfg.max_req_tokens + cfg.max_res_tokens,
                                      max_tokens_per_turn=ro.max_tokens_per_turn, sampling=sampling,
                                      max_response_tokens=cfg.max_res_tokens)
+        except InfraError as e:
+            return e
         finally:
             await env.close()
 
@@ -131,7 +136,14 @@ async def rollout_env_group(cfg: Any, services: Any, sample: int | dict[str, Any
     make, env_name, ro = env_setup(cfg)
     if isinstance(sample, int):
         sample = make().task.sample("train", sample)
-    trajs = await _episodes(cfg, services, sample, group_size, {})
+    results = await _episodes(cfg, services, sample, group_size, {})
+    failed = [r for r in results if isinstance(r, InfraError)]
+    if failed:  # the app counts these and drops the group (apps/grpo/support.py InfraErrors); nothing to train on
+        gid = f"env-infra-{time.time_ns()}"
+        return [Episode(metadata={"group_id": gid, "env": env_name,
+                                  **({"infra_error": f"InfraError: {r}"} if isinstance(r, InfraError) else {})})
+                for r in results]
+    trajs = [r for r in results if isinstance(r, Trajectory)]
     if any(t.stop_reason == "prompt_too_long" or len(t.prompt_ids) > cfg.max_req_tokens for t in trajs):
         record_metric(f"env/{env_name}/skipped_prompt_too_long", 1, Reduce.SUM)
         return []
@@ -140,16 +152,20 @@ async def rollout_env_group(cfg: Any, services: Any, sample: int | dict[str, Any
         finals = [next((m["content"] for m in reversed(t.messages) if m["role"] == "assistant"), "") for t in trajs]
         scores = await services.reward_actor.evaluate.route([sample.get("prompt", "")] * len(trajs), finals,
                                                             [sample.get("target")] * len(trajs))
-        extra = [{"reward_actor": float(sc["total"]), **sc["breakdown"]} for sc in scores]
+        extra = [{"reward_actor": float(sc["total"]), **sc["breakdown"],
+                  **({"infra_error": sc["infra_error"]} if sc.get("failed") else {})} for sc in scores]
     group_id = f"env-{sample.get('split', 'train')}-{sample.get('index', '?')}-{time.time_ns()}"
     group = []
     for traj, ex in zip(trajs, extra):
         ep = traj.to_episode(services.pad_id, request_len=len(traj.prompt_ids), response_len=len(traj.token_ids),
                              target=sample.get("target"), reward=ro.reward)
+        infra_error = ex.pop("infra_error", None) if ex else None
         if ex:
             ep.reward = float(ep.reward) + ex["reward_actor"]
             ep.reward_breakdown = {**ep.reward_breakdown, **ex}
         ep.metadata = {**ep.metadata, "group_id": group_id, "env": env_name}
+        if infra_error:  # the reward actor failed on it: the app drops it (apps/grpo/support.py InfraErrors)
+            ep.metadata["infra_error"] = infra_error
         record_trajectory_metrics(traj, env_name)
         record_metric("reward/total/mean", float(ep.reward), Reduce.MEAN)
         record_metric(f"reward/env/{env_name}/mean", float(ep.reward), Reduce.MEAN)
@@ -165,8 +181,12 @@ async def evaluate_env(cfg: Any, services: Any, n: int) -> dict[str, float]:
     task = make().task
     samples = [task.sample(cfg.eval.split, i) for i in range(n)]
     sampling = {"temperature": cfg.eval.temperature}
-    trajs = [t for group in await asyncio.gather(*(_episodes(cfg, services, s, 1, sampling) for s in samples))
-             for t in group]
+    results = [t for group in await asyncio.gather(*(_episodes(cfg, services, s, 1, sampling) for s in samples))
+               for t in group]
+    trajs = [t for t in results if isinstance(t, Trajectory)]  # an infrastructure failure is no verdict
+    record_metric("eval/infra_errors", len(results) - len(trajs), Reduce.SUM)
+    if not trajs:
+        return {"eval/accuracy": float("nan")}
     rewards = [t.reward if ro.reward == "sum" else (t.rewards[-1] if t.rewards else 0.0) for t in trajs]
     n_ok = sum(float(r >= 1.0 - 1e-6) for r in rewards)
     record_metric("eval/num_samples", len(trajs), Reduce.MAX)

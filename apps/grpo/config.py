@@ -73,11 +73,25 @@ class ReplayBufferSection:
 
 @dataclass
 class AdvantageSection:
-    method: str = "grpo"  # grpo | drgrpo | rloo | reinforce_pp | opo | pass_at_k | reinforce | gpg
+    method: str = "grpo"  # grpo | drgrpo | rloo | reinforce_pp | reinforce_pp_response | opo | passk | reinforce | gpg
     options: dict[str, Any] = field(default_factory=dict)  # e.g. {eps: 1e-4}
     filter_zero_variance: bool = False  # DAPO dynamic sampling: drop groups whose rewards are all equal
     # this many filtered groups in a row stop the run (constant rewards: nothing would ever train); 0: no bound
     max_consecutive_filtered: int = 200
+
+
+@dataclass
+class RewardSection:
+    """How the reward actor runs the `rewards`, and when its failures stop the run."""
+
+    timeout_s: float = 10.0  # per reward call; a call past it is stopped and counted as an infrastructure failure
+    isolation: str = "process"  # process (a hung call's worker is killed) | thread (cannot be stopped)
+    workers: int = 2  # reward worker processes per reward replica (isolation: process)
+    max_infra_error_fraction: float = 0.5  # more failed episodes than this in a step's worth stops the run
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_infra_error_fraction <= 1.0:
+            raise ValueError(f"reward.max_infra_error_fraction must be in [0, 1], got {self.max_infra_error_fraction}")
 
 
 @dataclass
@@ -203,6 +217,7 @@ class GRPOConfig:
     batch_timeout_s: float = 1800.0  # training waits this long for a batch with no rollout group completing, then stops
     loss: Any = field(default_factory=lambda: {"name": "grpo", "beta": 0.0})
     rewards: list[Any] = field(default_factory=lambda: [{"name": "math"}])
+    reward: RewardSection = field(default_factory=RewardSection)
     advantage: AdvantageSection = field(default_factory=AdvantageSection)
     dataset: dict[str, Any] = field(default_factory=dict)
     policy: Policy = field(default_factory=Policy)

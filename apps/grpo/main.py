@@ -27,6 +27,7 @@ from apps.grpo.config import GRPOConfig, load_grpo_config
 from apps.grpo.config import groups_per_step as groups_per_step_of
 from apps.grpo.supervision import RolloutSupervisor, wait_for_batch
 from apps.grpo.support import (
+    InfraErrors,
     RolloutBudget,
     build_services,
     evaluate,
@@ -103,6 +104,7 @@ async def _train(cfg: GRPOConfig, sync: dict[str, Any], resume: bool,
     checkpoint_interval = cfg.checkpoint_interval or cfg.trainer.checkpoint.interval
     budget = RolloutBudget(groups_per_step, ahead=cfg.off_by_n)
     budget.available = max(0, budget.available - restored_groups)  # run-ahead groups the checkpoint kept
+    infra = InfraErrors(groups_per_step * group_size, cfg.reward.max_infra_error_fraction)
     stop = asyncio.Event()
     recent: list[list[Episode]] = []
     sup = RolloutSupervisor(cfg.advantage.max_consecutive_filtered, cfg.batch_timeout_s)
@@ -136,9 +138,13 @@ async def _train(cfg: GRPOConfig, sync: dict[str, Any], resume: bool,
                     Episode(request=prompt, policy_version=c.generator_version, pad_id=s.pad_id,
                             request_len=len(c.prompt_ids), response_len=len(c.token_ids), target=target,
                             completion=c, reward=sc["total"], reward_breakdown=sc["breakdown"],
-                            metadata={"group_id": group_id})
+                            metadata={"group_id": group_id,
+                                      **({"infra_error": sc["infra_error"]} if sc.get("failed") else {})})
                     for c, sc in zip(completions, scores)
                 ]
+            if not infra.keep(group):  # a reward failed: never trained on; too many failures stop the run
+                budget.refund()
+                continue
             advantages = await s.compute_advantages.compute.call_one(group)
             for ep, adv in zip(group, advantages):
                 ep.advantage = adv
@@ -165,7 +171,8 @@ async def _train(cfg: GRPOConfig, sync: dict[str, Any], resume: bool,
         nonlocal step
         while step < max_steps:
             t0 = time.perf_counter()
-            # bounded: raises if the rollouts died, filter everything or the buffer was lost
+            # bounded: raises if the rollouts died (too many reward/sandbox failures among them) or
+            # filter everything, or the buffer was lost
             batch = await wait_for_batch(sup, lambda: s.replay_buffer.sample.call_one(curr_policy_version=step))
             if batch is None:
                 log.warning("the rollouts finished (dataset exhausted) after %d of %d steps", step, max_steps)

@@ -20,6 +20,7 @@ from apps.grpo.config import (
 from forge.actors import ComputeAdvantages, DatasetActor, Generator, ReferenceModel, ReplayBuffer, RewardActor, Trainer
 from forge.controller import NoHealthyReplicaError
 from forge.engine.config import EngineConfig
+from forge.errors import InfraError
 from forge.losses import build_loss
 from forge.observability import Reduce, record_metric
 
@@ -196,7 +197,9 @@ async def build_services(cfg: GRPOConfig, model_path: str, run_dir: Path,
             group_size=buffer_group_size(cfg), seed=rb.seed if rb.seed is not None else cfg.seed),
         ComputeAdvantages.options(**_opts(cfg.actors.compute_advantages)).as_actor(
             method=cfg.advantage.method, **cfg.advantage.options),
-        RewardActor.options(**_opts(cfg.services.reward_actor)).as_service(rewards=rewards),
+        RewardActor.options(**_opts(cfg.services.reward_actor)).as_service(
+            rewards=rewards, timeout_s=cfg.reward.timeout_s, isolation=cfg.reward.isolation,
+            process_workers=cfg.reward.workers),
     ]
     if needs_ref:  # skipped entirely when the loss has no KL term
         coros.append(ReferenceModel.options(**_opts(cfg.services.ref_model)).as_service(
@@ -257,11 +260,50 @@ async def evaluate(cfg: GRPOConfig, s: Services, step: int) -> dict[str, float]:
 
     results = await asyncio.gather(*(one(it) for it in s.eval_prompts))
     prompts, responses, targets = map(list, zip(*results))
-    scores = await s.reward_actor.evaluate.route(prompts, responses, targets, record=False)
+    scored = await s.reward_actor.evaluate.route(prompts, responses, targets, record=False)
+    scores = [sc for sc in scored if not sc.get("failed")]  # a failed reward is no verdict: left out, counted
+    record_metric("eval/infra_errors", len(scored) - len(scores), Reduce.SUM)
+    if not scores:
+        return {"eval/accuracy": float("nan")}
     correct = [float(sc["breakdown"].get(s.correct_key, 0.0) >= 1.0 - 1e-6) for sc in scores]
     acc = sum(correct) / len(correct)
     record_metric("eval/num_samples", len(correct), Reduce.MAX)
     return {"eval/accuracy": acc, "eval/reward_mean": sum(sc["total"] for sc in scores) / len(scores)}
+
+
+class InfraErrors:
+    """Episodes whose reward failed (`metadata["infra_error"]`: a reward raised or timed out, a
+    sandbox could not start): never trained on. A group holding one is dropped whole (the replay
+    buffer trains complete groups only) and another is drawn; `rollout/infra_error_episodes` and
+    `rollout/infra_error_groups` count them. Over each step's worth of scored episodes, a failed
+    fraction above `max_fraction` stops the run with the first cause seen (`error`, raised)."""
+
+    def __init__(self, episodes_per_step: int, max_fraction: float):
+        self.window, self.max_fraction = episodes_per_step, max_fraction
+        self.seen = self.failed = 0
+        self.cause: str | None = None
+        self.error: InfraError | None = None
+
+    def keep(self, group: list[Any]) -> bool:
+        """True when the group may be trained on; raises `InfraError` once the failures are too many."""
+        if self.error is not None:
+            raise self.error
+        causes = [ep.metadata["infra_error"] for ep in group if ep.metadata.get("infra_error")]
+        self.seen += len(group)
+        self.failed += len(causes)
+        if causes:
+            self.cause = self.cause or causes[0]
+            record_metric("rollout/infra_error_episodes", len(causes), Reduce.SUM)
+            record_metric("rollout/infra_error_groups", 1, Reduce.SUM)
+        if self.seen >= self.window:
+            frac = self.failed / self.seen
+            if frac > self.max_fraction:
+                self.error = InfraError(
+                    f"{self.failed} of {self.seen} episodes ({frac:.0%}) hit infrastructure failures (reward/sandbox), "
+                    f"over reward.max_infra_error_fraction={self.max_fraction}; first cause: {self.cause}")
+                raise self.error
+            self.seen = self.failed = 0
+        return not causes
 
 
 class RolloutBudget:

@@ -13,9 +13,14 @@ Methods (per group g with rewards r_1..r_n, mean m_g, std s_g; batch mean M, std
   torchforge; ``normalize_std=False`` gives Dr. GRPO)
 * ``drgrpo``: r_i - m_g                  (Liu et al. 2025, "Understanding R1-Zero-Like Training")
 * ``rloo``:  r_i - 1/(n-1) sum_{j!=i} r_j  (Ahmadian et al. 2024; leave-one-out; needs n >= 2)
-* ``reinforce_pp``: (r_i - M) / (S + eps)  (REINFORCE++, Hu 2025: global batch normalisation);
-  ``group_baseline=True`` (REINFORCE++-baseline): a_i = r_i - m_g, then (a_i - mean a) / (std a + eps)
-  over the batch
+* ``reinforce_pp``: REINFORCE++ (Hu 2025) as its reference implementations (OpenRLHF, verl's
+  ``masked_whiten``) compute it: every token of response i carries a_i = r_i, and the batch is
+  whitened over TOKENS, so a longer response weighs more. With l_i = ``lengths`` (response token
+  counts, required), L = sum l_i: M_tok = sum l_i a_i / L, V_tok = sum l_i (a_i - M_tok)^2 / (L - 1),
+  advantage (a_i - M_tok) / (sqrt(V_tok) + eps). ``group_baseline=True`` (REINFORCE++-baseline,
+  alias ``reinforce_pp_baseline``): a_i = r_i - m_g first.
+* ``reinforce_pp_response``: the same over responses, each weighing 1: (a_i - mean a) / (std a + eps)
+  (forge's earlier ``reinforce_pp``; ``group_baseline`` as above)
 * ``opo``:   r_i - sum_j l_j r_j / sum_j l_j   (Hao et al. 2025, "On-Policy RL with Optimal reward
   Baseline"; ``lengths`` = response lengths l_i)
 * ``passk``: the analytic pass@k advantage of Chen et al. 2025, "Pass@k Training for Adaptively
@@ -39,12 +44,16 @@ from torch import Tensor
 
 from forge.observability import Reduce, record_metric
 
-METHODS = ("grpo", "drgrpo", "rloo", "reinforce_pp", "opo", "passk", "reinforce", "gpg")
+METHODS = ("grpo", "drgrpo", "rloo", "reinforce_pp", "reinforce_pp_response", "opo", "passk", "reinforce", "gpg")
+# methods that read `lengths` (response token counts)
+USES_LENGTHS = ("reinforce_pp", "opo")
 _ALIASES = {
     "grpo": "grpo", "drgrpo": "drgrpo", "dr_grpo": "drgrpo", "dr.grpo": "drgrpo", "rloo": "rloo",
     "reinforce_pp": "reinforce_pp", "reinforce++": "reinforce_pp", "reinforcepp": "reinforce_pp",
     "reinforce_plus_plus": "reinforce_pp", "reinforce_pp_baseline": "reinforce_pp_baseline",
-    "reinforce++_baseline": "reinforce_pp_baseline", "opo": "opo", "passk": "passk",
+    "reinforce++_baseline": "reinforce_pp_baseline", "reinforce_pp_response": "reinforce_pp_response",
+    "reinforce++_response": "reinforce_pp_response", "reinforce_pp_response_baseline": "reinforce_pp_response_baseline",
+    "opo": "opo", "passk": "passk",
     "pass@k": "passk", "grpo_passk": "passk", "reinforce": "reinforce", "gpg": "gpg",
 }
 
@@ -153,6 +162,15 @@ def passk_advantages(rewards: Tensor, k: int) -> Tensor:
 # ----------------------------------------------------------------------------- entry point
 
 
+def _lengths(lengths: Tensor | Sequence[int], r: Tensor, method: str) -> Tensor:
+    l = torch.as_tensor(lengths, dtype=r.dtype).reshape(-1)
+    if l.numel() != r.numel():
+        raise ValueError(f"shape mismatch: lengths has {l.numel()} entries but rewards has {r.numel()}")
+    if bool((l <= 0).any()):
+        raise ValueError(f"{method} lengths must be > 0")
+    return l.to(r.device)
+
+
 def compute_advantages(
     rewards: Tensor | Sequence[float],
     group_ids: Tensor | Sequence[Hashable] | None = None,
@@ -171,8 +189,8 @@ def compute_advantages(
     key = _ALIASES.get(method.lower().replace("-", "_")) if isinstance(method, str) else None
     if key is None:
         raise ValueError(f"unknown advantage method {method!r}; valid: {', '.join(METHODS)}")
-    if key == "reinforce_pp_baseline":
-        key, group_baseline = "reinforce_pp", True
+    if key in ("reinforce_pp_baseline", "reinforce_pp_response_baseline"):
+        key, group_baseline = key.removesuffix("_baseline"), True
     r, idx, shape = _flatten(rewards, group_ids)
     mean, std, cnt, zero_var_g = _group_stats(r, idx)
     if not unbiased_std:
@@ -194,6 +212,16 @@ def compute_advantages(
             raise ValueError("rloo needs every group to have >= 2 samples (leave-one-out baseline)")
         adv = (r - mean) * cnt / (cnt - 1)
     elif key == "reinforce_pp":
+        if lengths is None:
+            raise ValueError("reinforce_pp whitens over tokens and needs lengths= (response token counts); "
+                             "reinforce_pp_response normalises over responses instead")
+        a = r - mean if group_baseline else r
+        w = _lengths(lengths, r, "reinforce_pp")
+        n_tok = w.sum()
+        m_tok = (w * a).sum() / n_tok
+        var = (w * (a - m_tok) ** 2).sum() / (n_tok - 1).clamp(min=1)  # unbiased, as verl's masked_var
+        adv = (a - m_tok) / (var.sqrt() + eps)
+    elif key == "reinforce_pp_response":
         a = r - mean if group_baseline else r
         s = a.std() if a.numel() > 1 else torch.zeros((), dtype=a.dtype)
         adv = (a - a.mean()) / (s + eps)
@@ -202,13 +230,8 @@ def compute_advantages(
     elif key == "opo":
         if lengths is None:
             raise ValueError("opo needs lengths= (response lengths, one per reward)")
-        l = torch.as_tensor(lengths, dtype=r.dtype).reshape(-1)
-        if l.numel() != r.numel():
-            raise ValueError(f"shape mismatch: lengths has {l.numel()} entries but rewards has {r.numel()}")
-        if bool((l <= 0).any()):
-            raise ValueError("opo lengths must be > 0")
+        l = _lengths(lengths, r, "opo")
         g = int(idx.max()) + 1
-        l = l.to(r.device)
         num = r.new_zeros(g).index_add(0, idx, l * r)
         den = r.new_zeros(g).index_add(0, idx, l)
         adv = r - (num / den)[idx]

@@ -11,7 +11,8 @@ from forge.types import Episode
 
 class ComputeAdvantages(ForgeActor):
     def __init__(self, method: str = "grpo", **options: Any):
-        compute_advantages([0.0, 1.0], method=method, log_metrics=False, **options)  # fail at start on a bad method/option
+        # fail at start on a bad method/option
+        compute_advantages([0.0, 1.0], method=method, lengths=[1, 1], log_metrics=False, **options)
         self.method, self.options = method, options
 
     @endpoint
@@ -19,8 +20,9 @@ class ComputeAdvantages(ForgeActor):
         """Advantages for one group: episodes (their `.reward`) or plain rewards."""
         rewards = [float(e.reward) if isinstance(e, Episode) else float(e) for e in group]  # type: ignore[arg-type]
         if lengths is None and group and isinstance(group[0], Episode):
-            lengths = [len(e.completion.token_ids) if e.completion is not None else 0 for e in group]  # type: ignore[union-attr]
+            lengths = [len(e.completion.token_ids) if e.completion is not None  # type: ignore[union-attr]
+                       else e.response_len for e in group]
         kw = dict(self.options)
-        if self.method in ("opo",) and lengths is not None:
+        if lengths is not None:  # the methods that weigh by length (opo, reinforce_pp) read it; the others ignore it
             kw["lengths"] = list(lengths)
         return compute_advantages(rewards, method=self.method, **kw).tolist()

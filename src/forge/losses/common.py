@@ -30,8 +30,9 @@ from forge.observability import Reduce, record_metric
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
-KL_ESTIMATORS = ("k1", "k2", "k3")
-_KL_ALIASES = {"k1": "k1", "kl": "k1", "k2": "k2", "mse": "k2", "k3": "k3", "low_var": "k3", "low_var_kl": "k3"}
+KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
+_KL_ALIASES = {"k1": "k1", "kl": "k1", "k2": "k2", "mse": "k2", "k3": "k3", "low_var": "k3", "low_var_kl": "k3",
+               "abs": "abs"}
 METRIC_PREFIX = "loss"
 
 
@@ -82,6 +83,7 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") ->
     * ``k1`` = -log r                 (unbiased, high variance, can be negative)
     * ``k2`` = (log r)^2 / 2          (biased, low variance)
     * ``k3`` = (r - 1) - log r        (unbiased, low variance, >= 0; GRPO's; alias ``low_var``)
+    * ``abs`` = |log r|               (biased, >= 0; verl's ``abs`` kl_penalty)
     """
     est = _KL_ALIASES.get(estimator.lower()) if isinstance(estimator, str) else None
     if est is None:
@@ -91,6 +93,8 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") ->
         return -log_r
     if est == "k2":
         return 0.5 * log_r.square()
+    if est == "abs":
+        return log_r.abs()
     return torch.exp(log_r) - 1 - log_r
 
 

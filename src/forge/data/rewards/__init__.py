@@ -10,6 +10,8 @@ from forge.data.rewards.combine import (
 )
 from forge.data.rewards.format import FormatReward, LengthPenalty, LengthReward, ThinkingReward
 from forge.data.rewards.math import MathReward, math_equal
+from forge.data.rewards.workers import RewardCallError, RewardTimeout, RewardWorkers
 
 __all__ = ["REWARDS", "CombinedReward", "FormatReward", "LengthPenalty", "LengthReward", "MathReward",
-           "TaskReward", "ThinkingReward", "build_rewards", "load_reward", "math_equal", "reward_name"]
+           "RewardCallError", "RewardTimeout", "RewardWorkers", "TaskReward", "ThinkingReward", "build_rewards",
+           "load_reward", "math_equal", "reward_name"]

@@ -20,16 +20,26 @@ class ThinkingReward:
 
     def __post_init__(self) -> None:
         t = re.escape(self.tag)
-        self._block = re.compile(rf"<\s*{t}\s*>(.*?)<\s*/\s*{t}\s*>", re.IGNORECASE | re.DOTALL)
-        self._any_tag = re.compile(rf"<\s*/?\s*{t}\s*>", re.IGNORECASE)
+        # `<\s*(/\s*)?tag\s*>`: one way to match each whitespace run (a `\s*/?\s*` would try every split
+        # of a long run: quadratic on a degenerate rollout)
+        self._tags = re.compile(rf"<\s*(/\s*)?{t}\s*>", re.IGNORECASE)
 
     def __call__(self, prompt: str, response: str, target: Any = None) -> float:
+        # One pass over the tags, pairing them as the lazy `<think>(.*?)</think>` of torchforge does
+        # (an open tag inside an open block is content); linear even with thousands of unclosed tags.
         response = response or ""
-        if any(m.strip() for m in self._block.findall(response)):
-            return self.full_reward
-        if self._any_tag.search(response):
-            return self.partial_reward
-        return 0.0
+        seen = False
+        open_end: int | None = None
+        for m in self._tags.finditer(response):
+            seen = True
+            if m.group(1) is None:
+                if open_end is None:
+                    open_end = m.end()
+            elif open_end is not None:
+                if response[open_end:m.start()].strip():
+                    return self.full_reward
+                open_end = None
+        return self.partial_reward if seen else 0.0
 
 
 @dataclass
@@ -39,7 +49,9 @@ class FormatReward:
     `fullmatch=True` demands that the whole (stripped) response matches.
     """
 
-    pattern: str = r"<answer>.*?</answer>"
+    # no `<answer>` between the tags: each start scans only to the next `<answer>`, so unclosed tags cost
+    # linear time; for `search` it matches exactly when `<answer>.*?</answer>` does
+    pattern: str = r"<answer>(?:(?!<answer>).)*?</answer>"
     reward: float = 1.0
     penalty: float = 0.0
     fullmatch: bool = False
