@@ -21,7 +21,8 @@ import torch
 
 from apps.sft.config import SFTConfig, load_sft_config
 from forge.config import compose, parse_cli, to_container
-from forge.data.datasets import PromptDataset
+from forge.config.help import format_help, wants_help, without_help
+from forge.data.datasets import DatasetConfig, PromptDataset
 from forge.models.logprobs import compute_logprobs
 from forge.observability import MetricLogger, Reduce, build_backends, record_metric
 
@@ -237,8 +238,13 @@ def run_sft(cfg: SFTConfig, resume: bool = False, quiet: bool = False) -> dict[s
 
 def cli(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    parsed = parse_cli(sys.argv[1:] if argv is None else argv, flags=("resume",))
+    argv = sys.argv[1:] if argv is None else argv
+    parsed = parse_cli(without_help(argv), flags=("resume",))
     cfg, report = load_sft_config(to_container(compose(parsed, DEFAULT_CONFIG)))
+    if wants_help(argv):
+        print(format_help("forge sft", __doc__, SFTConfig, cfg, DEFAULT_CONFIG.parent, {"dataset": DatasetConfig},
+                          {"resume": "continue the last run in output_dir"}, DEFAULT_CONFIG), end="")
+        return {}
     if report.unused:
         print("config keys forge accepts but does not use: " + ", ".join(report.unused))
     return run_sft(cfg, resume=parsed.flags.get("resume", False))
