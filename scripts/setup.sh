@@ -40,8 +40,10 @@ try:
     from packaging.specifiers import SpecifierSet
 except ImportError:
     from pip._vendor.packaging.specifiers import SpecifierSet
-import torch
-v = torch.__version__
+import importlib.metadata, torch  # noqa: F401  (it must import, not just be listed)
+# the distribution's version (what pip compares): PyPI's CUDA wheel is "2.14.1" while its
+# torch.__version__ says "2.14.1+cu130"
+v = importlib.metadata.version("torch")
 if SpecifierSet(spec[len("torch"):]).contains(v.split("+")[0], prereleases=True):
     print(v)
 EOF
