@@ -8,8 +8,9 @@
 # Which torch (the one large download), in this order:
 #   (c) the venv, or the interpreter it is made from (PYTHON, else python3 on PATH: the active
 #       environment), already imports a torch inside pyproject's range: it is kept, never
-#       replaced. A new venv then sees it through --system-site-packages, and the install runs
-#       under a constraint torch==<that version>, so a conflict fails instead of swapping it.
+#       replaced. A new venv then sees that environment's site-packages (a .pth file), and the
+#       install runs under a constraint torch==<that version>, so a conflict fails instead of
+#       swapping it.
 #   FORGE_TORCH set: that requirement, e.g. FORGE_TORCH="torch==2.14.1" (with
 #       PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu for a CPU-only build).
 #   (a) pip's find-links (pip config) hold a torch wheel for this Python: that exact one. On this
@@ -53,11 +54,17 @@ if [ ! -x "$venv/bin/python" ]; then
   "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
     || { echo "setup.sh: forge needs Python >= 3.11; $py is $("$py" -V 2>&1). Set PYTHON=/path/to/python3.11" >&2; exit 1; }
   have=$(torch_in_range "$py")
+  "$py" -m venv "$venv"
   if [ -n "$have" ]; then
-    echo "setup.sh: $py already has torch $have: $venv reuses it (--system-site-packages)"
-    "$py" -m venv --system-site-packages "$venv"
-  else
-    "$py" -m venv "$venv"
+    # --system-site-packages would not do: when $py is itself a venv's python it exposes the base
+    # interpreter's packages, not that venv's. A .pth file appends the site-packages that hold
+    # the torch (after .venv's own): pip sees it as installed, and never uninstalls anything
+    # there (outside .venv's prefix).
+    sp=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    "$py" -c 'import os, site, torch
+paths = [os.path.dirname(os.path.dirname(torch.__file__))] + site.getsitepackages()
+print("\n".join(dict.fromkeys(p for p in paths if os.path.isdir(p))))' > "$sp/zz_forge_torch_env.pth"
+    echo "setup.sh: $py already has torch $have: $venv reuses it (through $sp/zz_forge_torch_env.pth)"
   fi
 fi
 vpy="$venv/bin/python"
