@@ -10,7 +10,8 @@
 # --ignore-installed` with fast-deps, which reads each wheel's metadata through HTTP range
 # requests: a few MB in all instead of the multi-GB CUDA torch and its nvidia-* wheels.
 #
-# Resolved: `.` and `.[dev]`, each with the torch the resolver picks and with every requirement
+# Resolved: `.` and `.[dev]`, each with the torch the resolver picks (the same for both, or run.sh
+# and test.sh would fight over one venv) and with every requirement
 # in FORGE_CHECK_TORCH (default: torch==2.13.0, the CPU wheel this project's machines carry).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +30,7 @@ vpy="$tmp/venv/bin/python"
 echo "check_install.sh: $("$vpy" -m pip --version | cut -d' ' -f1-2), public registry only ($("$vpy" -m pip config list | tr '\n' ' '))"
 
 fail=0
+torch_picked=""
 check() {  # label, requirements...
   local label=$1; shift
   local t0=$SECONDS rc=0
@@ -46,13 +48,22 @@ import json, sys
 names = {"torch", "triton", "transformers", "torchmonarch", "openenv-core"}
 got = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.load(open(sys.argv[1]))["install"]}
 print(f"{len(got)} packages; " + ", ".join(f"{n} {got[n]}" for n in sorted(names) if n in got))
+open(sys.argv[1] + ".torch", "w").write(got.get("torch", ""))
 EOF
 )
   echo "ok    $label: $picked ($((SECONDS - t0)) s)"
+  torch_picked=$(cat "$tmp/report.json.torch")
 }
 
 check "runtime" .
+runtime_torch=$torch_picked
 check "dev" ".[dev]"
+# run.sh then test.sh share one venv: extras that only resolve with an older torch than the
+# runtime's (the resolver backtracks silently) would conflict there
+if [ $fail -eq 0 ] && [ "$torch_picked" != "$runtime_torch" ]; then
+  echo "FAIL  the dev extras resolve only with torch $torch_picked; the runtime install takes torch $runtime_torch"
+  fail=1
+fi
 for req in ${FORGE_CHECK_TORCH-torch==2.13.0}; do
   check "runtime, $req" . "$req"
   check "dev, $req" ".[dev]" "$req"
