@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 
 from forge.config import load_config
+from forge.config.help import format_help, wants_help, without_help
 from forge.controller import ForgeActor, endpoint, init_provisioner, shutdown
 from forge.observability import MetricLogger, Reduce, build_backends, record_metric
 
@@ -157,7 +158,11 @@ async def run(cfg: DemoConfig) -> list[dict[str, float]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg, _, _ = load_config(sys.argv[1:] if argv is None else argv, DemoConfig, default_yaml=DEFAULT_YAML)
+    argv = sys.argv[1:] if argv is None else argv
+    cfg, _, _ = load_config(without_help(argv), DemoConfig, default_yaml=DEFAULT_YAML)
+    if wants_help(argv):
+        print(format_help("forge demo", __doc__, DemoConfig, cfg, DEFAULT_YAML.parent, default_yaml=DEFAULT_YAML), end="")
+        return
     history = asyncio.run(run(cfg))
     first, last = history[0], history[-1]
     print(f"[demo] reward/mean {first['reward/mean']:.3f} -> {last['reward/mean']:.3f} "

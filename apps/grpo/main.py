@@ -37,8 +37,11 @@ from apps.grpo.support import (
     write_learning_curve,
 )
 from forge.config import compose, parse_cli, run_cli, to_container
+from forge.config.help import format_help, wants_help, without_help
 from forge.controller import ReplicaLostError, init_provisioner, shutdown
 from forge.data.collate import collate_episodes
+from forge.data.datasets import DatasetConfig
+from forge.engine.config import EngineConfig, SamplingParams
 from forge.observability import MetricLogger, Reduce, build_backends, drain, record_metric, truncate_jsonl
 from forge.trainer.checkpoint import latest_checkpoint
 from forge.types import Episode
@@ -50,6 +53,9 @@ from forge.types import Group  # noqa: F401
 
 log = logging.getLogger("forge.grpo")
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
+# dict-typed blocks and the dataclasses that validate them (validate_sections), listed in --help
+HELP_SECTIONS = {"dataset": DatasetConfig, "policy.engine_args": EngineConfig,
+                 "policy.sampling_params": SamplingParams}
 
 
 async def main(cfg: GRPOConfig, resume: bool = False,
@@ -326,8 +332,12 @@ def cli(argv: list[str] | None = None) -> dict:
 
 
 def _cli(argv: list[str]) -> dict:
-    parsed = parse_cli(argv, flags=("resume",))
+    parsed = parse_cli(without_help(argv), flags=("resume",))
     cfg, report = load_grpo_config(to_container(compose(parsed, DEFAULT_CONFIG)))
+    if wants_help(argv):
+        print(format_help("forge grpo", __doc__, GRPOConfig, cfg, DEFAULT_CONFIG.parent, HELP_SECTIONS,
+                          {"resume": "continue the last run in output_dir"}, DEFAULT_CONFIG), end="")
+        return {}
     if report.unused:
         print("config keys forge accepts but does not use: " + ", ".join(report.unused))
     for note in report.notes:

@@ -21,7 +21,8 @@ import torch
 
 from apps.sft.config import SFTConfig, load_sft_config
 from forge.config import compose, parse_cli, run_cli, to_container
-from forge.data.datasets import PromptDataset
+from forge.config.help import format_help, wants_help, without_help
+from forge.data.datasets import DatasetConfig, PromptDataset
 from forge.models.logprobs import compute_logprobs
 from forge.observability import MetricLogger, Reduce, build_backends, record_metric
 
@@ -241,8 +242,12 @@ def cli(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _cli(argv: list[str]) -> dict[str, Any]:
-    parsed = parse_cli(argv, flags=("resume",))
+    parsed = parse_cli(without_help(argv), flags=("resume",))
     cfg, report = load_sft_config(to_container(compose(parsed, DEFAULT_CONFIG)))
+    if wants_help(argv):
+        print(format_help("forge sft", __doc__, SFTConfig, cfg, DEFAULT_CONFIG.parent, {"dataset": DatasetConfig},
+                          {"resume": "continue the last run in output_dir"}, DEFAULT_CONFIG), end="")
+        return {}
     if report.unused:
         print("config keys forge accepts but does not use: " + ", ".join(report.unused))
     for note in report.notes:
