@@ -23,7 +23,8 @@ def _load_module():
 
 def test_load_smoke(tmp_path):
     out = tmp_path / "load.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    path = [str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "load.py"), "--smoke", "--out", str(out)],
                        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
