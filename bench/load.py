@@ -8,7 +8,8 @@ timed from its own start to its answer. Reported: throughput (calls / wall secon
 p50/p99/max latency, errors (any exception or a wrong answer; must be 0) and memory: RSS of
 this process and of every process it spawned (monarch procs), before the first wave, after it,
 and after a second identical wave. Growth in the first wave is buffers reaching their working
-size; growth in the second wave is what a leak looks like (it should be ~0).
+size; growth in the second wave is what a leak looks like (it should be ~0). Metric records are
+taken after each wave (as the training loop does each step; they are buffered until then).
 
 The trivial service echoes its argument; the reward service is `RewardActor` with the math
 reward, scoring a random integer answer against a random target (each call's expected score
@@ -31,7 +32,8 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from forge.actors.reward import RewardActor
-from forge.controller import ForgeActor, endpoint, init_provisioner, shutdown
+from forge.controller import ForgeActor, endpoint, get_provisioner, init_provisioner, shutdown
+from forge.observability.metrics import drain
 
 
 class Echo(ForgeActor):
@@ -137,15 +139,24 @@ async def _reward_service(replicas: int) -> tuple[Any, Callable[[int], Awaitable
 SERVICES = {"echo": _echo_service, "reward": _reward_service}
 
 
+async def _flush_metrics() -> int:
+    """What MetricLogger.flush does each training step: take every metric record (this process's
+    and the services'). Records are kept until then, so without it memory grows with the calls."""
+    return len(drain()) + len(await get_provisioner().collect_metrics())
+
+
 async def bench_one(backend: str, service: str, calls: int, replicas: int) -> dict[str, Any]:
     init_provisioner(backend)
     try:
         svc, call = await SERVICES[service](replicas)
         await wave(call, min(100, calls))  # warm-up: connections, imports, first-call paths
+        await _flush_metrics()
         mem0 = memory_mib()
         first = await wave(call, calls)
+        first["metric_records"] = await _flush_metrics()
         mem1 = memory_mib()
         second = await wave(call, calls)
+        second["metric_records"] = await _flush_metrics()
         mem2 = memory_mib()
     finally:
         await shutdown()
