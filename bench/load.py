@@ -1,7 +1,7 @@
 """Load: N concurrent `route()` calls to a trivial service and to the reward service, per provisioner.
 
     python bench/load.py [--calls 10000] [--replicas 2] [--backends local monarch] [--out load.json]
-    python bench/load.py --smoke          # 500 calls, local only (what tests/test_bench_load.py runs)
+    python bench/load.py --smoke [--backends monarch]   # 500 calls (what tests/test_bench_load.py runs)
 
 Per (backend, service): all `--calls` calls are started at once (one `asyncio.gather`), each
 timed from its own start to its answer. Reported: throughput (calls / wall seconds of the wave),
@@ -199,13 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=10_000, help="concurrent route() calls per wave")
     ap.add_argument("--replicas", type=int, default=2, help="replicas per service")
-    ap.add_argument("--backends", nargs="+", default=["local", "monarch"], choices=["local", "monarch"])
+    ap.add_argument("--backends", nargs="+", choices=["local", "monarch"], help="default: both (--smoke: local)")
     ap.add_argument("--services", nargs="+", default=list(SERVICES), choices=list(SERVICES))
-    ap.add_argument("--smoke", action="store_true", help="500 calls, local backend only (CI)")
+    ap.add_argument("--smoke", action="store_true", help="500 calls, local backend unless --backends (CI)")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.calls, args.backends = 500, ["local"]
+        args.calls = 500
+    args.backends = args.backends or (["local"] if args.smoke else ["local", "monarch"])
     if args.calls < 1 or args.replicas < 1:
         ap.error("--calls and --replicas must be >= 1")
 
