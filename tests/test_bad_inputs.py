@@ -215,6 +215,19 @@ def run_resume(cfg):
 
 
 @case
+def resume_with_every_checkpoint_corrupt(ctx: Ctx):
+    # was None: `--resume` warned "no checkpoint" and trained from scratch
+    import shutil
+
+    ck = ctx.tmp / "ck_corrupt"
+    shutil.copytree(ctx.run_dir / "checkpoints", ck)
+    victim = max((f for f in (ck / "step_1").iterdir() if f.suffix == ".distcp"), key=lambda f: f.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: RNG.randint(1, victim.stat().st_size - 1)])
+    return CheckpointError, rf"none of the 1 checkpoints in '.*ck_corrupt' can be loaded: step 1: .*{victim.name}", \
+        lambda: _engine(ck).load()
+
+
+@case
 def disk_full_during_checkpoint_write(ctx: Ctx):
     # a writer failing midway (after DCP wrote part of the shards) with ENOSPC; on a copy of the run
     import shutil

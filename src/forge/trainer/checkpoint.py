@@ -289,12 +289,18 @@ def _torch_load(f: Path) -> Any:
 def resume_latest(root: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                   scheduler: Any = None) -> dict[str, Any] | None:
     """Load the newest loadable checkpoint, falling back to older ones (with a warning) when a
-    newer one turns out to be corrupt. None when there is none."""
+    newer one turns out to be corrupt. None when there is none; when there are some but none
+    loads, an error listing why (resuming must never quietly become a fresh start)."""
+    failures = []
     for step, path in reversed(list_checkpoints(root)):
         try:
             out = load_checkpoint(path, model, optimizer, scheduler)
             out["path"] = path
             return out
         except CheckpointError as e:
+            failures.append(f"step {step}: {e}")
             log.warning("cannot resume from step %d: %s; trying the previous checkpoint", step, e)
+    if failures:
+        raise CheckpointError(f"none of the {len(failures)} checkpoints in '{root}' can be loaded: "
+                              + "; ".join(failures))
     return None
