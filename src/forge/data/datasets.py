@@ -191,8 +191,12 @@ class PromptDataset:
             request = messages[-1]["content"]
         out["request"] = request
         out["prompt"] = prompt
-        if "target" in mapped:
+        if "target" in mapped and mapped["target"] is not None:
             out["target"] = format_target(mapped["target"], cfg.target_format, where=f"{self.where} target")
+        elif self.require_target:
+            # str(None) would make "None" the answer every reward scores against
+            raise DatasetError(f"{self.where}: a row has no value in its target column "
+                               f"{self._columns.get('target', 'target')!r} (prompt: {prompt[:80]!r})")
         else:
             out["target"] = None
         return out

@@ -26,6 +26,7 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen2": {"tie_word_embeddings": False, "rope_theta": 10000.0, "rms_norm_eps": 1e-6},
     "qwen3": {"tie_word_embeddings": False, "rope_theta": 10000.0, "rms_norm_eps": 1e-6},
 }
+REQUIRED_HF_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 _defaults_reported: set[tuple[str, str]] = set()  # (config file, key): say each default once
 
 
@@ -108,6 +109,12 @@ class ModelArgs:
             "eos_token_id", "pad_token_id", "torch_dtype",
         }
         kw = {k: cfg[k] for k in known if k in cfg and cfg[k] is not None}
+        # the shapes have no default worth taking: ModelArgs' toy ones only turn a missing key into
+        # a baffling weight-shape mismatch later
+        missing = [k for k in REQUIRED_HF_KEYS if k not in kw]
+        if missing:
+            raise ValueError(f"{source}: missing required field(s) {missing} (the model's shapes; "
+                             f"a {family} config.json from transformers always has them)")
         if "rope_theta" not in kw and isinstance(cfg.get("rope_parameters"), dict):
             # transformers >= 5 writes rope settings under rope_parameters
             rp = dict(cfg["rope_parameters"])

@@ -2,6 +2,7 @@
 
 from forge.trainer.checkpoint import (
     CheckpointError,
+    CheckpointMismatchError,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -22,6 +23,7 @@ from forge.trainer.step import SFTLoss, sft_loss
 __all__ = [
     "CheckpointConfig",
     "CheckpointError",
+    "CheckpointMismatchError",
     "LRSchedulerConfig",
     "OptimizerConfig",
     "SFTLoss",

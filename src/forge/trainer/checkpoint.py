@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -151,13 +152,18 @@ def save_checkpoint(
         tmp.mkdir()
     _barrier()
     msd, osd = get_state_dict(model, optimizer)
-    with warnings.catch_warnings():  # single-process save is intended when there is no group
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
-    torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
-    if rank == 0:
-        torch.save({"step": step, "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "extra": extra or {}, "world_size": world}, tmp / STATE_FILE)
+    try:
+        with warnings.catch_warnings():  # single-process save is intended when there is no group
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+        torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+        if rank == 0:
+            torch.save({"step": step, "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                        "extra": extra or {}, "world_size": world}, tmp / STATE_FILE)
+    except (Exception, CheckpointException) as e:  # e.g. a full disk: the previous checkpoints stay as they are
+        shutil.rmtree(tmp, ignore_errors=True)  # give back the space the partial write took
+        raise CheckpointError(f"saving checkpoint step {step} to '{tmp}' failed: {_dcp_cause(e)}; "
+                              f"the previous checkpoints are untouched") from e
     _barrier()
     if rank == 0:
         files = {}
@@ -203,6 +209,39 @@ def prune(root: str | Path, keep_last_n: int) -> list[Path]:
     return removed
 
 
+class CheckpointMismatchError(ValueError):
+    """A good checkpoint of another model: not corruption, so resuming never falls back past it
+    to an older one (or to a fresh start)."""
+
+
+def _dcp_cause(e: BaseException) -> str:
+    """The first rank's own exception, not DCP's wrapper with every rank's traceback."""
+    if isinstance(e, CheckpointException) and e.failures:
+        rank, (exc, _) = next(iter(e.failures.items()))
+        return f"rank {rank}: {type(exc).__name__}: {exc}"
+    return f"{type(e).__name__}: {e}"
+
+
+def _check_shapes(path: Path, model_sd: dict[str, Any]) -> None:
+    """Compare the model's parameter shapes with the checkpoint's before DCP reads anything."""
+    try:
+        meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as e:  # noqa: BLE001 — unreadable metadata is corruption
+        raise CheckpointError(f"checkpoint '{path}': DCP metadata is unreadable ({type(e).__name__}: {e})") from e
+    stored = {k[len("model."):]: m for k, m in meta.items() if k.startswith("model.")}
+    missing = sorted(k for k in model_sd if k not in stored)
+    wrong = [(k, tuple(stored[k].size), tuple(v.shape)) for k, v in model_sd.items()
+             if k in stored and hasattr(stored[k], "size") and tuple(stored[k].size) != tuple(v.shape)]
+    extra = sorted(k for k in stored if k not in model_sd)
+    if missing or extra or wrong:
+        what = [f"'{k}': checkpoint {a}, model {b}" for k, a, b in wrong[:3]]
+        for label, keys in (("missing from the checkpoint", missing), ("not in the model", extra)):
+            if keys:
+                what.append(f"{label}: {keys[:3]}{' ...' if len(keys) > 3 else ''}")
+        raise CheckpointMismatchError(f"checkpoint '{path}' holds another model shape than the one configured: "
+                                      + "; ".join(what) + " (same model config as the run that saved it?)")
+
+
 def load_checkpoint(
     path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
     restore_rng: bool = True,
@@ -216,12 +255,13 @@ def load_checkpoint(
         state = {"model": msd, "optim": osd}
     else:
         state = {"model": get_model_state_dict(model)}
+    _check_shapes(path, state["model"])
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, checkpoint_id=str(path))
-    except Exception as e:
-        raise CheckpointError(f"checkpoint '{path}' could not be read by DCP: {type(e).__name__}: {e}") from e
+    except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+        raise CheckpointError(f"checkpoint '{path}' could not be read by DCP: {_dcp_cause(e)}") from e
     if optimizer is not None:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:
@@ -249,12 +289,18 @@ def _torch_load(f: Path) -> Any:
 def resume_latest(root: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                   scheduler: Any = None) -> dict[str, Any] | None:
     """Load the newest loadable checkpoint, falling back to older ones (with a warning) when a
-    newer one turns out to be corrupt. None when there is none."""
+    newer one turns out to be corrupt. None when there is none; when there are some but none
+    loads, an error listing why (resuming must never quietly become a fresh start)."""
+    failures = []
     for step, path in reversed(list_checkpoints(root)):
         try:
             out = load_checkpoint(path, model, optimizer, scheduler)
             out["path"] = path
             return out
         except CheckpointError as e:
+            failures.append(f"step {step}: {e}")
             log.warning("cannot resume from step %d: %s; trying the previous checkpoint", step, e)
+    if failures:
+        raise CheckpointError(f"none of the {len(failures)} checkpoints in '{root}' can be loaded: "
+                              + "; ".join(failures))
     return None
