@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
@@ -12,17 +11,11 @@ from forge.models import build_tiny_model, compute_logprobs, save_model, load_mo
 from forge.trainer.parallel import apply_fsdp  # the one FSDP2 wrapping: the trainer's
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def gloo_group():
+def gloo_group(free_port):
     if not dist.is_available():
         pytest.skip("torch.distributed unavailable")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         yield
     finally:
