@@ -80,7 +80,7 @@ class FusedDecodeRunner:
     def _want_fold(self) -> bool:
         """EngineConfig.fold_norms: None = on for the fused decode on CUDA when the folded copies of the
         q/k/v and gate/up weights take <= 1 GiB (small models, where the norm launches are a visible
-        share of a step; bench/NOTES_generate.md) and the gate/up projections have no bias."""
+        share of a step; docs/perf/NOTES_generate.md) and the gate/up projections have no bias."""
         want = self.config.fold_norms
         if want is False:
             return False
@@ -125,7 +125,7 @@ class FusedDecodeRunner:
         in place before the first real prompt, instead of costing its step ~60 ms; with prefill
         graphs on, that chunk's bucket (rows x 128 tokens, the shape a full chunk of short prompts
         takes) is captured here too, instead of costing the first such step ~30 ms
-        (bench/NOTES_generate.md). k/v of the zero tokens land in the scratch block 0."""
+        (docs/perf/NOTES_generate.md). k/v of the zero tokens land in the scratch block 0."""
         t = min(128, self.max_model_len)
         b = max(1, self.config.max_num_batched_tokens // t)
         t0 = time.perf_counter()

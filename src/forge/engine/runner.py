@@ -275,7 +275,7 @@ class ModelRunner(FusedDecodeRunner):
         cur.wait_stream(side)
         self._prefill_pool = self._prefill_pool or graph.pool()
         t2 = time.perf_counter()
-        # host seconds: what a first prefill of this bucket costs on top of a replay (bench/NOTES_generate.md)
+        # host seconds: what a first prefill of this bucket costs on top of a replay (docs/perf/NOTES_generate.md)
         self.prefill_capture_log.append({"rows": b, "tokens": t, "warmup_ms": (t1 - t0) * 1e3,
                                          "capture_ms": (t2 - t1) * 1e3})
         log.info("captured a prefill CUDA graph for %d rows x %d tokens (%.0f ms)", b, t, (t2 - t0) * 1e3)
