@@ -5,13 +5,13 @@
 
 Every layer has its own cache (24 layers, as in the model) and one CUDA graph calls the kernel once
 per layer, so each call reads its K/V from HBM. Timing one layer's cache repeatedly leaves its
-33-50 MB in the 50 MB L2 of an H100/H200 and flatters every variant (bench/NOTES_generate.md).
+33-50 MB in the 50 MB L2 of an H100/H200 and flatters every variant (docs/perf/NOTES_generate.md).
 
 Variants: context splits, warps, pipeline stages, tokens per iteration, any forge.engine.kernels setting
 (`--settings`), the cache block layout (`--layouts`: the kernel takes the cache's strides), and with
 `--folded` the prologue of the engine's default step (folded norm's row scale + q/k/v bias). Each row:
 us per layer and the KV bytes read per second; outputs are checked against the first variant. Sweep batch x context
-to separate a launch's fixed cost from its per-block cost (bench/NOTES_generate.md). Two kv heads
+to separate a launch's fixed cost from its per-block cost (docs/perf/NOTES_generate.md). Two kv heads
 per program, TMA loads of cache blocks and a hand-written register prefetch were measured with this
 script and dropped (commit 312631f), as was issuing the first block's loads before the RoPE
 prologue (1.4 us slower per layer).
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from forge.engine.timing import graph_time_us  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernel_settings  # noqa: E402
+import _record  # noqa: E402  (bench/_record.py: commit, command, device, date in every result file)
 
 
 def setup(b: int, ctx: int, layers: int, dev: torch.device, dtype: torch.dtype, hq=14, hkv=2, d=64, bs=64,
@@ -142,7 +142,7 @@ def main() -> None:
         print(f"| {b} x {ctx} | {name} | {best['us_per_layer']} | {best['kv_GBps']} | "
               f"{base[0]['us_per_layer'] if base else '-'} |")
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
+        _record.write_json(args.out, results, indent=1)
 
 
 if __name__ == "__main__":

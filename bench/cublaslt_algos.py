@@ -18,7 +18,6 @@ whether a search wider than the heuristic's list finds faster kernels.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from forge.engine.cublaslt import GemmTuner, LtMatmul  # noqa: E402
 from forge.engine.timing import graph_time_us  # noqa: E402
+import _record  # noqa: E402  (bench/_record.py: commit, command, device, date in every result file)
 
 SHAPES = {"qkv": (1152, 896, True), "o": (896, 896, False), "gate_up": (9728, 896, False),
           "down": (896, 4864, False), "lm_head": (151936, 896, False)}
@@ -88,7 +88,7 @@ def main() -> None:
         wd = f"{wide['us']:.2f}" if wide else "-"
         print(f"| {name} | {base:.2f} | {h} | {wd} | {wide['config'] if wide else ''} |")
     if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=1))
+        _record.write_json(args.out, res, indent=1)
 
 
 def wide_search(name, lt, x, w_, b_, out, ref, layers, budget_s, res) -> dict | None:

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from forge.engine import kernels as K  # noqa: E402
 from forge.engine.timing import graph_time_us  # noqa: E402
+import _record  # noqa: E402  (bench/_record.py: commit, command, device, date in every result file)
 
 CONFIGS = [(4096, 1, 8), (4096, 2, 8), (8192, 1, 16), (2048, 4, 8), (16384, 1, 16)]
 
@@ -93,7 +93,7 @@ def main() -> None:
         print(f"{name:20}: {us:6.2f} us per layer (transposed vs plain rel err {err:.1e})", flush=True)
     folded_norm_costs(res, b, dev)
     if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=1))
+        _record.write_json(args.out, res, indent=1)
 
 
 def folded_norm_costs(res: dict, b: int, dev: torch.device, ctx: int = 384, layers: int = 24) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from forge.engine.fused import FusedDecode  # noqa: E402
 from forge.engine.timing import graph_time_us  # noqa: E402
 from forge.models.args import ModelArgs  # noqa: E402
 from forge.models.decoder import CausalLM  # noqa: E402
+import _record  # noqa: E402  (bench/_record.py: commit, command, device, date in every result file)
 
 
 def build(layers: int, vocab: int, dev: torch.device) -> CausalLM:
@@ -152,7 +152,7 @@ def main() -> None:
             for t in step.tuners + ([step.head_tuner] if step.head_tuner else []):
                 t.close()
     if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=1))
+        _record.write_json(args.out, res, indent=1)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.grpo_step import SHAPES, write_checkpoint  # noqa: E402
+import _record  # noqa: E402  (bench/_record.py: commit, command, device, date in every result file)
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}  # relative, on the loss
 
@@ -107,7 +107,7 @@ def main() -> None:
               f"s/step 1 proc {r['step_s_1']:.3f}, {a.procs} procs {r[f'step_s_{a.procs}']:.3f}; "
               f"{'PASS' if r['passed'] else 'FAIL'} (tol {r['tolerance']:g})")
     if a.out:
-        Path(a.out).write_text(json.dumps(results, indent=2))
+        _record.write_json(a.out, results, indent=2)
         print(f"wrote {a.out}")
     if not ok:
         raise SystemExit(1)

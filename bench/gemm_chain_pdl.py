@@ -3,7 +3,7 @@
     python bench/gemm_chain_pdl.py --out pdl.json      # one GPU (sm_90+), bf16, M=256
 
 A decode step at M=256 is a chain of ~150 short kernels, each of which pays a ramp-up (launch, first
-tile loads) and a tail; the GEMMs spend 2-4 us of their 4-10 us that way (bench/NOTES_generate.md).
+tile loads) and a tail; the GEMMs spend 2-4 us of their 4-10 us that way (docs/perf/NOTES_generate.md).
 With PDL a kernel is launched while its predecessor still runs and waits (griddepcontrol.wait) only
 before it reads the predecessor's output: its launch, and any loads that do not depend on that output
 (the weights), overlap the predecessor. cuBLAS kernels do not take part, so the engine cannot use it
@@ -39,6 +39,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from forge.engine.timing import graph_time_us  # noqa: E402
+import _record  # noqa: E402  (bench/_record.py: commit, command, device, date in every result file)
 
 
 @triton.jit
@@ -148,7 +149,7 @@ def main() -> None:
         res["chains"][name] = row
         print(json.dumps(row), flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=1))
+        _record.write_json(args.out, res, indent=1)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import time
 import traceback
@@ -39,6 +38,7 @@ from forge.models.decoder import CausalLM  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernel_settings import apply as apply_kernel_settings  # noqa: E402
 from kernel_settings import parse as parse_kernel_settings  # noqa: E402
+import _record  # noqa: E402  (bench/_record.py: commit, command, device, date in every result file)
 
 
 def qwen25_05b(smoke: bool) -> ModelArgs:
@@ -96,7 +96,7 @@ def build_model(args: ModelArgs, dev: torch.device, dtype: torch.dtype) -> Causa
     return model.to(dtype).eval()
 
 
-# engine settings per variant: each switches on one more optimisation (bench/NOTES_generate.md)
+# engine settings per variant: each switches on one more optimisation (docs/perf/NOTES_generate.md)
 VARIANTS = {
     "baseline": dict(fused_decode=False, fast_sampler=False, compile=False, overlap_decode=False),
     "compile": dict(fused_decode=False, fast_sampler=False, compile=True, overlap_decode=False),
@@ -105,7 +105,7 @@ VARIANTS = {
     "fused+overlap": dict(fused_prefill=False),
     "fused+overlap+prefill": dict(prefill_cuda_graphs=False),
     # kernel-config alternatives (module attributes of forge.engine.kernels), e.g.
-    # "attn-2blocks": dict(kernels=dict(ATTN_BLOCKS=2, ATTN_WARPS=8)) (slower on the H100: NOTES_generate.md)
+    # "attn-2blocks": dict(kernels=dict(ATTN_BLOCKS=2, ATTN_WARPS=8)) (slower on the H100: docs/perf/NOTES_generate.md)
     # one program per (sequence, kv head), the attention before flash-decoding splits (same at B=256;
     # compare at a long context: --num-seqs 16 --new-tokens 4096)
     "no-split": dict(kernels=dict(ATTN_MAX_SPLITS=1)),
@@ -603,7 +603,7 @@ def main() -> int:
     for e in res.get("forge_errors", []) + ([res["hf_error"]] if "hf_error" in res else []):
         print(e, file=sys.stderr)
     if o.out:
-        Path(o.out).write_text(json.dumps(res, indent=2))
+        _record.write_json(o.out, res, indent=2)
     return 0 if res["forge"] else 1
 
 

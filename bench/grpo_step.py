@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+import _record  # noqa: E402  (bench/_record.py: commit, command, device, date in every result file)
 
 SHAPES = {
     "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -176,7 +177,7 @@ def main() -> None:
                 per_mode[mode] = res
                 results["shapes"][shape] = per_mode
                 if a.out:  # after every mode: a run cut short still leaves what it measured
-                    Path(a.out).write_text(json.dumps(results, indent=2))
+                    _record.write_json(a.out, results, indent=2)
             if {"sync", "async"} <= set(per_mode):
                 per_mode["async_speedup"] = per_mode["sync"]["s_per_step"] / per_mode["async"]["s_per_step"]
             results["shapes"][shape] = per_mode
@@ -196,7 +197,7 @@ def main() -> None:
         if "async_speedup" in per_mode:
             print(f"{shape:<14}async speed-up: {per_mode['async_speedup']:.2f}x")
     if a.out:
-        Path(a.out).write_text(json.dumps(results, indent=2))
+        _record.write_json(a.out, results, indent=2)
         print(f"wrote {a.out}")
 
 

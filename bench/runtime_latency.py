@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import statistics
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from forge.controller import ForgeActor, endpoint, init_provisioner, shutdown
+import _record  # noqa: E402  (bench/_record.py: commit, command, device, date in every result file)
 
 
 class Echo(ForgeActor):
@@ -120,8 +120,7 @@ def main() -> None:
     for n, r in res["monarch_spawn"].items():
         print(f"{n:>14}{r['spawn_s']:>10.2f}{r['shutdown_s']:>12.2f}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=2)
+        _record.write_json(args.out, res, indent=2)
         print(f"\nwrote {args.out}")
 
 

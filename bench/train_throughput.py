@@ -12,7 +12,7 @@ chunked log-prob helper (no [N, V] float32 logits); HF runs its standard `labels
 
 Variants: hf-eager-sdpa, forge-eager-sdpa, forge-compile-sdpa (per-block torch.compile), *-cg (the same with
 CUDA graphs, mode="reduce-overhead"), *-flex (FlexAttention; with --packed a document block mask),
-forge-compilefull-* (whole forward as one graph). Results and measurements: bench/NOTES_train.md.
+forge-compilefull-* (whole forward as one graph). Results and measurements: docs/perf/NOTES_train.md.
 
 MFU = tokens/s * ModelArgs.flops_per_token(seq) / peak (6 * matmul params incl. lm_head + causal
 attention; the embedding gather is not counted). `mfu_incl_emb` also counts the embedding table as
@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from forge.models import CausalLM, ModelArgs, enable_activation_checkpointing, logprobs_from_hidden, maybe_compile  # noqa: E402
 from forge.models.attention import make_training_attention  # noqa: E402
+import _record  # noqa: E402  (bench/_record.py: commit, command, device, date in every result file)
 
 # *-cg: per-block compile with CUDA graphs (mode="reduce-overhead"): fixed shapes, one GPU (not with FSDP)
 # forge-compilefull-*: the whole CausalLM.forward as one graph (no faster here; kept to compare)
@@ -412,7 +413,7 @@ def micro(args: ModelArgs, a, device) -> None:
             rec(f"flex fwd+bwd {label} {json.dumps(opts) if opts else 'default'}", f, attn_flops if label == "causal" else 0)
 
     if a.out:
-        a.out.write_text(json.dumps(out, indent=1))
+        _record.write_json(a.out, out, indent=1)
 
 
 def main(argv: list[str] | None = None) -> list[Result]:
@@ -477,9 +478,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
 
     def write_json():
         if a.out:  # rewritten after every variant, so a run cut short keeps what it measured
-            a.out.write_text(json.dumps({"device": dev_name, "model_args": asdict(args), "batch": a.batch, "seq": a.seq,
+            _record.write_json(a.out, {"device": dev_name, "model_args": asdict(args), "batch": a.batch, "seq": a.seq,
                                          "steps": a.steps, "peak_tflops": a.peak_tflops, "torch": torch.__version__,
-                                         "results": [asdict(r) for r in results]}, indent=2))
+                                         "results": [asdict(r) for r in results]}, indent=2)
 
     for prec in a.precision.split(","):
         for v in variants:

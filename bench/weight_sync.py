@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from forge.models.args import ModelArgs  # noqa: E402
 from forge.models.decoder import CausalLM  # noqa: E402
+import _record  # noqa: E402  (bench/_record.py: commit, command, device, date in every result file)
 
 QWEN25_05B = dict(family="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
@@ -173,7 +174,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['path']:34s} {r['seconds'] * 1e3:10.2f} {100 * r['fraction_of_step']:9.2f}% {r['GB_per_s']:8.2f}")
     if a.out:
-        Path(a.out).write_text(json.dumps(result, indent=1))
+        _record.write_json(a.out, result, indent=1)
 
 
 if __name__ == "__main__":

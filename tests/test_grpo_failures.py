@@ -33,13 +33,6 @@ def run(cfg, on_step=None):
     return asyncio.run(asyncio.wait_for(main(cfg, on_step=on_step), BOUND_S))
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    from forge.models.tiny import write_tiny_checkpoint
-
-    return str(write_tiny_checkpoint(tmp_path_factory.mktemp("m") / "tiny", "qwen2", seed=0))
-
-
 def _patch_generate(monkeypatch, before):
     """Wrap Generator.generate (the local provisioner runs it in this process): `before(self, n)`
     runs first on every call."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -69,17 +68,11 @@ SERVER = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, free_port):
     d = tmp_path_factory.mktemp("openenv_server")
     (d / "guess_server.py").write_text(SERVER)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(d), "ENABLE_WEB_INTERFACE": "false", "NO_PROXY": "*"}
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "guess_server:app", "--host", "127.0.0.1", "--port",
                              str(port), "--log-level", "warning"], cwd=d, env=env, stdout=subprocess.PIPE,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
 
 import pytest
 import torch
@@ -16,12 +15,6 @@ from forge.trainer.testing import random_rl_batch
 CFG = {"model": {"tiny": "qwen2", "seed": 0}, "loss": {"name": "grpo", "beta": 0.0, "agg": "seq-mean-token-mean"},
        "optimizer": {"lr": 1e-3}, "training": {"max_tokens_per_microbatch": 24}}
 STEPS = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int, seed: int, out: str) -> None:
@@ -47,8 +40,8 @@ def _worker(rank: int, port: int, seed: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_fsdp_two_ranks_equal_one_rank(tmp_path):
-    seed, port = int(torch.randint(0, 10_000, (1,))), _free_port()
+def test_fsdp_two_ranks_equal_one_rank(tmp_path, free_port):
+    seed, port = int(torch.randint(0, 10_000, (1,))), free_port()
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_worker, args=(r, port, seed, str(tmp_path))) for r in range(2)]
     for p in procs:

@@ -16,8 +16,11 @@ import torch
 class Completion:
     """One sampled answer to one prompt, as the generator returns it.
 
-    `logprobs[i]` is the log-probability of `token_ids[i]` under the distribution the
-    generator actually sampled from (see `forge.engine.sampling`).
+    `logprobs[i]` is log_softmax(logits / temperature)[token_ids[i]] over the FULL vocabulary:
+    temperature-scaled, but not truncated or renormalised by top-k/top-p/min-p (what a trainer
+    recomputes from its own logits); greedy requests: log_softmax(logits). With
+    `SamplingParams(truncated_logprobs=True)` they are under the truncated, renormalised
+    distribution actually drawn from instead (see `forge.engine.config.SamplingParams`).
     """
 
     prompt: str

@@ -147,10 +147,6 @@ class Trainer(ForgeActor):
         out = await asyncio.to_thread(self.engine.forward_logprobs, inputs, targets)
         return out.cpu()
 
-    @endpoint
-    async def get_step(self) -> int:
-        return self.engine.step
-
     # ------------------------------------------------------------------ checkpoints
     @endpoint
     async def save(self, step: int | None = None, extra: dict[str, Any] | None = None) -> str:

@@ -81,7 +81,8 @@ class SamplingParams:
     but *without* the top-k/top-p/min-p truncation and renormalisation (that is what a trainer
     recomputes from its own logits). For greedy requests, log_softmax(logits)[token].
     With `truncated_logprobs=True` they are instead the log-probabilities under the truncated,
-    renormalised distribution actually drawn from.
+    renormalised distribution actually drawn from. (The same statement is on
+    `forge.types.Completion`; tests/test_logprob_contract.py checks both.)
     """
 
     temperature: float = 1.0

@@ -3,7 +3,7 @@
 torch runs each GEMM with the first algorithm cuBLASLt's heuristic proposes for its shape. At a
 decode batch of a few hundred rows that pick is often not the fastest: timing the heuristic's other
 candidates on this GPU measured 4-10% faster kernels for the Qwen2.5-0.5B decode GEMMs
-(bench/cublaslt_algos.py, bench/NOTES_generate.md). The decode step's shapes are fixed (one per
+(bench/cublaslt_algos.py, docs/perf/NOTES_generate.md). The decode step's shapes are fixed (one per
 CUDA-graph batch size), so `GemmTuner` times the candidates once, before the graphs are captured,
 over the model's own weights (every layer's, so each is read from HBM as in a decode step), and
 keeps an algorithm only where it beats `F.linear` by a margin; everything else stays `F.linear`.

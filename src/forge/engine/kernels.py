@@ -440,7 +440,7 @@ def silu_mul(g: torch.Tensor, u: torch.Tensor, out: torch.Tensor | None = None, 
     return o
 
 
-# tuned on an H100 for B=256, ctx ~384, GQA 7:1, head_dim 64 (bench/NOTES_generate.md)
+# tuned on an H100 for B=256, ctx ~384, GQA 7:1, head_dim 64 (docs/perf/NOTES_generate.md)
 ATTN_TOKENS = 64  # tokens per iteration when the block size is not 32/64/128
 ATTN_BLOCKS = 1  # else whole cache blocks per iteration (1 or 2)
 ATTN_WARPS = 4
@@ -448,7 +448,7 @@ ATTN_STAGES = 2
 # split (flash-decoding) launches: each program walks a long context, so the next iteration's block-table
 # entry is loaded one iteration ahead, with 3 pipeline stages. H200, every layer's cache read once from
 # HBM: 16 x 4096 at 8 splits 24.7 -> 19.1 us/layer; at B=256 x 384 (1 split) it costs 1.5%, so it is
-# off there (bench/NOTES_generate.md)
+# off there (docs/perf/NOTES_generate.md)
 ATTN_PREFETCH_TABLE = True
 ATTN_STAGES_SPLIT = 3
 

@@ -69,7 +69,7 @@ def build_model(spec: dict[str, Any], device: torch.device) -> CausalLM:
 def merge_batch(parts: list[dict[str, Any]], rank: int, world: int, who: str) -> dict[str, Any]:
     """torchforge sends one dict per data-parallel rank; forge sends one dict to every rank."""
     if not isinstance(parts, (list, tuple)) or not parts or not all(isinstance(p, dict) for p in parts):
-        raise TypeError(f"{who} must be a non-empty list of dicts (DESIGN.md trainer batch), got {type(parts).__name__}")
+        raise TypeError(f"{who} must be a non-empty list of dicts (see 'Trainer batch' in docs/CONTRACTS.md), got {type(parts).__name__}")
     if len(parts) == 1:
         return parts[0]
     if len(parts) == world:

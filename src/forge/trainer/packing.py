@@ -26,10 +26,6 @@ class PackedSeq:
     tokens: Tensor  # [L] real tokens, prompt first
     n_prompt: int  # index of the first scored token (>= 1)
 
-    @property
-    def n_scored(self) -> int:
-        return self.tokens.numel() - self.n_prompt
-
 
 @dataclass
 class MicroBatch:
