@@ -20,20 +20,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import json
 import os
 import platform
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from forge.actors.reward import RewardActor
-from forge.controller import ForgeActor, endpoint, get_provisioner, init_provisioner, shutdown
-from forge.observability.metrics import drain
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _record  # noqa: E402  (bench/_record.py: commit, command, device, date in every result file)
+from forge.actors.reward import RewardActor  # noqa: E402
+from forge.controller import ForgeActor, endpoint, get_provisioner, init_provisioner, shutdown  # noqa: E402
+from forge.observability.metrics import drain  # noqa: E402
 
 
 class Echo(ForgeActor):
@@ -165,18 +164,8 @@ async def bench_one(backend: str, service: str, calls: int, replicas: int) -> di
             "memory_before_mib": mem0, "memory_after_mib": mem2, "memory_growth_mib": growth}
 
 
-def _commit() -> str:
-    try:
-        root = Path(__file__).resolve().parent
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "") if sha else "unknown"
-    except OSError:
-        return "unknown"
 
-
-def _device() -> dict[str, Any]:
+def _machine() -> dict[str, Any]:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
             "loadavg_at_start": load}
@@ -211,9 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--calls and --replicas must be >= 1")
 
     res: dict[str, Any] = {
-        "commit": _commit(), "command": " ".join([sys.executable, *sys.argv] if argv is None else ["load.py", *argv]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": _device(), "results": [],
+        "machine": _machine(), "results": [],
     }
     for backend in args.backends:
         for service in args.services:
@@ -221,11 +208,11 @@ def main(argv: list[str] | None = None) -> int:
             res["results"].append(r)
             print(f"{backend}/{service}: {r['wave1']['calls_per_s']:.0f} calls/s, errors "
                   f"{r['wave1']['errors'] + r['wave2']['errors']}", flush=True)
-    res["device"]["loadavg_at_end"] = os.getloadavg()
+    res["machine"]["loadavg_at_end"] = os.getloadavg()
     print_table(res["results"])
     print("(² = the second identical wave; its memory growth is the leak figure)")
     if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=2))
+        _record.write_json(args.out, res, indent=2)  # with commit, command, device, date
         print(f"\nwrote {args.out}")
     return 1 if any(r[w]["errors"] for r in res["results"] for w in ("wave1", "wave2")) else 0
 

@@ -18,18 +18,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import json
 import platform
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT), str(ROOT / "bench")]
 
+import _record  # noqa: E402  (bench/_record.py: commit, command, device, date in every result file)
 from forge.data.rewards import MathReward, RewardTimeout, RewardWorkers, ThinkingReward  # noqa: E402
 
 WORDS = ["so", "we", "get", "then", "the", "sum", "is", "therefore", "multiply", "by", "and", "divide", "hence"]
@@ -65,12 +63,6 @@ def adversarial(n: int) -> dict[str, str]:
         "nested_braces": "\\boxed{" + "{" * (n // 2) + "}" * (n // 2 - 1),
     }
 
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def bench_inline(fn, items: list[tuple[str, str]], min_time: float) -> dict:
@@ -128,11 +120,8 @@ async def run(args: argparse.Namespace) -> dict:
     finally:
         await workers.close()
     return {
-        "commit": _commit(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "device": f"{platform.processor() or platform.machine()} ({platform.node()}), CPU only, "
+        "setup": f"{platform.processor() or platform.machine()} ({platform.node()}), CPU only, "
                   f"{args.workers} reward worker processes",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "timeout_s": args.timeout_s,
         "rows": rows,
     }
@@ -158,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     result["adversarial_within_timeout"] = not bad
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    _record.write_json(out, result, indent=2)  # with commit, command, device, date
     print(f"wrote {out}")
     if bad:
         print(f"over the {args.timeout_s}s timeout: {', '.join(bad)}")

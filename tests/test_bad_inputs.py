@@ -9,9 +9,9 @@ its checkpoint still loads. Loaders and actors are called directly (no whole GRP
 
 Reward cases: a reward that raises / hangs / returns NaN or a non-number must be NAMED in what
 the caller sees (the error, or the item's `errors` on main today). Whether its total may be a
-plain 0.0 (indistinguishable from a wrong answer) is being changed concurrently (rewards that
-fail become `forge.errors.InfraError`-marked failures); `test_failed_reward_is_not_a_silent_zero`
-asserts the new behaviour and is marked xfail (not strict) until that lands.
+plain 0.0 (indistinguishable from a wrong answer) is settled (rewards that
+fail are `forge.errors.InfraError`-marked failures); `test_failed_reward_is_not_a_silent_zero`
+asserts that.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from forge.models.tokenizer import load_tokenizer, tiny_tokenizer_path
 from forge.trainer import CheckpointError, latest_checkpoint
 from forge.trainer.engine import TrainEngine
 from forge.trainer.testing import random_rl_batch
-from test_grpo_failures import config, run, tiny_model  # noqa: F401 — tiny_model is a fixture
+from test_grpo_failures import config, run  # tiny_model: the conftest fixture
 
 RNG = random.Random()  # fresh inputs each run; the failing seed is in the assertion message
 SEED = RNG.randrange(10**6)
@@ -319,9 +319,6 @@ def test_failing_reward_is_named(kind):
     assert re.search(what, item["errors"][name], re.I), item["errors"]
 
 
-@pytest.mark.xfail(reason="issue 26 / concurrent reward change: on main a reward that raises scores 0.0, "
-                          "the same total as a wrong answer (the failure is only in the breakdown's errors)",
-                   strict=False)
 def test_failed_reward_is_not_a_silent_zero():
     try:
         total = asyncio.run(_evaluate(FlakyJudge()))

@@ -34,7 +34,8 @@ def _smoke(tmp_path, *argv: str) -> tuple[subprocess.CompletedProcess, dict]:
 
 
 def _check(res: dict, backend: str, services: set[str]) -> None:
-    assert res["commit"] and "--smoke" in res["command"] and res["date"] and res["device"]["cpus"] >= 1
+    rec = res["record"]
+    assert rec["commit"] and "--smoke" in rec["command"] and rec["date"] and res["machine"]["cpus"] >= 1
     assert {(x["backend"], x["service"]) for x in res["results"]} == {(backend, s) for s in services}
     for x in res["results"]:
         for w in ("wave1", "wave2"):

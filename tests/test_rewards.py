@@ -418,7 +418,7 @@ def test_reward_benchmark_smoke(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads(out.read_text())
-    assert {"commit", "command", "device", "date", "rows"} <= set(data) and data["adversarial_within_timeout"]
+    assert {"commit", "command", "device", "date"} <= set(data["record"]) and "rows" in data and data["adversarial_within_timeout"]
     kinds = {(r["reward"], r["input"].split("_2")[0]) for r in data["rows"]}
     assert ("math", "realistic_1-8k") in kinds and ("thinking", "adv_unclosed_think") in kinds
     assert all(r["workers"]["completions_per_s"] > 0 for r in data["rows"])
