@@ -11,7 +11,7 @@ import pytest
 
 from apps.grpo.main import main
 from forge.controller import ReplicaLostError
-from tests.test_grpo_app import config, tiny_model  # noqa: F401  (the fixture)
+from tests.test_grpo_app import config  # tiny_model: the conftest fixture
 
 FAST = ["--eval.num_samples", "8", "--eval.every", "0", "--local_batch_size", "16",
         "--advantage.filter_zero_variance", "false"]
