@@ -111,3 +111,44 @@ def test_bad_config_fails_at_start_with_the_dotted_path(override, message):
 def test_skill_schema_unknown_key_is_named():
     with pytest.raises(ConfigError, match="grpo.n_sample"):
         load("--config", str(APPS / "skill_schema.yaml"), "--grpo.n_sample", "3")
+
+
+# ---------------------------------------------------------------- one source for policy age
+
+
+@pytest.mark.parametrize("age,off", [(3, 0), (0, 2), (1, 4)])
+def test_off_by_n_and_max_policy_age_that_disagree_fail_naming_both(age, off):
+    with pytest.raises(ConfigError) as e:
+        load("--replay_buffer.max_policy_age", str(age), "--off_by_n", str(off))
+    msg = str(e.value)
+    assert f"off_by_n: {off}" in msg and f"replay_buffer.max_policy_age: {age}" in msg
+
+
+def test_consistent_policy_age_keys_resolve_to_one_value():
+    import random
+
+    n = random.Random().randint(0, 6)
+    for data in ({"off_by_n": n}, {"replay_buffer": {"max_policy_age": n}},
+                 {"off_by_n": n, "replay_buffer": {"max_policy_age": n}}):
+        cfg, _ = load_grpo_config(data)
+        assert cfg.off_by_n == cfg.replay_buffer.max_policy_age == n
+    # torchforge's layout writes max_policy_age: ${off_by_n}: an override of off_by_n carries over
+    cfg, _ = load("--config", str(APPS / "qwen3_1_7b.yaml"), "--off_by_n", "0")
+    assert cfg.off_by_n == cfg.replay_buffer.max_policy_age == 0
+
+
+def test_sync_interval_needs_an_age_allowance_and_is_not_silently_raised():
+    from apps.grpo.config import rollout_ahead
+
+    with pytest.raises(ConfigError) as e:
+        load("--sync_interval", "4", "--off_by_n", "1")
+    assert "off_by_n: 1" in str(e.value) and "sync_interval: 4" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_grpo_config({"sync_interval": 3, "replay_buffer": {"max_policy_age": 0}})
+    assert "replay_buffer.max_policy_age: 0" in str(e.value) and "sync_interval: 3" in str(e.value)
+    cfg, _ = load("--sync_interval", "3", "--off_by_n", "2")  # exactly the lag: rollouts wait for each step
+    assert cfg.replay_buffer.max_policy_age == 2 and rollout_ahead(cfg) == 0
+    # neither key given: one step of run-ahead on top of the sync lag, said in the notes
+    cfg, report = load_grpo_config({"sync_interval": 3})
+    assert cfg.off_by_n == cfg.replay_buffer.max_policy_age == 3 and rollout_ahead(cfg) == 1
+    assert any("off_by_n not set" in n for n in report.notes)

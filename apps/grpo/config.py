@@ -64,7 +64,7 @@ class Policy:
 @dataclass
 class ReplayBufferSection:
     batch_size: int | None = None  # default: local_batch_size
-    max_policy_age: int | None = None  # default: off_by_n
+    max_policy_age: int | None = None  # torchforge's name for off_by_n: give one, or both equal
     dp_size: int = 1
     max_buffer_size: int | None = None
     max_resample_count: int = 0
@@ -207,9 +207,9 @@ class GRPOConfig:
     prompts_per_step: int | None = None  # alternative to local_batch_size: groups per step
     max_req_tokens: int = 512
     max_res_tokens: int = 512
-    off_by_n: int = 1  # max policy age of trained episodes: 0 = on-policy, >=1 = async
+    off_by_n: int = 1  # max policy age of trained episodes: 0 = on-policy, >=1 = async (resolve_policy_age)
     rollout_threads: int = 1  # concurrent rollout loops
-    sync_interval: int = 1  # push weights every k steps
+    sync_interval: int = 1  # push weights every k steps (needs off_by_n >= sync_interval - 1)
     steps: int | None = None  # default: trainer.training.steps or 100
     output_dir: str = "outputs/grpo"
     checkpoint_interval: int = 0  # 0: only at the end
@@ -270,6 +270,49 @@ _IGNORED_TITAN = {
                    "load_step", "export_dtype", "keep_latest_k", "initial_load_model_only"},
     "model": {"name", "flavor", "hf_assets_path", "tokenizer_path", "converters"},
 }
+
+
+def resolve_policy_age(cfg: GRPOConfig, data: dict[str, Any], report: BuildReport) -> None:
+    """One value bounds the age of trained episodes: `off_by_n` (forge's and torchforge's top-level
+    key) or `replay_buffer.max_policy_age` (torchforge's name for the same bound). After this both
+    hold it; the rollout gate (`rollout_ahead`) and the replay buffer read it.
+
+    The generator's weights lag the trainer's by up to `sync_interval - 1` steps, so an age bound
+    smaller than that would evict every episode generated between syncs: refused, not raised.
+    """
+    if cfg.sync_interval < 1:
+        raise ConfigError(f"'sync_interval: {cfg.sync_interval}' must be >= 1 (push weights every k steps)")
+    rb_age = cfg.replay_buffer.max_policy_age
+    given = "off_by_n" in data
+    if rb_age is not None and given and rb_age != cfg.off_by_n:
+        raise ConfigError(
+            f"'off_by_n: {cfg.off_by_n}' and 'replay_buffer.max_policy_age: {rb_age}' disagree: both bound the "
+            "policy age of trained episodes (torchforge writes max_policy_age: ${off_by_n}); set one, or both equal")
+    if rb_age is not None:
+        cfg.off_by_n, key = rb_age, "replay_buffer.max_policy_age"
+    elif given:
+        key = "off_by_n"
+    else:  # neither given: the default run-ahead of one step, plus the lag between weight syncs
+        key = None
+        cfg.off_by_n = 1 + cfg.sync_interval - 1
+        if cfg.sync_interval > 1:
+            report.notes.append(
+                f"off_by_n not set: {cfg.off_by_n} (one step of run-ahead plus sync_interval {cfg.sync_interval} - 1 "
+                "steps of weight lag)")
+    if cfg.off_by_n < 0:
+        raise ConfigError(f"'{key}: {cfg.off_by_n}' must be >= 0 (0: on-policy)")
+    if key is not None and cfg.off_by_n < cfg.sync_interval - 1:
+        raise ConfigError(
+            f"'{key}: {cfg.off_by_n}' is smaller than 'sync_interval: {cfg.sync_interval}' - 1: the generator's "
+            f"weights lag the trainer's by up to {cfg.sync_interval - 1} steps, so every episode generated between "
+            f"syncs would be too old to train on. Set {key} >= {cfg.sync_interval - 1} or lower sync_interval")
+    cfg.replay_buffer.max_policy_age = cfg.off_by_n
+
+
+def rollout_ahead(cfg: GRPOConfig) -> int:
+    """Steps of rollouts that may run ahead of training: the age bound less the weight-sync lag,
+    so an episode is at most `off_by_n` versions old when trained on."""
+    return cfg.off_by_n - (cfg.sync_interval - 1)
 
 
 def _check_keys(section: dict[str, Any], valid: set[str], path: str, ignored: set[str], report: BuildReport) -> None:
@@ -408,6 +451,7 @@ def load_grpo_config(data: dict[str, Any]) -> tuple[GRPOConfig, BuildReport]:
                 del sub[k]
     apply_torchforge_defaults(data, report.notes)
     cfg = build(GRPOConfig, data, report=report)
+    resolve_policy_age(cfg, data, report)
     validate_sections(cfg, report)
     _check_held_out(cfg, report)
     if buffer_group_size(cfg) is None:

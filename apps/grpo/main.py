@@ -23,7 +23,7 @@ from typing import Any, Awaitable, Callable
 import torch
 
 from apps.grpo.agentic import rollout_env_group
-from apps.grpo.config import GRPOConfig, load_grpo_config
+from apps.grpo.config import GRPOConfig, load_grpo_config, rollout_ahead
 from apps.grpo.config import groups_per_step as groups_per_step_of
 from apps.grpo.supervision import RolloutSupervisor, wait_for_batch
 from apps.grpo.support import (
@@ -108,7 +108,7 @@ async def _train(cfg: GRPOConfig, sync: dict[str, Any], resume: bool,
 
     # the app saves (with the data position); torchforge configs put the interval under trainer
     checkpoint_interval = cfg.checkpoint_interval or cfg.trainer.checkpoint.interval
-    budget = RolloutBudget(groups_per_step, ahead=cfg.off_by_n)
+    budget = RolloutBudget(groups_per_step, ahead=rollout_ahead(cfg))
     budget.available = max(0, budget.available - restored_groups)  # run-ahead groups the checkpoint kept
     infra = InfraErrors(groups_per_step * group_size, cfg.reward.max_infra_error_fraction)
     stop = asyncio.Event()

@@ -192,7 +192,7 @@ async def build_services(cfg: GRPOConfig, model_path: str, run_dir: Path,
         Trainer.options(**_opts(cfg.actors.trainer)).as_actor(**trainer_kw),
         ReplayBuffer.options(**_opts(cfg.actors.replay_buffer)).as_actor(
             batch_size=batch_size, dp_size=rb.dp_size,
-            max_policy_age=max(rb.max_policy_age if rb.max_policy_age is not None else cfg.off_by_n, cfg.sync_interval - 1),
+            max_policy_age=cfg.off_by_n,  # resolved with replay_buffer.max_policy_age at load
             max_buffer_size=rb.max_buffer_size, max_resample_count=rb.max_resample_count,
             group_size=buffer_group_size(cfg), seed=rb.seed if rb.seed is not None else cfg.seed),
         ComputeAdvantages.options(**_opts(cfg.actors.compute_advantages)).as_actor(
