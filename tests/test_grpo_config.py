@@ -152,3 +152,22 @@ def test_sync_interval_needs_an_age_allowance_and_is_not_silently_raised():
     cfg, report = load_grpo_config({"sync_interval": 3})
     assert cfg.off_by_n == cfg.replay_buffer.max_policy_age == 3 and rollout_ahead(cfg) == 1
     assert any("off_by_n not set" in n for n in report.notes)
+
+
+# ---------------------------------------------------------------- one placement class
+
+
+def test_placements_are_the_controllers_actor_options_checked_at_load():
+    import random
+
+    from forge.controller import ActorOptions
+
+    n = random.Random().randint(2, 5)
+    cfg, _ = load("--services.reward_actor.num_replicas", str(n), "--actors.replay_buffer.restart", "restore")
+    assert isinstance(cfg.services.reward_actor, ActorOptions) and cfg.services.reward_actor.num_replicas == n
+    assert cfg.actors.replay_buffer.restart == "restore"  # a controller option the app config carries as is
+    for argv, where in ((("--services.reward_actor.num_replicas", "0"), "services.reward_actor"),
+                        (("--actors.dataset.timeout_s", "-1"), "actors.dataset"),
+                        (("--actors.trainer.restart", "sometimes"), "actors.trainer")):
+        with pytest.raises(ConfigError, match=where):
+            load(*argv)

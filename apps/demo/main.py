@@ -24,18 +24,14 @@ import torch
 
 from forge.config import load_config
 from forge.config.help import format_help, wants_help, without_help
-from forge.controller import ForgeActor, endpoint, init_provisioner, shutdown
+from forge.controller import ActorOptions, ForgeActor, endpoint, init_provisioner, shutdown
 from forge.observability import MetricLogger, Reduce, build_backends, record_metric
 
 DEFAULT_YAML = Path(__file__).with_name("demo.yaml")
 
 
-@dataclass
-class Placement:
-    procs: int = 1
-    num_replicas: int = 1
-    with_gpus: bool = False
-    timeout_s: float = 60.0
+def _placement(**kw: Any) -> ActorOptions:
+    return ActorOptions(**{"timeout_s": 60.0, **kw})  # the demo's calls are quick: fail fast
 
 
 @dataclass
@@ -49,9 +45,9 @@ class DemoConfig:
     init_std: float = 2.0
     lr: float = 0.5
     seed: int = 0
-    generator: Placement = field(default_factory=lambda: Placement(num_replicas=2))
-    scorer: Placement = field(default_factory=Placement)
-    accumulator: Placement = field(default_factory=Placement)
+    generator: ActorOptions = field(default_factory=lambda: _placement(num_replicas=2))
+    scorer: ActorOptions = field(default_factory=_placement)
+    accumulator: ActorOptions = field(default_factory=_placement)
     run_dir: str = "runs/demo"
     metric_logging: dict[str, dict[str, Any]] = field(default_factory=lambda: {"console": {}, "jsonl": {}})
 

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 from apps.grpo.compat import apply_torchforge_defaults, normalize_skill_schema
 from forge.config import BuildReport, ConfigError, build
+from forge.controller import ActorOptions
 from forge.data.datasets import DatasetConfig
 from forge.engine.config import EngineConfig, SamplingParams
 from forge.observability.loggers import validate_metric_logging
@@ -27,32 +28,21 @@ from forge.trainer.config import (
 )
 
 
+# Where each service/actor runs: `Cls.options(**asdict(placement))`. The controller's
+# ActorOptions is the placement type; the config holds one per service and actor.
 @dataclass
-class Placement:
-    """Where a service/actor runs: `Cls.options(**placement)`."""
-
-    procs: int = 1
-    num_replicas: int = 1
-    with_gpus: bool = False
-    mesh_name: str | None = None
-    hosts: int | None = None
-    timeout_s: float = 1800.0
-    max_retries: int = 2
+class ServicePlacements:
+    policy: ActorOptions = field(default_factory=ActorOptions)
+    ref_model: ActorOptions = field(default_factory=ActorOptions)
+    reward_actor: ActorOptions = field(default_factory=ActorOptions)
 
 
 @dataclass
-class Services:
-    policy: Placement = field(default_factory=Placement)
-    ref_model: Placement = field(default_factory=Placement)
-    reward_actor: Placement = field(default_factory=Placement)
-
-
-@dataclass
-class Actors:
-    dataset: Placement = field(default_factory=Placement)
-    trainer: Placement = field(default_factory=Placement)
-    replay_buffer: Placement = field(default_factory=Placement)
-    compute_advantages: Placement = field(default_factory=Placement)
+class ActorPlacements:
+    dataset: ActorOptions = field(default_factory=ActorOptions)
+    trainer: ActorOptions = field(default_factory=ActorOptions)
+    replay_buffer: ActorOptions = field(default_factory=ActorOptions)
+    compute_advantages: ActorOptions = field(default_factory=ActorOptions)
 
 
 @dataclass
@@ -227,8 +217,8 @@ class GRPOConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     warmup: WarmupSection = field(default_factory=WarmupSection)
     metric_logging: dict[str, Any] = field(default_factory=lambda: {"console": {}, "jsonl": {}})
-    services: Services = field(default_factory=Services)
-    actors: Actors = field(default_factory=Actors)
+    services: ServicePlacements = field(default_factory=ServicePlacements)
+    actors: ActorPlacements = field(default_factory=ActorPlacements)
     env: dict[str, Any] | None = None  # agentic rollouts (forge.envs) instead of single answers
 
 
@@ -381,6 +371,10 @@ def _validate_placement(cfg: GRPOConfig) -> None:
             "(provisioner: local, or monarch for one process per service on this host's GPUs). Remove "
             "provisioner.launcher (and `hosts`) to run on one host")
     for name, p in [*vars(cfg.services).items(), *vars(cfg.actors).items()]:
+        try:  # the checks `.options()` makes at start-up, here with the config path
+            p.validate(_placement_path(cfg, name))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if p.hosts not in (None, 0, 1):
             raise ConfigError(f"'{_placement_path(cfg, name)}.hosts: {p.hosts}': forge runs on one host for now")
     if cfg.services.policy.procs != 1:

@@ -11,14 +11,13 @@ from typing import Any
 
 from apps.grpo.config import (
     GRPOConfig,
-    Placement,
     buffer_group_size,
     episodes_per_step,
     model_spec,
     ref_training,
 )
 from forge.actors import ComputeAdvantages, DatasetActor, Generator, ReferenceModel, ReplayBuffer, RewardActor, Trainer
-from forge.controller import NoHealthyReplicaError
+from forge.controller import ActorOptions, NoHealthyReplicaError
 from forge.engine.config import EngineConfig
 from forge.errors import InfraError
 from forge.losses import build_loss
@@ -111,7 +110,7 @@ def weight_sync_config(cfg: GRPOConfig) -> dict[str, Any]:
     return sync
 
 
-def _opts(p: Placement) -> dict[str, Any]:
+def _opts(p: ActorOptions) -> dict[str, Any]:
     return dataclasses.asdict(p)
 
 
