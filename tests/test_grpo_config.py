@@ -152,6 +152,8 @@ def test_sync_interval_needs_an_age_allowance_and_is_not_silently_raised():
     cfg, report = load_grpo_config({"sync_interval": 3})
     assert cfg.off_by_n == cfg.replay_buffer.max_policy_age == 3 and rollout_ahead(cfg) == 1
     assert any("off_by_n not set" in n for n in report.notes)
+    with pytest.raises(ConfigError, match="sync_interval: 0"):  # main's `step % sync_interval` needs k >= 1
+        load("--sync_interval", "0")
 
 
 # ---------------------------------------------------------------- one placement class

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 import os
-import socket
 import uuid
 
 import pytest
@@ -26,7 +25,6 @@ from forge.weight_sync import (
     WeightSyncError,
     clear_registry,
     get_weights,
-    should_sync,
 )
 
 CFG = {"model": {"tiny": "qwen2", "seed": 0}, "loss": {"name": "grpo", "beta": 0.0}, "optimizer": {"lr": 1e-2}}
@@ -215,12 +213,6 @@ def test_weight_files_are_private_and_foreign_ones_refused(tmp_path):
         CudaIpcReader("q", tmp_path, device=torch.device("cpu")).weights(1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _bcast_trainer(port: int, seed: int, out: str) -> None:
     torch.set_num_threads(1)
     e, batch = trained_engine(seed)
@@ -233,8 +225,8 @@ def _bcast_trainer(port: int, seed: int, out: str) -> None:
     pub.close()
 
 
-def test_broadcast_gloo_across_processes(tmp_path):
-    port, seed = _free_port(), int(torch.randint(0, 10_000, (1,)))
+def test_broadcast_gloo_across_processes(tmp_path, free_port):
+    port, seed = free_port(), int(torch.randint(0, 10_000, (1,)))
     out = str(tmp_path / "lp.pt")
     p = mp.get_context("spawn").Process(target=_bcast_trainer, args=(port, seed, out))
     p.start()
@@ -250,13 +242,6 @@ def test_broadcast_gloo_across_processes(tmp_path):
     finally:
         if p.is_alive():
             p.kill()
-
-
-def test_should_sync():
-    assert [s for s in range(1, 10) if should_sync(s, 3)] == [3, 6, 9]
-    assert all(should_sync(s) for s in range(1, 4))
-    with pytest.raises(ValueError):
-        should_sync(1, 0)
 
 
 def test_bench_smoke_writes_json(tmp_path):

@@ -128,13 +128,6 @@ def cleanup_run(sync: dict[str, Any]) -> list:
     return remove_run_files(sync["name"], sync.get("directory") or default_dir())
 
 
-def should_sync(step: int, sync_interval: int = 1) -> bool:
-    """Push weights after `step` (1-based count of finished train steps) every `sync_interval`."""
-    if sync_interval < 1:
-        raise ValueError(f"sync_interval must be >= 1, got {sync_interval}")
-    return step % sync_interval == 0
-
-
 __all__ = ["TRANSPORTS", "WeightPublisher", "WeightSubscriber", "WeightSyncError", "available_version", "cleanup_run",
            "clear_registry", "get_weights", "iter_full_params", "manifest", "register_model", "remove_run_files",
-           "remove_stale", "should_sync"]
+           "remove_stale"]
