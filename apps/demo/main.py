@@ -24,7 +24,13 @@ import torch
 
 from forge.config import load_config
 from forge.config.help import format_help, wants_help, without_help
-from forge.controller import ActorOptions, ForgeActor, endpoint, init_provisioner, shutdown
+from forge.controller import (
+    ActorOptions,
+    ForgeActor,
+    endpoint,
+    init_provisioner,
+    shutdown,
+)
 from forge.observability import MetricLogger, Reduce, build_backends, record_metric
 
 DEFAULT_YAML = Path(__file__).with_name("demo.yaml")
