@@ -186,12 +186,14 @@ def app_argv(model: str, run_dir: Path, steps: int, scenario: str, gpu: bool) ->
     return argv
 
 
-def load_cfg(argv: list[str], gpu: bool):
+def load_cfg(argv: list[str], gpu: bool, varied_reward: bool = False):
     from apps.grpo.config import load_grpo_config
     from apps.grpo.main import DEFAULT_CONFIG
     from forge.config import compose, parse_cli, to_container
 
     cfg, _ = load_grpo_config(to_container(compose(parse_cli(argv), DEFAULT_CONFIG)))
+    if varied_reward:  # the random model scores 0 on math: equal losses would prove nothing
+        cfg.rewards = [{"name": "length", "max_length": 12, "buffer": 12}]
     if gpu:  # one GPU shared by the generator and the trainer
         cfg.provisioner = {"kind": "monarch", "share_gpus": True}
     return cfg
@@ -362,7 +364,7 @@ def _child(spec: dict) -> None:
     from apps.grpo.main import main
 
     install_recording()
-    cfg = load_cfg(spec["argv"], spec["gpu"])
+    cfg = load_cfg(spec["argv"], spec["gpu"], varied_reward=True)
     asyncio.run(main(cfg, resume=spec["resume"]))
 
 
@@ -478,7 +480,9 @@ def run_app(model: str, work: Path, steps: int, kill_step: int, gpu: bool, rng: 
     a, b = _trained_rows(run_dir), _trained_rows(ref_dir)
     metrics_equal = sorted(a) == sorted(b) and all([a[s].get(k) for k in keys] == [b[s].get(k) for k in keys] for s in a)
     row.extra.update(data_order_equal=combined == ref, metrics_equal=metrics_equal,
-                     compared_metrics=list(keys))
+                     compared_metrics=list(keys),
+                     data_order_diff={s: [combined.get(s), ref.get(s)] for s in sorted(set(combined) | set(ref))
+                                      if combined.get(s) != ref.get(s)})
     all_groups = [g for s in sorted(combined) for g in combined[s]]
     ref_groups = [g for s in sorted(ref) for g in ref[s]]
     # episodes by group (8 each): episode ids are new uuids in the resumed run
@@ -513,6 +517,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="the kill points' RNG (default: random)")
     p.add_argument("--model", default=None, help="a checkpoint dir (default: a tiny random Qwen2, written once)")
     p.add_argument("--out", default="bench/results/chaos.json")
+    p.add_argument("--work", default=None, help="keep the runs and id logs here (default: a temporary dir)")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     names = list(SHORT) if a.short else [x.strip() for x in a.scenarios.split(",") if x.strip()]
@@ -540,7 +545,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     install_recording()
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="forge-chaos-") as tmp:
-        work = Path(tmp)
+        work = Path(a.work or tmp)
         model = a.model
         if model is None:
             from forge.models.tiny import write_tiny_checkpoint
