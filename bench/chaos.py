@@ -6,7 +6,7 @@ generated / trained / lost / duplicated; recovery seconds; the weights version t
 starts at vs the trainer's; steps lost. `app` kills the whole app (a subprocess) and reruns it
 with --resume, then compares data order and metrics with an uninterrupted run of the same seed.
 
-    PYTHONPATH=src:. python bench/chaos.py                         # every scenario (CPU, ~10 min)
+    PYTHONPATH=src:. python bench/chaos.py                         # every scenario (CPU, ~4 min)
     PYTHONPATH=src:. python bench/chaos.py --short                 # generator + reward, few steps (CI)
     PYTHONPATH=src:. python bench/chaos.py --scenarios trainer,app --out /tmp/chaos.json
     PYTHONPATH=src:. python bench/chaos.py --gpu                   # generator and trainer on one GPU
