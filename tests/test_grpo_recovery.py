@@ -183,9 +183,6 @@ def test_monarch_killed_processes_restore_or_stop(tiny_model, tmp_path):
     assert list(shm.iterdir()) == []
 
 
-@pytest.mark.xfail(reason="known bug (issue 26, bench/chaos.py): a group drawn from the dataset but not yet in "
-                   "the replay buffer when a checkpoint is saved is in neither's saved state; --resume skips its prompt",
-                   strict=False)
 def test_resumed_on_policy_run_trains_what_an_uninterrupted_one_does(tiny_model, tmp_path, monkeypatch):
     """A crash after a checkpoint, then --resume (off_by_n 0, one rollout task: the reproducible
     settings): the resumed run trains the same batches as an uninterrupted run of the seed. The
