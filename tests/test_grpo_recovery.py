@@ -5,6 +5,7 @@ crashed run leaves no weight files behind."""
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 
 import pytest
@@ -180,3 +181,58 @@ def test_monarch_killed_processes_restore_or_stop(tiny_model, tmp_path):
     before, after = seen["position"]
     assert after["index"] >= before["index"] and after["epoch"] == before["epoch"]  # not back to the start
     assert list(shm.iterdir()) == []
+
+
+def test_resumed_on_policy_run_trains_what_an_uninterrupted_one_does(tiny_model, tmp_path, monkeypatch):
+    """A crash after a checkpoint, then --resume (off_by_n 0, one rollout task: the reproducible
+    settings): the resumed run trains the same batches as an uninterrupted run of the seed. The
+    old loop let the rollouts draw the next step's prompt before the checkpoint was saved: that
+    prompt was in neither the saved data position nor the saved buffer, and the resume skipped it
+    (bench/chaos.py's whole-app scenario found it)."""
+    import json
+
+    from apps.grpo.config import load_grpo_config
+    from forge.config import compose, parse_cli, to_container
+    from tests.test_grpo_app import APPS
+
+    keys = ("rl_trainer/avg_loss", "rl_trainer/grad_norm", "reward/total/mean", "rollout/response_len/mean")
+    seed = random.randrange(1000)
+
+    def cfg(run, steps):
+        d = to_container(compose(parse_cli([
+            "--model", tiny_model, "--output_dir", str(run), "--steps", str(steps), "--off_by_n", "0",
+            "--rollout_threads", "1", "--advantage.filter_zero_variance", "false", "--samples_every", "0",
+            "--checkpoint_interval", "2", "--eval.num_samples", "0", "--eval.every", "0",
+            "--local_batch_size", "16", "--seed", str(seed)]), APPS / "default.yaml"))
+        d["rewards"] = [{"name": "length", "max_length": 12, "buffer": 12}]  # varies: losses differ per batch
+        return load_grpo_config(d)[0]
+
+    def trained(run):
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [[r["step"], *(r.get(k) for k in keys)] for r in rows if "rl_trainer/avg_loss" in r]
+
+    async def crash(step: int, s) -> None:
+        if step == 3:
+            raise RuntimeError("crash after step 3")
+
+    import functools
+
+    from forge.actors.dataset import DatasetActor
+    from forge.controller import endpoint
+
+    orig = DatasetActor.state_dict
+
+    @endpoint
+    @functools.wraps(orig)
+    async def slow_state_dict(self, *args, **kwargs):  # as a call to another process takes time: the
+        await asyncio.sleep(0.3)  # rollout task runs meanwhile (with monarch processes it does anyway)
+        return await orig(self, *args, **kwargs)
+
+    monkeypatch.setattr(DatasetActor, "state_dict", slow_state_dict)
+    a, b = tmp_path / "a", tmp_path / "b"
+    with pytest.raises(RuntimeError, match="crash after step 3"):
+        asyncio.run(main(cfg(a, 5), on_step=crash))
+    asyncio.run(main(cfg(a, 5), resume=True))
+    asyncio.run(main(cfg(b, 5)))
+    assert [r[0] for r in trained(a)] == [1, 2, 3, 4, 5]
+    assert trained(a) == trained(b)

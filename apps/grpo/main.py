@@ -99,8 +99,11 @@ async def _train(cfg: GRPOConfig, sync: dict[str, Any], resume: bool,
 
     step = 0
     restored_groups = 0
+    # samples drawn from the dataset whose group is not in the replay buffer yet: a checkpoint saves
+    # them (they are past its data position and not in its buffer), a resume generates them first
+    flight = InFlight()
     if resume:  # the trainer restores model/optimizer/RNG; we restore the data position, buffer and step
-        step, restored_groups = await restore_run_state(s, run_dir, logger)
+        step, restored_groups, flight.pending = await restore_run_state(s, run_dir, logger)
 
     before = await evaluate(cfg, s, step)
     print(f"held-out accuracy before training: {before['eval/accuracy']:.3f}")
@@ -120,7 +123,9 @@ async def _train(cfg: GRPOConfig, sync: dict[str, Any], resume: bool,
         while not stop.is_set():
             if not await budget.acquire(stop):
                 return
-            sample = await s.dataloader.sample.call_one()
+            async with flight.lock:  # a checkpoint's data position and in-flight list agree
+                sample = flight.pending.pop(0) if flight.pending else await s.dataloader.sample.call_one()
+                token = flight.add(sample)
             if sample is None:
                 budget.refund()
                 return
@@ -129,6 +134,7 @@ async def _train(cfg: GRPOConfig, sync: dict[str, Any], resume: bool,
                 group = await rollout_env_group(cfg, s, sample, group_size)
                 t1 = t2 = time.perf_counter()
                 if not group:  # the task's prompt is over max_req_tokens: draw another
+                    flight.done(token)
                     budget.refund()
                     continue
             else:
@@ -149,6 +155,7 @@ async def _train(cfg: GRPOConfig, sync: dict[str, Any], resume: bool,
                     for c, sc in zip(completions, scores)
                 ]
             if not infra.keep(group):  # a reward failed: never trained on; too many failures stop the run
+                flight.done(token)
                 budget.refund()
                 continue
             advantages = await s.compute_advantages.compute.call_one(group)
@@ -157,6 +164,7 @@ async def _train(cfg: GRPOConfig, sync: dict[str, Any], resume: bool,
             why = filtered_reward_reason(group) if cfg.advantage.filter_zero_variance else None
             if why is not None:
                 record_metric("rollout/filtered_zero_variance_groups", 1, Reduce.SUM)
+                flight.done(token)
                 budget.refund()  # DAPO dynamic sampling: this group teaches nothing; draw another
                 sup.group_filtered(why)  # raises at the bound: constant rewards never train
                 continue
@@ -167,7 +175,9 @@ async def _train(cfg: GRPOConfig, sync: dict[str, Any], resume: bool,
                 for i, ep in enumerate(group):
                     ep.ref_logprobs = ref[i, : ep.response_len]
             t4 = time.perf_counter()
-            await s.replay_buffer.add_group.call_one(group)
+            async with flight.lock:  # in the buffer xor in flight, for a checkpoint
+                await s.replay_buffer.add_group.call_one(group)
+                flight.done(token)
             sup.group_added()
             record_rollout_metrics(group, s.correct_key, t1 - t0, t2 - t1, t4 - t3)
             recent.append(group)
@@ -205,7 +215,7 @@ async def _train(cfg: GRPOConfig, sync: dict[str, Any], resume: bool,
             if cfg.samples_every and step % cfg.samples_every == 0:
                 write_samples(run_dir / "samples.jsonl", step, recent)
             if checkpoint_interval and step % checkpoint_interval == 0:
-                await save_checkpoint(s, step)
+                await save_checkpoint(s, step, flight)
             if on_step is not None:
                 await on_step(step, s)
         stop.set()
@@ -223,7 +233,7 @@ async def _train(cfg: GRPOConfig, sync: dict[str, Any], resume: bool,
         await asyncio.gather(*rollouts, return_exceptions=True)
     train_time = time.perf_counter() - t_start
 
-    await save_checkpoint(s, step)
+    await save_checkpoint(s, step, flight)
     after = await evaluate(cfg, s, step)
     await logger.flush(step + 1, extra=after)
     logger.close()
@@ -297,21 +307,46 @@ def write_samples(path: Path, step: int, groups: list[list[Episode]]) -> None:
                 }) + "\n")
 
 
-async def save_checkpoint(s, step: int) -> None:
-    data_state = await s.dataloader.state_dict.call_one()
-    buffer_state = await s.replay_buffer.state_dict.call_one()  # run-ahead episodes survive a resume
-    await s.trainer.save.call(step, extra={"step": step, "dataset": data_state, "replay_buffer": buffer_state})
+class InFlight:
+    """Samples drawn from the dataset whose group has not reached the replay buffer (in draw
+    order), and the lock under which rollouts draw / add and a checkpoint reads both states."""
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.samples: dict[int, dict[str, Any]] = {}
+        self.pending: list[dict[str, Any]] = []  # restored by --resume: generated before new draws
+        self._n = 0
+
+    def add(self, sample: dict[str, Any] | None) -> int:
+        self._n += 1
+        if sample is not None:
+            self.samples[self._n] = sample
+        return self._n
+
+    def done(self, token: int) -> None:
+        self.samples.pop(token, None)
 
 
-async def restore_run_state(s, run_dir: Path, logger: MetricLogger) -> tuple[int, int]:
+async def save_checkpoint(s, step: int, flight: InFlight | None = None) -> None:
+    flight = flight or InFlight()
+    async with flight.lock:  # no draw or add in between: each sample is in exactly one of the three
+        data_state = await s.dataloader.state_dict.call_one()
+        buffer_state = await s.replay_buffer.state_dict.call_one()  # run-ahead episodes survive a resume
+        in_flight = list(flight.samples.values()) + list(flight.pending)
+    await s.trainer.save.call(step, extra={"step": step, "dataset": data_state, "replay_buffer": buffer_state,
+                                           "in_flight": in_flight})
+
+
+async def restore_run_state(s, run_dir: Path, logger: MetricLogger) -> tuple[int, int, list[dict[str, Any]]]:
     """--resume: the newest checkpoint's step, data position and replay buffer; the rows logged
-    for later steps (redone now) are dropped. Returns (step, complete groups restored)."""
+    for later steps (redone now) are dropped. Returns (step, complete groups restored, the samples
+    that were in flight: drawn, their group not yet in the buffer)."""
     loaded = (await s.trainer.load.call())[0]
     if loaded is None:
         log.warning("--resume: no checkpoint in %s; starting from scratch", run_dir / "checkpoints")
         logger.rewind(-1)
         truncate_jsonl(run_dir / "samples.jsonl", -1)
-        return 0, 0
+        return 0, 0, []
     extra = loaded["extra"]
     step = int(extra["step"])
     await s.dataloader.load_state_dict.call_one(extra["dataset"])
@@ -323,7 +358,7 @@ async def restore_run_state(s, run_dir: Path, logger: MetricLogger) -> tuple[int
     truncate_jsonl(run_dir / "samples.jsonl", step)
     await sync_weights(s, step)
     print(f"resumed at step {step}" + (f" with {groups} buffered groups" if groups else ""))
-    return step, groups
+    return step, groups, list(extra.get("in_flight", []))
 
 
 def cli(argv: list[str] | None = None) -> dict:
