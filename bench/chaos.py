@@ -40,7 +40,7 @@ for p in (str(ROOT / "src"), str(ROOT)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from bench._record import write_json  # noqa: E402
+from bench import _record  # noqa: E402  (commit, command, device, date in every result file)
 from forge.actors.replay_buffer import ReplayBuffer as _ReplayBuffer  # noqa: E402
 from forge.controller import endpoint  # noqa: E402
 
@@ -562,7 +562,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     result = {"seed": seed, "steps": a.steps, "gpu": a.gpu, "scenarios": [asdict(r) for r in rows]}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, result)
+    _record.write_json(out, result)
     print(f"wrote {out}")
     return result["scenarios"]
 
