@@ -313,3 +313,33 @@ def test_gigabyte_of_stdout_is_truncated_without_memory_blowup():
     grew_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     assert grew_mb < 64, f"host process grew {grew_mb:.0f} MB reading 1 GB of output"
     print(f"1 GiB of stdout drained in {took:.1f}s, host peak RSS +{grew_mb:.1f} MB")
+
+
+# ---- the rest of issue 26's list -------------------------------------------------------------
+
+
+def test_twenty_gigabyte_allocation_is_refused():
+    r = run_python("try:\n    b = bytearray(20 * 2**30)\n    print('allocated')\nexcept MemoryError:\n    print('refused')",
+                   timeout_s=20, memory_mb=512)
+    assert "allocated" not in r.stdout and ("refused" in r.stdout or r.limit_hit == "memory"), (r.stdout, r.limit_hit)
+
+
+@needs_bwrap
+def test_symlinks_in_its_dir_do_not_reach_host_files():
+    # the program links its own dir's entries to host secrets; inside, the targets do not exist
+    out = _run_json(
+        "import os\nout = {}\n"
+        "for name, target in [('s', '/etc/shadow'), ('h', '/root/.bashrc'), ('up', '../../../../etc/shadow')]:\n"
+        "    os.symlink(target, name)\n"
+        "    try:\n        out[name] = open(name).read()[:20]\n"
+        "    except OSError as e:\n        out[name] = type(e).__name__\n")
+    assert all(v in ("FileNotFoundError", "PermissionError") for v in out.values()), out
+
+
+@pytest.mark.parametrize("mode", MODES[:1], indirect=True)
+def test_host_proc_is_not_visible(mode):
+    # bwrap: a pid namespace of its own with its own /proc, listing only the sandbox's processes.
+    # (The unshare fallback has a pid namespace but the host's /proc mount: it shows host pids,
+    # like the rest of the host filesystem it does not hide — documented in forge.envs.sandbox.)
+    out = _run_json("import os\nout = sorted(int(p) for p in os.listdir('/proc') if p.isdigit())")
+    assert os.getpid() not in out and len(out) < 10, out
