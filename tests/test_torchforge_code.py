@@ -95,6 +95,31 @@ def test_episode_policy_version_comes_from_the_completion():
     assert Episode().policy_version == 0
 
 
+def test_episode_from_ids_as_torchforge_docs_write_it():
+    """torchforge's "Writing RL Code": `Episode(prompt_ids=response.prompt_ids, response_ids=response.token_ids, reward=r)`."""
+    from forge.actors.replay_buffer import ReplayBuffer
+    from forge.types import Episode
+
+    completion = _completion(random.randint(1, 9), r=5)
+    r = random.random()
+    ep = Episode(prompt_ids=completion.prompt_ids, response_ids=completion.token_ids, reward=r, advantage=r - 0.5)
+    assert torch.equal(ep.prompt_ids, completion.prompt_ids) and torch.equal(ep.response_ids, completion.token_ids)
+    assert ep.reward == r and ep.policy_version == 0 and torch.equal(ep.response_mask, torch.ones(5))
+    with pytest.raises(TypeError, match="needs both"):
+        Episode(prompt_ids=completion.prompt_ids)
+    with pytest.raises(TypeError, match="not both"):
+        Episode(prompt_ids=completion.prompt_ids, response_ids=completion.token_ids, completion=completion)
+
+    async def main():  # such an episode trains: the buffer batches it like any other
+        rb = ReplayBuffer(batch_size=2, max_policy_age=0, seed=0)
+        for _ in range(2):
+            await rb.add(Episode(prompt_ids=completion.prompt_ids, response_ids=completion.token_ids, advantage=1.0))
+        return await rb.sample(curr_policy_version=0)
+
+    batch = asyncio.run(main())
+    assert batch is not None
+
+
 def test_replay_buffer_user_collate_gets_dp_by_bsz_and_sample_takes_batch_size():
     from forge.actors.replay_buffer import ReplayBuffer
     from forge.compat import collate

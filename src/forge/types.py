@@ -5,6 +5,7 @@ Field names follow torchforge so that user code written against it keeps working
 
 from __future__ import annotations
 
+import functools
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,6 +117,25 @@ class Episode:
             mask[: len(lm)] *= lm
         return mask
 
+
+_dataclass_episode_init = Episode.__init__
+
+
+@functools.wraps(_dataclass_episode_init)
+def _episode_init(self: Episode, *args: Any, prompt_ids: Any = None, response_ids: Any = None, **kwargs: Any) -> None:
+    # torchforge's docs build episodes from ids, `Episode(prompt_ids=..., response_ids=..., reward=...)`,
+    # where forge's ids live on the completion: those keywords become the episode's completion.
+    if prompt_ids is not None or response_ids is not None:
+        if prompt_ids is None or response_ids is None:
+            raise TypeError("Episode(prompt_ids=..., response_ids=...) needs both (or pass completion=)")
+        if kwargs.get("completion") is not None:
+            raise TypeError("Episode takes completion= or prompt_ids=/response_ids=, not both")
+        kwargs["completion"] = Completion(prompt=kwargs.get("request", ""), text="", prompt_ids=prompt_ids,
+                                          token_ids=response_ids)
+    _dataclass_episode_init(self, *args, **kwargs)
+
+
+Episode.__init__ = _episode_init  # type: ignore[method-assign]
 
 Group = list[Episode]
 """Episodes that share one prompt (GRPO's unit for advantages)."""
