@@ -20,8 +20,10 @@ def warmup_cache(tmp_path_factory) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("off_by_n", [1, 0])
 def test_grpo_improves_heldout_accuracy_over_the_sft_start(tmp_path, warmup_cache, off_by_n):
+    # 300 steps: on-policy (off_by_n 0) greedy held-out accuracy moves little in the first ~150 steps
+    # (0.463 -> 0.48 at 150, -> 0.585 at 300 on the CI box), so 150 left the threshold on a knife-edge
     argv = ["--warmup.cache_dir", str(warmup_cache), "--output_dir", str(tmp_path / "run"),
-            "--steps", "150", "--trainer.optimizer.lr", "3e-4", "--eval.num_samples", "400", "--eval.every", "0",
+            "--steps", "300", "--trainer.optimizer.lr", "3e-4", "--eval.num_samples", "400", "--eval.every", "0",
             "--off_by_n", str(off_by_n), "--metric_logging", "{jsonl: {}}"]
     cfg, _ = load_grpo_config(to_container(compose(parse_cli(argv), APPS / "default.yaml")))
     out = asyncio.run(main(cfg))

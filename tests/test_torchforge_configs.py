@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from apps.grpo.config import buffer_group_size, groups_per_step, load_grpo_config
 from forge.config import ConfigError, compose, parse_cli, run_cli, to_container
@@ -241,7 +242,7 @@ def test_torchforge_sft_config_runs_two_steps(name, paths, alpaca):
     from apps.sft.main import run_sft
 
     cfg, report = load_sft(sft_argv(name, paths, alpaca, "processes.procs=1"))
-    assert cfg.model == f"hf://{paths['model']}" and cfg.batch_size == 4 and cfg.max_seq_len == 64
+    assert cfg.procs == 1 and cfg.model == f"hf://{paths['model']}" and cfg.batch_size == 4 and cfg.max_seq_len == 64
     assert cfg.trainer.optimizer.lr == pytest.approx(1e-5) and cfg.trainer.training.activation_checkpoint is True
     assert cfg.dataset["columns"] == {"prompt": "instruction", "completion": "output"}
     assert "{input}" in cfg.dataset["prompt_template"]  # Alpaca's input column is kept
@@ -250,9 +251,25 @@ def test_torchforge_sft_config_runs_two_steps(name, paths, alpaca):
     assert out["steps"] == 2
 
 
-def test_torchforge_sft_procs_and_unknown_keys_are_named(paths, alpaca):
-    with pytest.raises(ConfigError, match="processes.procs: 8.*one process"):
-        load_sft(sft_argv("llama3_8b", paths, alpaca))
+@pytest.mark.slow
+def test_torchforge_sft_config_runs_unchanged_on_its_eight_processes(paths, alpaca):
+    """`processes: {procs: 8}` as shipped: FSDP2 over 8 trainer processes (gloo on CPU), same
+    steps, a checkpoint and an HF export that loads."""
+    from apps.sft.main import run_sft
+    from forge.models.hf_io import load_model
+
+    cfg, _ = load_sft(sft_argv("llama3_8b", paths, alpaca, "training.local_batch_size=8", "checkpoint.interval=2"))
+    assert cfg.procs == 8 and cfg.with_gpus is True
+    out = run_sft(cfg, quiet=True)
+    assert out["steps"] == 2 and out["accuracy_after"] is not None
+    assert (Path(out["run_dir"]) / "checkpoints").is_dir()
+    model = load_model(out["hf_export"])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_torchforge_sft_unknown_keys_are_named(paths, alpaca):
+    with pytest.raises(ConfigError, match="'procs: 0'"):
+        load_sft(sft_argv("llama3_8b", paths, alpaca, "processes.procs=0"))
     with pytest.raises(ConfigError, match="unknown key 'training.sq_len'"):
         load_sft(sft_argv("llama3_8b", paths, alpaca, "processes.procs=1", "+training.sq_len=3"))
 

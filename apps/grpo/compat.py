@@ -179,7 +179,8 @@ TORCHFORGE_SFT_KEYS: dict[str, str | None] = {
     "checkpoint.initial_load_in_hf": None,
     "checkpoint.last_save_in_hf": None,  # forge exports HF safetensors at the end (export_hf)
     "checkpoint.async_mode": None,
-    "processes.with_gpus": None,  # the SFT app trains on the GPU when there is one
+    "processes.procs": "procs",
+    "processes.with_gpus": "with_gpus",
     "comm": None,
     "parallelism": None,
     "model.name": None,  # the architecture comes from the checkpoint's config.json
@@ -220,10 +221,6 @@ def normalize_torchforge_sft(raw: dict[str, Any]) -> tuple[dict[str, Any], list[
     if out["model"] is None:
         raise ValueError("torchforge SFT config: set `model_name` (or model.hf_assets_path)")
     processes = src.pop("processes", None) or {}
-    procs = processes.pop("procs", 1)
-    if procs != 1:
-        raise ValueError(f"processes.procs: {procs}: forge's SFT app trains in one process (one device); "
-                         "set processes.procs=1 (multi-GPU SFT: apps/grpo's trainer with provisioner: monarch)")
     for k, v in processes.items():
         _route(f"processes.{k}", v, out, moved, unused)
     ac = src.pop("activation_checkpoint", None)

@@ -52,12 +52,18 @@ class SFTConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
     export_hf: bool = True
+    # trainer processes: 1 trains here; N > 1 runs a forge Trainer actor of N processes (FSDP2
+    # across them, gloo on CPU / NCCL on GPUs) with Monarch (the `monarch` extra)
+    procs: int = 1
+    with_gpus: bool = True  # one GPU per trainer process when GPUs are visible (else CPU)
     metric_logging: dict[str, Any] = field(default_factory=lambda: {"console": {"every": 50}, "jsonl": {}})
 
     def __post_init__(self) -> None:
         from forge.observability.loggers import validate_metric_logging
 
-        validate_metric_logging(self.metric_logging)  # a typo fails at start, with the closest key
+        validate_metric_logging(self.metric_logging)
+        if not isinstance(self.procs, int) or self.procs < 1:
+            raise ConfigError(f"'procs: {self.procs!r}': expected a positive number of trainer processes")  # a typo fails at start, with the closest key
 
 
 def load_sft_config(data: dict[str, Any]) -> tuple[SFTConfig, BuildReport]:

@@ -8,6 +8,7 @@ the trainer's checkpoints and resume, held-out eval loss and task accuracy.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import logging
@@ -20,6 +21,7 @@ from typing import Any, Iterator
 import torch
 
 from apps.sft.config import SFTConfig, load_sft_config
+from apps.sft.trainers import ActorSFTTrainer, LocalSFTTrainer
 from forge.config import compose, parse_cli, run_cli, to_container
 from forge.config.help import format_help, wants_help, without_help
 from forge.data.datasets import DatasetConfig, PromptDataset
@@ -139,8 +141,18 @@ class Evaluator:
 
 
 def run_sft(cfg: SFTConfig, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
+    return asyncio.run(train_sft(cfg, resume=resume, quiet=quiet))
+
+
+async def start_trainer(cfg: SFTConfig, trainer_cfg: dict[str, Any], device: torch.device, run_dir: Path
+                        ) -> LocalSFTTrainer | ActorSFTTrainer:
+    if cfg.procs == 1:
+        return LocalSFTTrainer(trainer_cfg, device)
+    return await ActorSFTTrainer.start(trainer_cfg, cfg.procs, cfg.with_gpus, device, run_dir / "eval_weights")
+
+
+async def train_sft(cfg: SFTConfig, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
     from forge.models.tokenizer import load_tokenizer, tiny_tokenizer_path
-    from forge.trainer.engine import TrainEngine
 
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.output_dir)
@@ -160,11 +172,19 @@ def run_sft(cfg: SFTConfig, resume: bool = False, quiet: bool = False) -> dict[s
         "lr_scheduler": asdict(cfg.trainer.lr_scheduler), "training": asdict(cfg.trainer.training),
         "checkpoint": {**asdict(cfg.trainer.checkpoint), "dir": str(run_dir / "checkpoints"), "resume": False},
     }
-    engine = TrainEngine(trainer_cfg, device)
+    trainer = await start_trainer(cfg, trainer_cfg, device, run_dir)
+    try:
+        return await _train(cfg, trainer, tok, tokenizer_src, run_dir, resume, quiet)
+    finally:
+        await trainer.close()
+
+
+async def _train(cfg: SFTConfig, trainer: LocalSFTTrainer | ActorSFTTrainer, tok: Any, tokenizer_src: Any,
+                 run_dir: Path, resume: bool, quiet: bool) -> dict[str, Any]:
     train_ds = PromptDataset(dict(cfg.dataset), tokenizer=tokenizer_src)
     step = 0
     if resume:
-        loaded = engine.load()
+        loaded = await trainer.load()
         if loaded is None:
             print(f"--resume: no checkpoint in {run_dir / 'checkpoints'}, starting from step 0")
         else:
@@ -174,20 +194,26 @@ def run_sft(cfg: SFTConfig, resume: bool = False, quiet: bool = False) -> dict[s
     start_step = step
     evaluator = Evaluator(cfg, tok, tokenizer_src)
     eval_s = time.perf_counter()
-    before = evaluator(engine.model)
+    before = evaluator(await trainer.eval_model()) if evaluator.items else {}
     eval_s = time.perf_counter() - eval_s
     # the progress bar advances once per logged row: the remaining steps, plus the row of `before`
     backends = build_backends(cfg.metric_logging if not quiet else {"jsonl": {}},
                               total_steps=max(cfg.steps - start_step, 0) + bool(before), run_dir=run_dir)
     logger = MetricLogger(backends)
+
+    async def flush(step: int, extra: dict[str, float]) -> None:
+        if cfg.procs == 1:  # this process's records only (the GRPO app runs its warm-up inside its own process)
+            logger.flush_local(step, extra=extra)
+        else:  # and the trainer processes' (grad norm, throughput)
+            await logger.flush(step, extra=extra)
     label = "before SFT" if start_step == 0 else f"at step {start_step} (resumed)"
     if before:
         print(f"held-out accuracy {label}: {before['eval/accuracy']:.3f} (eval loss {before['eval/loss']:.3f})")
-        logger.flush_local(start_step, extra=before)
+        await flush(start_step, extra=before)
     ckpt = cfg.trainer.checkpoint
 
-    def save() -> None:
-        engine.save(step, extra={"step": step, "dataset": train_ds.state_dict()})
+    async def save() -> None:
+        await trainer.save(step, {"step": step, "dataset": train_ds.state_dict()})
 
     t0 = time.perf_counter()
     data = batches(train_ds, tok, cfg)
@@ -198,7 +224,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False, quiet: bool = False) -> dict[s
             print(f"dataset exhausted after {step} steps")
             break
         ts = time.perf_counter()
-        loss = engine.sft_step(batch)
+        loss = await trainer.sft_step(batch)
         step += 1
         n_tok = int(batch["loss_mask"].sum())
         record_metric("sft/loss", loss, Reduce.MEAN)
@@ -206,28 +232,28 @@ def run_sft(cfg: SFTConfig, resume: bool = False, quiet: bool = False) -> dict[s
         extra: dict[str, float] = {}
         if step == cfg.steps or (cfg.eval.every and step % cfg.eval.every == 0):
             te = time.perf_counter()
-            extra = evaluator(engine.model)
+            extra = evaluator(await trainer.eval_model()) if evaluator.items else {}
             eval_s += time.perf_counter() - te
             if step == cfg.steps:
                 after = extra
-        logger.flush_local(step, extra=extra)  # the last step's row carries the final evaluation
+        await flush(step, extra=extra)  # the last step's row carries the final evaluation
         if ckpt.interval and step % ckpt.interval == 0:
-            save()
+            await save()
     train_s = time.perf_counter() - t0 - eval_s
     if after is None:  # stopped early (data exhausted) or nothing left to do after a resume
-        after = evaluator(engine.model)
+        after = evaluator(await trainer.eval_model()) if evaluator.items else {}
         if after:
-            logger.flush_local(step, extra=after)
+            await flush(step, extra=after)
     logger.close()
     if ckpt.interval and step % ckpt.interval:  # the final state, unless that step was just saved
-        save()
+        await save()
     summary: dict[str, Any] = {"steps": step, "train_seconds": train_s, "eval_seconds": eval_s, "run_dir": str(run_dir),
                                "accuracy_before": before.get("eval/accuracy"), "accuracy_after": after.get("eval/accuracy"),
                                "eval_loss_before": before.get("eval/loss"), "eval_loss_after": after.get("eval/loss")}
     if cfg.export_hf:
-        from forge.models.hf_io import save_model
-
-        summary["hf_export"] = str(save_model(engine.model, run_dir / "final_hf", tokenizer=tok))
+        out = await trainer.export_hf(run_dir / "final_hf")
+        tok.save_pretrained(str(out))
+        summary["hf_export"] = str(out)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if after:
         print(f"held-out accuracy: {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f} "

@@ -160,7 +160,8 @@ class TrainEngine:
         tokens, mask = batch["tokens"], batch["loss_mask"]
         b = tokens.shape[0]
         rows = rank_rows(b, self.rank, self.world_size) if self.distributed else torch.arange(b)
-        seqs = sequences_from_sft_batch(tokens[rows], mask[rows], batch.get("lengths"))
+        lengths = batch.get("lengths")
+        seqs = sequences_from_sft_batch(tokens[rows], mask[rows], lengths[rows] if lengths is not None else None)
         tgt = {"padding_mask": mask[rows][:, 1:]}
         return self._step(seqs, tgt, tokens.shape[1] - 1, SFTLoss(), prefix="sft_trainer")
 
