@@ -181,6 +181,7 @@ def test_cli_end_to_end_writes_metrics_and_a_loadable_export(tmp_path):
     assert "held-out accuracy:" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["accuracy_after"] == rows[-1]["eval/accuracy"] and summary["steps"] == 5
+    assert 0 < summary["train_seconds"] and 0 < summary["eval_seconds"]
     from forge.models.hf_io import load_model
 
     model = load_model(out / "final_hf")

@@ -215,7 +215,7 @@ async def _train(cfg: SFTConfig, trainer: LocalSFTTrainer | ActorSFTTrainer, tok
     async def save() -> None:
         await trainer.save(step, {"step": step, "dataset": train_ds.state_dict()})
 
-    t0 = time.perf_counter()
+    t0, eval_before_s = time.perf_counter(), eval_s  # the evaluation before training is not inside [t0, now]
     data = batches(train_ds, tok, cfg)
     after: dict[str, float] | None = None
     while step < cfg.steps:
@@ -239,7 +239,7 @@ async def _train(cfg: SFTConfig, trainer: LocalSFTTrainer | ActorSFTTrainer, tok
         await flush(step, extra=extra)  # the last step's row carries the final evaluation
         if ckpt.interval and step % ckpt.interval == 0:
             await save()
-    train_s = time.perf_counter() - t0 - eval_s
+    train_s = time.perf_counter() - t0 - (eval_s - eval_before_s)
     if after is None:  # stopped early (data exhausted) or nothing left to do after a resume
         after = evaluator(await trainer.eval_model()) if evaluator.items else {}
         if after:
