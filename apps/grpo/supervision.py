@@ -61,7 +61,8 @@ class RolloutSupervisor:
             raise FilteredGroupsError(
                 f"{n} consecutive groups were filtered out ({why}); nothing is left to train on. "
                 "Constant rewards come from a reward that fails or always scores the same, a dataset "
-                "without targets, or a broken model. advantage.max_consecutive_filtered sets this bound "
+                "without targets, a broken model, or a model that already solves these prompts (every "
+                "answer gets the top reward: the data is too easy for it). advantage.max_consecutive_filtered sets this bound "
                 "(0: none); advantage.filter_zero_variance: false trains on such groups instead")
 
     # ---- what the training loop asks ---------------------------------------------------------
