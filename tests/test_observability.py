@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import asyncio
 import builtins
 import json
@@ -192,3 +193,21 @@ def test_rewind_drops_redone_steps_and_keeps_the_history(tmp_path):
     rows = [json.loads(x) for x in path.read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(k + 2)) and rows[-1]["loss"] == -1.0
     assert [h["step"] for h in resumed.history] == list(range(k + 2))
+
+
+def test_undrained_metric_records_are_bounded(monkeypatch, caplog):
+    """A process that records but never flushes keeps at most MAX_UNDRAINED_RECORDS, oldest dropped."""
+    from collections import deque
+
+    from forge.observability import metrics
+
+    monkeypatch.setattr(metrics, "_buffer", deque(maxlen=50))
+    monkeypatch.setattr(metrics, "_warned_full", False)
+    values = [random.random() for _ in range(120)]
+    with caplog.at_level("WARNING"):
+        for v in values:
+            metrics.record_metric("x", v)
+    kept = metrics.drain()
+    assert [r.value for r in kept] == values[-50:]
+    assert sum("never drained" in r.message for r in caplog.records) == 1
+    assert metrics.drain() == []

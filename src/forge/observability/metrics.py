@@ -7,8 +7,10 @@ key over all records of the step with the key's `Reduce`.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
+from collections import deque
 from dataclasses import dataclass
 from enum import Enum
 from typing import Iterable
@@ -31,8 +33,13 @@ class MetricRecord:
     reduce: Reduce
 
 
+log = logging.getLogger(__name__)
 _lock = threading.Lock()
-_buffer: list[MetricRecord] = []
+# Library code records metrics whether or not a MetricLogger drains them (a notebook driving a
+# Trainer by hand): past this many undrained records the oldest go, with one warning.
+MAX_UNDRAINED_RECORDS = 1_000_000
+_buffer: deque[MetricRecord] = deque(maxlen=MAX_UNDRAINED_RECORDS)
+_warned_full = False
 
 
 def record_metric(key: str, value: float | int | torch.Tensor, reduce: Reduce | str = Reduce.MEAN) -> None:
@@ -51,15 +58,20 @@ def record_metric(key: str, value: float | int | torch.Tensor, reduce: Reduce | 
         value = float(value)
     except (TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"record_metric('{key}'): value must be a number or a one-element tensor: {e}") from None
+    global _warned_full
     with _lock:
+        if len(_buffer) == _buffer.maxlen and not _warned_full:
+            _warned_full = True
+            log.warning("%d metric records were never drained (no MetricLogger flushes this process); "
+                        "dropping the oldest from now on", _buffer.maxlen)
         _buffer.append(MetricRecord(key, value, red))
 
 
 def drain() -> list[MetricRecord]:
     """Take every record of this process since the last drain."""
-    global _buffer
     with _lock:
-        out, _buffer = _buffer, []
+        out = list(_buffer)
+        _buffer.clear()
     return out
 
 
