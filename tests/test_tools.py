@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from typing import Literal
 
 import pytest
@@ -245,3 +246,22 @@ def test_deeply_nested_tool_call_is_a_malformed_call_not_a_crash():
     results, stats = run(ToolRegistry([calculator_tool]).run_calls(text))
     assert [r.status for r in results] == ["malformed", "malformed"] and results[0].text.startswith("Error:")
     assert stats.malformed == 2
+
+
+def test_tool_call_scan_pairs_tags_as_a_lazy_regex_does():
+    """parse_tool_calls scans with str.find (linear in unclosed tags); its pairing is the lazy
+    regex's, checked on random tag soup."""
+    import re
+
+    from forge.envs.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, parse_tool_calls
+
+    lazy = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
+    rng = random.Random()
+    pieces = [TOOL_CALL_OPEN, TOOL_CALL_CLOSE, '{"name": "add", "arguments": {"a": 1}}', "x", "\n", "{"]
+    for _ in range(300):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+        calls = parse_tool_calls(text)
+        matches = list(lazy.finditer(text))
+        assert [c.raw for c in calls[:len(matches)]] == [m.group(1).strip() for m in matches], text
+        tail = text[matches[-1].end():] if matches else text
+        assert len(calls) == len(matches) + (TOOL_CALL_OPEN in tail), text

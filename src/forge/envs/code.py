@@ -19,11 +19,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from forge.data.formats import extract_answer_tag
 from forge.envs.sandbox import SandboxConfig, SandboxResult, arun_python, run_python
 from forge.envs.tools import Tool
 
 _FENCE = re.compile(r"```(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
 def extract_code(response: str) -> str | None:
@@ -31,9 +31,8 @@ def extract_code(response: str) -> str | None:
     blocks = _FENCE.findall(response)
     if blocks:
         return blocks[-1].strip("\n")
-    answers = _ANSWER.findall(response)
-    if answers:
-        inner = answers[-1].strip()
+    inner = extract_answer_tag(response, "last")  # linear in unclosed tags, unlike a lazy regex
+    if inner is not None:
         blocks = _FENCE.findall(inner)
         return (blocks[-1] if blocks else inner).strip("\n")
     if re.search(r"^\s*(def|class|import|from)\s", response, re.MULTILINE):

@@ -203,7 +203,6 @@ def tool(fn: Callable[..., Any] | None = None, *, name: str | None = None, descr
 
 # ---- parsing -----------------------------------------------------------------------------------
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
-_CALL_RE = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
 
 
 @dataclass
@@ -224,14 +223,17 @@ def parse_tool_calls(text: str) -> list[ToolCall]:
     An opening tag without its closing tag (a turn cut off mid-call) is one malformed call.
     `arguments` may be an object or a JSON string holding one (OpenAI style).
     """
+    # str.find, not a lazy regex: a regex rescans to the end from every unclosed opening tag,
+    # quadratic in a degenerate completion that repeats the tag
     calls: list[ToolCall] = []
-    end = 0
-    for m in _CALL_RE.finditer(text):
-        calls.append(_parse_one(m.group(1)))
-        end = m.end()
-    if TOOL_CALL_OPEN in text[end:]:
-        raw = text[text.index(TOOL_CALL_OPEN, end):]
-        calls.append(ToolCall(None, None, raw, "unterminated <tool_call> (missing </tool_call>)"))
+    pos = 0
+    while (start := text.find(TOOL_CALL_OPEN, pos)) >= 0:
+        end = text.find(TOOL_CALL_CLOSE, start + len(TOOL_CALL_OPEN))
+        if end < 0:
+            calls.append(ToolCall(None, None, text[start:], "unterminated <tool_call> (missing </tool_call>)"))
+            break
+        calls.append(_parse_one(text[start + len(TOOL_CALL_OPEN):end]))
+        pos = end + len(TOOL_CALL_CLOSE)
     return calls
 
 
