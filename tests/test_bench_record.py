@@ -40,3 +40,12 @@ def test_every_bench_script_that_writes_json_uses_the_helper():
         if p.name == "_record.py" or "--out" not in src:
             continue
         assert "_record.write_json(" in src, f"{p.name} writes results without bench/_record.py"
+
+
+def test_every_kept_result_says_what_made_it_and_is_cited():
+    """bench/results keeps the results the notes cite, each with its record (commit, date, device)."""
+    cited_in = "\n".join(p.read_text() for p in [ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
+    for p in sorted((ROOT / "bench" / "results").glob("*.json")):
+        r = json.loads(p.read_text()).get("record")
+        assert isinstance(r, dict) and r.get("commit") and r.get("date") and r.get("device"), p.name
+        assert p.name in cited_in, f"{p.name} is cited by no note (docs/, README.md): cite it or remove it"
