@@ -158,7 +158,7 @@ def empty_dataset(ctx: Ctx):
 @case
 def unknown_reward_import_path(ctx: Ctx):
     mod = f"no_such_pkg_{RNG.randrange(1000)}.rewards"
-    return ImportError, rf"reward '{mod}:brevity': cannot import module '{mod}'", \
+    return ImportError, rf"cannot import reward '{mod}:brevity': No module named 'no_such_pkg_", \
         lambda: build_rewards([{"_target_": f"{mod}:brevity", "weight": 1.0}])
 
 

@@ -7,9 +7,9 @@ import asyncio
 import pytest
 from omegaconf import OmegaConf
 
+from forge.config import registry
 from forge.envs import (CalculatorEnv, CalculatorTask, CodingEnv, CodingTask, Environment, Observation, build_env,
                         env_factory, register_env)
-from forge.envs.base import ENVS
 from forge.envs.code import CodeReward
 from forge.envs.sandbox import sandbox_mode
 from forge.errors import InfraError
@@ -60,7 +60,7 @@ def test_register_env_and_factory_give_fresh_instances():
         pass
 
     try:
-        assert ENVS["test_countdown"] is Registered
+        assert registry.lookup("env", "test_countdown") is Registered
         with pytest.raises(ValueError, match="already registered"):
             register_env("test_countdown")(CountdownEnv)
         make = env_factory({"_target_": "test_countdown", "start": 1})
@@ -74,7 +74,7 @@ def test_register_env_and_factory_give_fresh_instances():
         obs = asyncio.run(play())
         assert obs.done and obs.reward == 1.0
     finally:
-        ENVS.pop("test_countdown", None)
+        registry.unregister("env", "test_countdown")
 
 
 def test_calculator_task_splits_difficulty_and_verify():

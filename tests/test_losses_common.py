@@ -8,8 +8,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from forge.config import registry
 from forge.losses import (
-    LOSSES,
     DAPOLoss,
     GRPOLoss,
     GSPOLoss,
@@ -148,9 +148,12 @@ def test_build_loss_names():
     for spec, cls in [("grpo", GRPOLoss), ("GRPOLoss", GRPOLoss), ("gspo", GSPOLoss), ("GSPO", GSPOLoss),
                       ("simple_grpo", SimpleGRPOLoss), ("SimpleGRPOLoss", SimpleGRPOLoss), ("dapo", DAPOLoss)]:
         assert type(build_loss(spec)) is cls
-    for name, cls in LOSSES.items():
+    losses = registry.registered("loss")
+    assert len(set(losses.values())) == 11  # every built-in loss registered itself at import
+    for name, cls in losses.items():
         assert type(build_loss(name)) is cls
         assert type(build_loss(name.lower())) is cls
+        assert type(build_loss(name.upper().replace("_", "-"))) is cls
 
 
 def test_build_loss_dicts_and_paths():

@@ -133,3 +133,13 @@ def test_buffer_choice_does_not_depend_on_arrival_order():
     a, b = run(batch(keys)), run(batch(shuffled))
     assert torch.equal(a[0][0]["tokens"], b[0][0]["tokens"])
     assert torch.equal(a[1][0]["advantages"], b[1][0]["advantages"])
+
+
+def test_buffer_collate_by_registered_name_or_import_path():
+    from forge.config.registry import UnknownNameError
+
+    assert ReplayBuffer(collate="episodes").collate is collate_episodes
+    assert ReplayBuffer(collate="forge.data.collate:collate_episodes").collate is collate_episodes
+    assert ReplayBuffer(collate="tests.test_replay_buffer.make_episode").collate.__name__ == "make_episode"
+    with pytest.raises(UnknownNameError, match="unknown collate 'episode'. Did you mean 'episodes'"):
+        ReplayBuffer(collate="episode")

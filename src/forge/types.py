@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import uuid
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import torch
@@ -140,14 +141,36 @@ Episode.__init__ = _episode_init  # type: ignore[method-assign]
 Group = list[Episode]
 """Episodes that share one prompt (GRPO's unit for advantages)."""
 
-__all__ = ["Completion", "Episode", "Group"]
+# ---- torchforge's launcher config (`forge.types.LauncherConfig`): refused, with the reason
+class Launcher(str, Enum):
+    SLURM = "slurm"
+    MAST = "mast"
 
-_TORCHFORGE = ("LauncherConfig", "ProvisionerConfig", "Launcher")  # torchforge's names, in forge.compat
+
+@dataclass
+class LauncherConfig:
+    """torchforge's multi-host launcher settings. forge runs on one host for now: constructing
+    one for a real launcher is refused with the reason instead of being dropped."""
+
+    launcher: Launcher | str = Launcher.SLURM
+    job_name: str = ""
+    services: dict[str, Any] = field(default_factory=dict)
+    actors: dict[str, Any] = field(default_factory=dict)
+    cpu: int | None = None
+    memMB: int | None = None  # noqa: N815 (torchforge's name)
+    gpus_per_node: int | None = None
+    account: str | None = None
+    qos: str | None = None
+
+    def __post_init__(self) -> None:
+        raise NotImplementedError(
+            f"LauncherConfig(launcher={str(getattr(self.launcher, 'value', self.launcher))!r}): forge runs on one "
+            "host for now (init_provisioner('local') or init_provisioner('monarch')); multi-host launch is not built")
 
 
-def __getattr__(name: str) -> Any:
-    if name in _TORCHFORGE:
-        import forge.compat
+@dataclass
+class ProvisionerConfig:
+    launcher_config: LauncherConfig | None = None
 
-        return getattr(forge.compat, name)
-    raise AttributeError(f"module 'forge.types' has no attribute '{name}'")
+
+__all__ = ["Completion", "Episode", "Group", "Launcher", "LauncherConfig", "ProvisionerConfig"]

@@ -14,24 +14,15 @@ An episode is used `1 + max_resample_count` times at most.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import random
 from collections import OrderedDict
 from typing import Any, Callable
 
+from forge.config import registry
 from forge.controller import ForgeActor, endpoint
 from forge.data.collate import collate_episodes
 from forge.observability import Reduce, record_metric
 from forge.types import Completion, Episode
-
-
-def _resolve(fn: Callable | str | None) -> Callable:
-    if fn is None:
-        return collate_episodes
-    if callable(fn):
-        return fn
-    mod, _, name = fn.replace(":", ".").rpartition(".")
-    return getattr(importlib.import_module(mod), name)
 
 
 class ReplayBuffer(ForgeActor):
@@ -65,7 +56,10 @@ class ReplayBuffer(ForgeActor):
         self.max_resample_count, self.group_size = max_resample_count, group_size
         self.seed = seed
         self.rng = random.Random(seed)
-        self.collate = _resolve(collate)
+        # a registered name (kind "collate": `episodes`), an import path or a function
+        self.collate = collate_episodes if collate is None else registry.resolve("collate", collate)
+        if not callable(self.collate):
+            raise TypeError(f"replay_buffer.collate: {collate!r} is not a function")
         # group key -> episodes; insertion order = arrival order
         self.groups: OrderedDict[str, list[Episode]] = OrderedDict()
         self.sample_counts: dict[str, int] = {}

@@ -13,6 +13,11 @@ from forge.controller.errors import (
 )
 from forge.controller.provisioner import get_provisioner, init_provisioner, shutdown
 from forge.controller.service import ActorHandle, Service, ServiceHandle
+from forge.observability.metrics import set_remote_source
+
+# the MetricLogger's records from other processes: every service's procs, through the current
+# provisioner (observability sits below the controller, so the controller plugs itself in)
+set_remote_source(lambda: get_provisioner().collect_metrics())
 
 __all__ = [
     "ActorError",

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
+from forge.config.registry import register
 from forge.types import Episode
 
 
@@ -27,6 +28,7 @@ def _pad_right(rows: Sequence[torch.Tensor], length: int, value: float, dtype: t
     return out
 
 
+@register("collate", "episodes")
 def collate_episodes(episodes: Sequence[Episode]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     if not episodes:
         raise ValueError("collate_episodes: got an empty list of episodes")

@@ -26,6 +26,7 @@ import numpy as np
 
 from forge.data.formats import format_target
 from forge.data.sources import DatasetError, load_local
+from forge.data.tasks import get_task
 
 # Fallback column names when the config gives no mapping for `prompt` / `target`.
 _PROMPT_COLUMNS = ("prompt", "question", "problem", "query", "input", "instruction")
@@ -96,8 +97,6 @@ class PromptDataset:
     def _load(self) -> datasets.Dataset | datasets.IterableDataset:
         cfg = self.config
         if cfg.task is not None:
-            from forge.data.tasks import get_task
-
             self._task = get_task(cfg.task, **cfg.task_kwargs)
             n = cfg.num_samples or (10_000 if cfg.split == "train" else 500)
             ds: Any = self._task.as_dataset(cfg.split, n)

@@ -18,10 +18,11 @@ Observation metadata keys the rollout understands (all optional):
 from __future__ import annotations
 
 import abc
-import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from forge.config import registry
 
 
 @dataclass
@@ -64,88 +65,34 @@ class Environment(abc.ABC):
         await self.close()
 
 
-# ---- registry --------------------------------------------------------------------------------------
-ENVS: dict[str, Callable[..., Environment]] = {}
-
-
+# ---- registry (`forge.config.registry`, kind "env") -------------------------------------------------
 def register_env(name: str) -> Callable[[Any], Any]:
-    """Class (or factory) decorator: `@register_env("calculator")` makes `{_target_: calculator}` work."""
+    """Class (or factory) decorator: `@register_env("calculator")` makes `{_target_: calculator}` work
+    (and sets the class's `name`). The built-in environments register when `forge.envs` is imported."""
     def wrap(cls: Any) -> Any:
-        if name in ENVS and ENVS[name] is not cls:
-            raise ValueError(f"environment {name!r} is already registered ({ENVS[name]!r})")
-        ENVS[name] = cls
+        registry.register("env", name)(cls)
         if isinstance(cls, type):
             cls.name = name
         return cls
     return wrap
 
 
-def _resolve(target: str) -> Callable[..., Environment]:
-    _load_builtins()
-    if target in ENVS:
-        return ENVS[target]
-    if ":" in target or "." in target:
-        mod, _, attr = target.partition(":") if ":" in target else target.rpartition(".")
-        try:
-            obj = getattr(importlib.import_module(mod), attr)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"env: cannot import {target!r}: {e}") from e
-        if not callable(obj):
-            raise TypeError(f"env: {target!r} is not a class or factory")
-        return obj
-    raise KeyError(f"unknown environment {target!r}; registered: {sorted(ENVS)} (or an import path 'pkg.mod:Cls')")
-
-
-def _split_spec(spec: Any) -> tuple[Callable[..., Environment], dict[str, Any]]:
-    if isinstance(spec, str):
-        return _resolve(spec), {}
-    if hasattr(spec, "items"):  # dict or OmegaConf DictConfig
-        kw = {str(k): v for k, v in spec.items()}
-        try:
-            from omegaconf import DictConfig, ListConfig, OmegaConf
-
-            kw = {k: OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else v
-                  for k, v in kw.items()}
-        except ImportError:  # pragma: no cover - omegaconf is a dependency
-            pass
-        target = kw.pop("_target_", None) or kw.pop("name", None)
-        if not isinstance(target, str):
-            raise ValueError(f"env spec needs `_target_` (a registered name or import path), got {spec!r}")
-        return _resolve(target), kw
-    raise TypeError(f"env spec must be a name or a mapping with `_target_`, got {type(spec).__name__}")
-
-
-def build_env(spec: str | dict[str, Any] | Environment) -> Environment:
+def build_env(spec: str | Mapping[str, Any] | Environment) -> Environment:
     """An environment from a config: a name, `{_target_: name_or_import_path, **kwargs}`, or an instance."""
     if isinstance(spec, Environment):
         return spec
-    factory, kw = _split_spec(spec)
-    try:
-        env = factory(**kw)
-    except TypeError as e:
-        raise TypeError(f"env {getattr(factory, '__name__', factory)}: bad arguments {sorted(kw)}: {e}") from e
+    if not isinstance(spec, (str, Mapping)):
+        raise TypeError(f"env spec must be a name or a mapping with `_target_`, got {type(spec).__name__}")
+    env = registry.instantiate("env", spec)
     if not isinstance(env, Environment):
-        raise TypeError(f"env factory {factory!r} returned {type(env).__name__}, not a forge.envs.Environment")
+        raise TypeError(f"env {spec!r} built a {type(env).__name__}, not a forge.envs.Environment")
     return env
 
 
-def env_factory(spec: str | dict[str, Any]) -> Callable[[], Environment]:
+def env_factory(spec: str | Mapping[str, Any]) -> Callable[[], Environment]:
     """A zero-argument callable building a fresh environment per episode (validated once now)."""
     build_env(spec)  # fail early on a bad spec
     return lambda: build_env(spec)
 
 
-_builtins_loaded = False
-
-
-def _load_builtins() -> None:
-    """Import the modules whose environments register themselves (lazily: no import cycles)."""
-    global _builtins_loaded
-    if not _builtins_loaded:
-        _builtins_loaded = True
-        importlib.import_module("forge.envs.tool_env")
-        importlib.import_module("forge.envs.tasks")
-        importlib.import_module("forge.envs.openenv")
-
-
-__all__ = ["ENVS", "Environment", "Observation", "build_env", "env_factory", "register_env"]
+__all__ = ["Environment", "Observation", "build_env", "env_factory", "register_env"]

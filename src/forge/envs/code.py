@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from forge.config.registry import register
 from forge.data.formats import extract_answer_tag
 from forge.envs.sandbox import SandboxConfig, SandboxResult, arun_python, run_python
 from forge.envs.tools import Tool
@@ -40,6 +41,7 @@ def extract_code(response: str) -> str | None:
     return None
 
 
+@register("tool", "python")
 def python_tool(config: SandboxConfig | dict | str | None = None, *, name: str = "python") -> Tool:
     """A tool that runs Python in the sandbox and returns its output (a `SandboxResult`)."""
     cfg = SandboxConfig.from_spec(config)

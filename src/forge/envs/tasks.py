@@ -28,8 +28,11 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from forge.config.registry import register
 from forge.data.tasks.base import Task, response_answer
 from forge.envs.base import register_env
+from forge.envs.code import CodeReward
+from forge.envs.rollout import run_episode, scripted_generate_fn
 from forge.envs.tool_env import ToolEnvironment
 from forge.envs.tools import Tool
 
@@ -67,7 +70,9 @@ def calculate(expression: str) -> int | float:
     return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
-def calculator_tool() -> Tool:
+@register("tool", "calculator")
+def calculator_tool(sandbox: Any = None) -> Tool:
+    """The calculator tool (runs in-process: `sandbox`, the env's sandbox config, is not needed)."""
     def calculator(expression: str) -> str:
         """Evaluate an arithmetic expression exactly.
 
@@ -80,6 +85,7 @@ def calculator_tool() -> Tool:
 
 
 # ---- calculator task ---------------------------------------------------------------------------
+@register("task", "calculator", "CalculatorTask")
 @dataclass
 class CalculatorTask(Task):
     difficulty: int = 3  # digits of each operand
@@ -134,6 +140,7 @@ _FUNCS: list[tuple[int, int, str]] = [
 _NAMES = ["f", "g", "h", "calc", "solve", "compute", "transform", "score"]
 
 
+@register("task", "coding", "CodingTask")
 @dataclass
 class CodingTask(Task):
     difficulty: int = 1  # 1: x+c style, 2: two-step / max / min, 3: two arguments
@@ -166,8 +173,6 @@ class CodingTask(Task):
                 "solution": f"```python\n{code}\n```", "tests": tests, "function": name}
 
     def verify(self, response: str, target: str) -> float:
-        from forge.envs.code import CodeReward
-
         return CodeReward()("", response, target)
 
     def sft_completion(self, sample: dict[str, Any]) -> str:
@@ -175,18 +180,6 @@ class CodingTask(Task):
 
     def gold_turns(self, sample: dict[str, Any]) -> list[str]:
         return [sample["solution"]]
-
-
-ENV_TASKS: dict[str, type[Task]] = {"calculator": CalculatorTask, "coding": CodingTask}
-
-
-def get_env_task(name: str, **kwargs: Any) -> Task:
-    """An environment task by name (`calculator`, `coding`), else any `forge.data.tasks` task."""
-    if name in ENV_TASKS:
-        return ENV_TASKS[name](**kwargs)
-    from forge.data.tasks import get_task
-
-    return get_task(name, **kwargs)
 
 
 # ---- environments ------------------------------------------------------------------------------
@@ -213,8 +206,6 @@ class CodingEnv(ToolEnvironment):
     def __init__(self, difficulty: int = 1, num_tests: int = 3, seed: int = 0, test_fraction: float = 0.1,
                  max_turns: int = 1, python_tool: bool = False, sandbox: Any = None,
                  include_tool_schemas: bool = True, system_prompt: str | None = None):
-        from forge.envs.code import CodeReward
-
         task = CodingTask(seed=seed, test_fraction=test_fraction, difficulty=difficulty, num_tests=num_tests)
         self.code_reward = CodeReward(sandbox=sandbox)
         super().__init__(tools=["python"] if python_tool else [], task=task,
@@ -235,8 +226,6 @@ class CodingEnv(ToolEnvironment):
 # ---- gold demonstrations -----------------------------------------------------------------------
 async def agold_trajectory(env: ToolEnvironment, sample: dict[str, Any], tokenizer: Any, **kw: Any):
     """The gold multi-turn exchange as a `Trajectory` (token ids, loss mask), through the real rollout."""
-    from forge.envs.rollout import run_episode, scripted_generate_fn
-
     turns = env.task.gold_turns(sample)
     kw.setdefault("max_turns", len(turns))
     kw.setdefault("max_total_tokens", 1 << 16)
@@ -248,5 +237,5 @@ def gold_trajectory(env: ToolEnvironment, sample: dict[str, Any], tokenizer: Any
     return asyncio.run(agold_trajectory(env, sample, tokenizer, **kw))
 
 
-__all__ = ["CalculatorEnv", "CalculatorTask", "CodingEnv", "CodingTask", "ENV_TASKS", "agold_trajectory",
-           "calculate", "calculator_tool", "get_env_task", "gold_trajectory"]
+__all__ = ["CalculatorEnv", "CalculatorTask", "CodingEnv", "CodingTask", "agold_trajectory",
+           "calculate", "calculator_tool", "gold_trajectory"]

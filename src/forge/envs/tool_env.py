@@ -7,26 +7,24 @@ task (`task.verify(response, target)`) or by `reward_fn(prompt, response, target
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from forge.config import registry
 from forge.envs.base import Environment, Observation, register_env
 from forge.envs.tools import Tool, ToolRegistry, has_tool_call
 
-# tool name -> "module:factory" (factories take no arguments, or the env's sandbox config)
-BUILTIN_TOOLS = {"calculator": "forge.envs.tasks:calculator_tool", "python": "forge.envs.code:python_tool"}
-
 
 def resolve_tool(spec: Tool | Callable[..., Any] | str, sandbox: Any = None) -> Tool:
+    """A `Tool` from a Tool, a typed function, or a tool factory's registered name (kind "tool":
+    `calculator`, `python`) or import path; a factory is called with the env's sandbox config."""
     if isinstance(spec, Tool):
         return spec
     if isinstance(spec, str):
-        if spec not in BUILTIN_TOOLS:
-            raise KeyError(f"unknown tool {spec!r}; built-in tools: {sorted(BUILTIN_TOOLS)} (or pass a function)")
-        mod, _, attr = BUILTIN_TOOLS[spec].partition(":")
-        factory = getattr(importlib.import_module(mod), attr)
-        return factory(sandbox) if spec == "python" else factory()
+        tool = registry.lookup("tool", spec)(sandbox)
+        if not isinstance(tool, Tool):
+            raise TypeError(f"tool factory {spec!r} returned {type(tool).__name__}, not a forge.envs.Tool")
+        return tool
     if callable(spec):
         return Tool.from_function(spec)
     raise TypeError(f"a tool must be a Tool, a function or a built-in tool name, got {type(spec).__name__}")
@@ -100,19 +98,12 @@ class ToolEnvironment(Environment):
 
 
 def _resolve_task(task: Any) -> Any:
-    if task is None or hasattr(task, "verify") or callable(task) and not isinstance(task, (str, dict)):
+    """A task object as it is; a registered task name (kind "task") or `{_target_: ..., **kwargs}` built."""
+    if isinstance(task, (str, Mapping)):
+        return registry.instantiate("task", task)
+    if task is None or hasattr(task, "verify") or callable(task):
         return task
-    from forge.envs.tasks import get_env_task
-
-    if isinstance(task, str):
-        return get_env_task(task)
-    if isinstance(task, dict):
-        kw = dict(task)
-        name = kw.pop("_target_", None) or kw.pop("name", None)
-        if not isinstance(name, str):
-            raise ValueError(f"ToolEnvironment: task spec needs `_target_`, got {task!r}")
-        return get_env_task(name, **kw)
     raise TypeError(f"ToolEnvironment: bad task {task!r}")
 
 
-__all__ = ["BUILTIN_TOOLS", "ToolEnvironment", "resolve_tool", "sample_prompt"]
+__all__ = ["ToolEnvironment", "resolve_tool", "sample_prompt"]

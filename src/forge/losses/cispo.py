@@ -14,9 +14,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from forge.config.registry import register
 from forge.losses.common import LossInputs, PolicyLoss, masked_mean
 
 
+@register("loss", "cispo", "CISPOLoss")
 class CISPOLoss(PolicyLoss):
     default_agg = "token-mean"
     needs_old_logprobs = True

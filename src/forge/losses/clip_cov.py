@@ -17,10 +17,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from forge.config.registry import register
 from forge.losses.common import LossInputs, PolicyLoss, ppo_clip_stats
 from forge.losses.cov import token_covariance
 
 
+@register("loss", "clip_cov", "ClipCovLoss")
 class ClipCovLoss(PolicyLoss):
     default_agg = "token-mean"
     needs_old_logprobs = True

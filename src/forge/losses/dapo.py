@@ -11,9 +11,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from forge.config.registry import register
 from forge.losses.grpo import GRPOLoss
 
 
+@register("loss", "dapo", "DAPOLoss")
 class DAPOLoss(GRPOLoss):
     default_agg = "token-mean"
 

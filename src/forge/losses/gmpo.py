@@ -21,9 +21,11 @@ import math
 import torch
 from torch import Tensor
 
+from forge.config.registry import register
 from forge.losses.common import LossInputs, PolicyLoss, ppo_clip_stats
 
 
+@register("loss", "gmpo", "GMPOLoss")
 class GMPOLoss(PolicyLoss):
     default_agg = "seq-mean-token-mean"
     needs_old_logprobs = True

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from forge.config.registry import register
 from forge.losses.common import LossInputs, PolicyLoss
 
 
+@register("loss", "gpg", "GPGLoss")
 class GPGLoss(PolicyLoss):
     default_agg = "token-mean"
 

@@ -16,9 +16,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from forge.config.registry import register
 from forge.losses.common import LossInputs, PolicyLoss, masked_mean, ppo_clip_stats
 
 
+@register("loss", "grpo", "GRPOLoss")
 class GRPOLoss(PolicyLoss):
     default_agg = "seq-mean-token-mean"
     needs_old_logprobs = True

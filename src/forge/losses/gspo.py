@@ -17,9 +17,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from forge.config.registry import register
 from forge.losses.common import LossInputs, PolicyLoss, ppo_clip_stats
 
 
+@register("loss", "gspo", "GSPOLoss")
 class GSPOLoss(PolicyLoss):
     default_agg = "seq-mean-token-mean"
     needs_old_logprobs = True

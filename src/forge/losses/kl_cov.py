@@ -16,10 +16,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from forge.config.registry import register
 from forge.losses.common import LossInputs, PolicyLoss
 from forge.losses.cov import token_covariance
 
 
+@register("loss", "kl_cov", "KLCovLoss")
 class KLCovLoss(PolicyLoss):
     default_agg = "token-mean"
     needs_old_logprobs = True

@@ -13,9 +13,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from forge.config.registry import register
 from forge.losses.common import LossInputs, PolicyLoss, masked_mean
 
 
+@register("loss", "reinforce", "ReinforceLoss")
 class ReinforceLoss(PolicyLoss):
     default_agg = "token-mean"
 

@@ -21,9 +21,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from forge.config.registry import register
 from forge.losses.common import LossInputs, PolicyLoss, masked_mean
 
 
+@register("loss", "sapo", "SAPOLoss")
 class SAPOLoss(PolicyLoss):
     default_agg = "seq-mean-token-mean"
     needs_old_logprobs = True

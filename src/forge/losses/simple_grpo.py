@@ -14,9 +14,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from forge.config.registry import register
 from forge.losses.common import LossInputs, PolicyLoss
 
 
+@register("loss", "simple_grpo", "SimpleGRPOLoss")
 class SimpleGRPOLoss(PolicyLoss):
     default_agg = "seq-mean-token-mean"
 

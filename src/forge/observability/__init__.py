@@ -9,7 +9,17 @@ from forge.observability.loggers import (
     build_backends,
     truncate_jsonl,
 )
-from forge.observability.metrics import MetricRecord, Reduce, drain, record_metric, reduce_records
+from forge.observability.metric_actors import get_or_create_metric_logger
+from forge.observability.metrics import (
+    MetricRecord,
+    Reduce,
+    collect_remote,
+    drain,
+    record_metric,
+    reduce_records,
+    set_remote_source,
+)
+from forge.observability.perf_tracker import Tracer, trace
 
 __all__ = [
     "ConsoleBackend",
@@ -18,21 +28,15 @@ __all__ = [
     "MetricRecord",
     "Reduce",
     "TensorBoardBackend",
+    "Tracer",
     "WandbBackend",
     "build_backends",
+    "collect_remote",
     "drain",
+    "get_or_create_metric_logger",
     "record_metric",
     "reduce_records",
+    "set_remote_source",
+    "trace",
     "truncate_jsonl",
 ]
-
-
-_TORCHFORGE = ("get_or_create_metric_logger", "Tracer", "trace")  # defined in forge.compat
-
-
-def __getattr__(name: str):
-    if name in _TORCHFORGE:
-        import forge.compat
-
-        return getattr(forge.compat, name)
-    raise AttributeError(f"module 'forge.observability' has no attribute '{name}'")

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from forge.config.errors import ConfigError
 from forge.config.schema import build
-from forge.observability.metrics import drain, reduce_records
+from forge.observability.metrics import collect_remote, drain, reduce_records
 
 
 class LoggerBackend(Protocol):
@@ -177,10 +177,9 @@ class MetricLogger:
         self.history: list[dict[str, float]] = []
 
     async def flush(self, step: int, extra: dict[str, float] | None = None) -> dict[str, float]:
-        """End of a step: this process's records plus every remote proc's (through the provisioner)."""
-        from forge.controller.provisioner import get_provisioner
-
-        return self._write(drain() + await get_provisioner().collect_metrics(), step, extra)
+        """End of a step: this process's records plus every remote proc's (`collect_remote`: the
+        controller's provisioner, once `forge.controller` is imported)."""
+        return self._write(drain() + await collect_remote(), step, extra)
 
     def flush_local(self, step: int, extra: dict[str, float] | None = None) -> dict[str, float]:
         """End of a step for a single-process program (no services): this process's records only."""

@@ -1,8 +1,10 @@
 """`record_metric` — callable from any actor, in any process — and per-step reduction.
 
 Each process keeps its records in a buffer; the controller-side `MetricLogger` drains the
-local buffer and, through the provisioner, the buffers of remote procs, then reduces every
-key over all records of the step with the key's `Reduce`.
+local buffer and, through the remote source, the buffers of remote procs, then reduces every
+key over all records of the step with the key's `Reduce`. The remote source is set by
+`forge.controller` when it is imported (the controller knows the procs; observability sits
+below it and never imports it): a program without a controller has no remote procs.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum
-from typing import Iterable
+from typing import Awaitable, Callable, Iterable
 
 import torch
 
@@ -73,6 +75,21 @@ def drain() -> list[MetricRecord]:
         out = list(_buffer)
         _buffer.clear()
     return out
+
+
+RemoteSource = Callable[[], Awaitable[list[MetricRecord]]]
+_remote_source: RemoteSource | None = None
+
+
+def set_remote_source(source: RemoteSource | None) -> None:
+    """Where `collect_remote` gets other processes' records (`forge.controller` sets its provisioner's)."""
+    global _remote_source
+    _remote_source = source
+
+
+async def collect_remote() -> list[MetricRecord]:
+    """Every remote proc's records since their last drain (none without a remote source)."""
+    return await _remote_source() if _remote_source is not None else []
 
 
 def reduce_records(records: Iterable[MetricRecord]) -> dict[str, float]:

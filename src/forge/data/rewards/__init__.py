@@ -1,7 +1,8 @@
-"""Rewards: `reward(prompt, response, target) -> float` callables, combinable from config."""
+"""Rewards: `reward(prompt, response, target) -> float` callables, combinable from config.
+
+Built-ins register themselves in `forge.config.registry` (kind "reward") at import."""
 
 from forge.data.rewards.combine import (
-    REWARDS,
     CombinedReward,
     TaskReward,
     build_rewards,
@@ -12,6 +13,6 @@ from forge.data.rewards.format import FormatReward, LengthPenalty, LengthReward,
 from forge.data.rewards.math import MathReward, math_equal
 from forge.data.rewards.workers import RewardCallError, RewardTimeout, RewardWorkers
 
-__all__ = ["REWARDS", "CombinedReward", "FormatReward", "LengthPenalty", "LengthReward", "MathReward",
+__all__ = ["CombinedReward", "FormatReward", "LengthPenalty", "LengthReward", "MathReward",
            "RewardCallError", "RewardTimeout", "RewardWorkers", "TaskReward", "ThinkingReward", "build_rewards",
            "load_reward", "math_equal", "reward_name"]

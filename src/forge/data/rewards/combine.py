@@ -9,17 +9,20 @@ user rewards by import path, and `build_rewards(spec)` from config.
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from forge.data.rewards.format import FormatReward, LengthPenalty, ThinkingReward
-from forge.data.rewards.math import MathReward
+# built-in rewards register themselves (`forge.config.registry`, kind "reward") when
+# `forge.data.rewards` is imported (its __init__ imports every reward module); tasks when
+# `forge.data.tasks` is
+from forge.config import registry
+from forge.data.tasks import get_task
 
 RewardFn = Callable[[str, str, Any], float]
 
 
+@registry.register("reward", "task", "TaskReward")
 @dataclass
 class TaskReward:
     """A built-in task's exact `verify` as a reward (`task`: a `Task` or its registry name)."""
@@ -29,23 +32,11 @@ class TaskReward:
 
     def __post_init__(self) -> None:
         if isinstance(self.task, str):
-            from forge.data.tasks import get_task
-
             self.task = get_task(self.task, **self.task_kwargs)
         self.name = f"task_{getattr(self.task, 'name', type(self.task).__name__)}"
 
     def __call__(self, prompt: str, response: str, target: Any) -> float:
         return float(self.task.verify(response, target))
-
-
-REWARDS: dict[str, Callable[..., RewardFn]] = {
-    "math": MathReward, "MathReward": MathReward,
-    "thinking": ThinkingReward, "ThinkingReward": ThinkingReward,
-    "format": FormatReward, "FormatReward": FormatReward,
-    "length": LengthPenalty, "overlong": LengthPenalty, "LengthPenalty": LengthPenalty,
-    "LengthReward": LengthPenalty,
-    "task": TaskReward, "TaskReward": TaskReward,
-}
 
 
 def call_reward(fn: RewardFn, prompt: str, response: str, target: Any) -> float:
@@ -65,32 +56,14 @@ def reward_name(fn: Any) -> str:
 
 
 def load_reward(target: str | Callable[..., Any], **kwargs: Any) -> RewardFn:
-    """A reward from a registry name, an import path ("pkg.mod:fn" / "pkg.mod.fn") or a callable.
+    """A reward from a registered name (`forge.config.registry`, kind "reward"), an import path
+    ("pkg.mod:fn" / "pkg.mod.fn") or a callable.
 
     A class is instantiated with `kwargs`; a function with `kwargs` gets them bound (partial).
     """
-    obj: Any = target
-    if isinstance(target, str):
-        if target in REWARDS:
-            obj = REWARDS[target]
-        else:
-            if ":" in target:
-                mod_name, _, attr = target.partition(":")
-            elif "." in target:
-                mod_name, _, attr = target.rpartition(".")
-            else:
-                raise KeyError(f"unknown reward {target!r}; built-in: {sorted(set(REWARDS))}, or an import "
-                               f"path 'pkg.mod:fn'")
-            try:
-                mod = importlib.import_module(mod_name)
-            except ImportError as e:
-                raise ImportError(f"reward {target!r}: cannot import module {mod_name!r}: {e}") from e
-            try:
-                obj = functools.reduce(getattr, attr.split("."), mod)
-            except AttributeError:
-                raise AttributeError(f"reward {target!r}: module {mod_name!r} has no {attr!r}") from None
+    obj = registry.lookup("reward", target) if isinstance(target, str) else target
     if inspect.isclass(obj):
-        return obj(**kwargs)
+        return registry.call("reward", obj, kwargs)
     if not callable(obj):
         raise TypeError(f"reward {target!r} is not callable (got {type(obj).__name__})")
     if kwargs:
@@ -164,7 +137,7 @@ def build_rewards(spec: Any, *, normalize: bool = False) -> CombinedReward:
             key = next((k for k in _TYPE_KEYS if k in kw), None)
             if key is None:
                 raise ValueError(f"rewards[{i}] = {dict(entry)}: say which reward with `_target_:` "
-                                 f"(a built-in name {sorted(set(REWARDS))} or an import path)")
+                                 f"(a registered name {registry.names('reward')} or an import path)")
             target = kw.pop(key)
             weight = float(kw.pop("weight", 1.0))
             log_name = kw.pop("log_name", None)

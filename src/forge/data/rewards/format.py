@@ -6,7 +6,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from forge.config.registry import register
 
+
+@register("reward", "thinking", "ThinkingReward")
 @dataclass
 class ThinkingReward:
     """`full_reward` for a non-empty `<think>...</think>`, `partial_reward` for a bare or empty
@@ -42,6 +45,7 @@ class ThinkingReward:
         return self.partial_reward if seen else 0.0
 
 
+@register("reward", "format", "FormatReward")
 @dataclass
 class FormatReward:
     """`reward` when the response matches `pattern` (default: has an `<answer>` tag), else `penalty`.
@@ -71,6 +75,7 @@ class FormatReward:
         return self.reward if hit else self.penalty
 
 
+@register("reward", "length", "overlong", "LengthPenalty", "LengthReward")
 @dataclass
 class LengthPenalty:
     """DAPO's soft overlong punishment: 0 up to `max_length - buffer`, then linearly down to

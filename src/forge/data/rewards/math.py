@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal
 
+from forge.config.registry import register
 from forge.data.formats import ANSWER_PICKS, extract_answer, extract_boxed, extract_gsm8k, normalize_number, tail
 
 DEFAULT_MAX_CHARS = 20_000
@@ -75,6 +76,7 @@ def math_equal(pred: str, gold: str, *, tolerance: float = 1e-6) -> bool:
     return bool(verify(g, p, timeout_seconds=None))
 
 
+@register("reward", "math", "MathReward")
 @dataclass
 class MathReward:
     correct_reward: float = 1.0

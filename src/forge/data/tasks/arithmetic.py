@@ -14,11 +14,13 @@ import random
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from forge.config.registry import register
 from forge.data.tasks.base import Task, response_answer
 
 _APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
+@register("task", "arithmetic", "ArithmeticTask")
 @dataclass
 class ArithmeticTask(Task):
     difficulty: int = 2  # max digits per operand

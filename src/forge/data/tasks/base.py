@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
-from typing import Any, ClassVar
-
-import datasets
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from forge.data.formats import extract_answer_tag
+
+if TYPE_CHECKING:
+    import datasets
 
 _SPLITS = {"train": "train", "test": "test", "validation": "test", "valid": "test", "val": "test",
            "eval": "test"}
@@ -88,6 +89,10 @@ class Task:
         """`n` samples of a split as an HF dataset (columns prompt, target, completion, ...)."""
         if n <= 0:
             raise ValueError(f"{self.name}: as_dataset needs n >= 1, got {n}")
+        # HF `datasets` costs ~1 s to import: only this method needs it, and tasks are imported
+        # wherever a reward or env names one (reward worker processes included)
+        import datasets
+
         return datasets.Dataset.from_list([self.sample(split, i) for i in range(n)])
 
     def __call__(self, prompt: str, response: str, target: str) -> float:

@@ -17,6 +17,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from forge.config.registry import register
 from forge.data.tasks.base import Task, response_answer
 
 _PREC = {"+": 1, "-": 1, "*": 2}
@@ -57,6 +58,7 @@ def safe_eval(expr: str) -> tuple[int, list[int]]:
     return ev(tree.body), used
 
 
+@register("task", "countdown", "CountdownTask")
 @dataclass
 class CountdownTask(Task):
     difficulty: int = 3  # how many numbers are given
