@@ -377,7 +377,12 @@ def save_merged_hf(model: nn.Module, path: str | Path, dtype: Any = None) -> Pat
     for name, t in merged_items(lm):
         if _rank() == 0:
             sd[name].copy_(t.detach().cpu())
-    return save_model(host, path, dtype=to_dtype(dtype)) if _rank() == 0 else None
+    out = save_model(host, path, dtype=to_dtype(dtype)) if _rank() == 0 else None
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return out
 
 
 # ---------------------------------------------------------------------------------------- weight sync
