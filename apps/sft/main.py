@@ -24,6 +24,7 @@ from forge.config import compose, parse_cli, run_cli, to_container
 from forge.config.help import format_help, wants_help, without_help
 from forge.data.datasets import DatasetConfig, PromptDataset
 from forge.models.logprobs import compute_logprobs
+from forge.models.lora import is_lora, merged_model, save_merged_hf
 from forge.observability import MetricLogger, Reduce, build_backends, record_metric
 
 log = logging.getLogger("forge.sft")
@@ -118,7 +119,8 @@ class Evaluator:
             return {}
         from forge.engine import EngineConfig, LLMEngine, SamplingParams
 
-        model = copy.deepcopy(model).eval()  # the engine owns its copy; training weights stay untouched
+        # the engine owns its copy (training weights stay untouched); LoRA: the adapters merged in
+        model = (merged_model(model) if is_lora(model) else copy.deepcopy(model)).eval()
         dev = next(model.parameters()).device
         examples = [encode_example(self.tok, it, self.cfg.max_seq_len) for it in self.items]
         batch = make_batch(examples, pad_token(self.tok))
@@ -154,6 +156,8 @@ def run_sft(cfg: SFTConfig, resume: bool = False, quiet: bool = False) -> dict[s
 
         tokenizer_src = str(resolve_model_path(cfg.model))
         model_spec = {"path": tokenizer_src}
+    if cfg.lora is not None:
+        model_spec["lora"] = asdict(cfg.lora)
     tok = load_tokenizer(tokenizer_src)
     trainer_cfg = {
         "model": model_spec, "loss": "grpo", "optimizer": asdict(cfg.trainer.optimizer),
@@ -227,7 +231,12 @@ def run_sft(cfg: SFTConfig, resume: bool = False, quiet: bool = False) -> dict[s
     if cfg.export_hf:
         from forge.models.hf_io import save_model
 
-        summary["hf_export"] = str(save_model(engine.model, run_dir / "final_hf", tokenizer=tok))
+        if cfg.lora is not None:  # the merged model, and the adapters in peft format
+            summary["hf_export"] = str(save_merged_hf(engine.model, run_dir / "final_hf"))
+            tok.save_pretrained(summary["hf_export"])
+            summary["adapter_export"] = str(engine.save_adapter(run_dir / "final_adapter"))
+        else:
+            summary["hf_export"] = str(save_model(engine.model, run_dir / "final_hf", tokenizer=tok))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if after:
         print(f"held-out accuracy: {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f} "

@@ -364,6 +364,21 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dic
     return {n: t.to("cpu", dtype=dtype or t.dtype).clone() for n, t in merged_items(model)}
 
 
+def merged_model(model: nn.Module) -> CausalLM:
+    """A plain CausalLM (no adapters) holding the merged weights, on the model's device (one process)."""
+    lm = _causal_lm(model)
+    dev = next(lm.parameters()).device
+    with torch.device("meta"):
+        out = CausalLM(lm.args)
+    out.to_empty(device=dev)
+    out.tie_weights()
+    from forge.models.hf_io import reset_buffers
+
+    reset_buffers(out)
+    out.load_state_dict(merged_state_dict(lm), strict=False)  # tied lm_head is the embeddings
+    return out
+
+
 def save_merged_hf(model: nn.Module, path: str | Path, dtype: Any = None) -> Path | None:
     """An HF model directory of the merged model (collective under FSDP2; rank 0 writes)."""
     from forge.models.hf_io import save_model, to_dtype
@@ -457,6 +472,6 @@ class AdapterMerger:
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_FILE", "AdapterMerger", "AdapterView", "LINEAR_NAMES", "LoraConfig", "LoraLinear",
            "adapter_parameters", "adapter_state_dict", "adapters_disabled", "apply_lora", "is_adapter_update", "is_lora",
-           "load_adapter_weights", "load_peft_adapter", "lora_modules", "merged_items", "merged_state_dict",
+           "load_adapter_weights", "load_peft_adapter", "lora_modules", "merged_items", "merged_model", "merged_state_dict",
            "read_peft_config", "save_merged_hf", "save_peft_adapter"]
 
