@@ -243,6 +243,7 @@ class TrainEngine:
             mfu = self._mfu(total[2], dt, seqs)
             if mfu is not None:
                 record_metric(f"{prefix}/mfu", mfu, Reduce.MEAN)
+            self._record_memory(prefix)
         self.last_grad_norm = grad_norm
         return loss_value
 
@@ -261,6 +262,15 @@ class TrainEngine:
             record_metric("rl_trainer/skipped_steps", 1, Reduce.SUM)
         self.optimizer.zero_grad(set_to_none=True)
         return norm_f
+
+    def _record_memory(self, prefix: str) -> None:
+        """Weights + gradients + optimizer states this rank holds (what LoRA shrinks), and the device's peak."""
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.module.parameters()]
+        state = sum(p.numel() * p.element_size() for p in local)
+        state += sum(p.numel() * 4 * 3 for p in local if p.requires_grad)  # fp32 grad + AdamW's two moments
+        record_metric(f"{prefix}/train_state_gb", state / 2**30, Reduce.MAX)
+        if self.device.type == "cuda":
+            record_metric(f"{prefix}/peak_memory_gb", torch.cuda.max_memory_allocated(self.device) / 2**30, Reduce.MAX)
 
     def _mfu(self, tokens: float, dt: float, seqs: list[PackedSeq]) -> float | None:
         if self.device.type != "cuda" or not seqs:
