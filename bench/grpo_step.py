@@ -6,11 +6,17 @@
                                   # services on GPUs of their own: 2 generator replicas, trainer FSDP2 over 2
     python bench/grpo_step.py --smoke                              # CPU, tiny shape, seconds
     python bench/grpo_step.py --smoke --gpus 3 --transport broadcast   # CPU: the multi-process layout, gloo
+    python bench/grpo_step.py --lora 32 --modes sync --shapes qwen3-1.7b,qwen3-8b
+                                  # full fine-tuning and LoRA r=32 (all-linear, alpha 2r) of each shape, one run
 
 Runs the real GRPO app (apps/grpo/main.py) on a random-weight checkpoint of the given shape
 with the built-in arithmetic prompts; every response is exactly --tokens tokens long (EOS
 ignored), so the work per step is fixed: --prompts prompts x --group samples x --tokens tokens.
 The reward is the app's math reward (≈0 on random weights; timing does not depend on it).
+With --lora r each mode also runs with LoRA (`lora: {r, alpha: 2r, target_modules: all-linear}`, the
+frozen base kept in bf16 on GPU) and records peak device memory, the trainer's weights+grads+AdamW
+bytes, and weight-sync seconds and bytes, next to full fine-tuning's. A variant that does not fit
+(CUDA out of memory) is recorded as such and the run goes on.
 Per mode: wall seconds per training step (steady state: the first --warmup steps dropped) and
 the mean per-phase times the app records (generate = one group's generation latency, train,
 weight sync, waiting for a batch).
@@ -39,6 +45,12 @@ SHAPES = {
     "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                          num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, attention_bias=True,
                          rope_theta=1000000.0, max_position_embeddings=4096),
+    "qwen3-1.7b": dict(family="qwen3", hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                       tie_word_embeddings=True, qk_norm=True, rope_theta=1000000.0, max_position_embeddings=4096),
+    "qwen3-8b": dict(family="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                     tie_word_embeddings=False, qk_norm=True, rope_theta=1000000.0, max_position_embeddings=4096),
     "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True, attention_bias=True,
                  max_position_embeddings=1024),
@@ -51,7 +63,8 @@ def write_checkpoint(shape: str, path: Path, dtype: torch.dtype) -> Path:
     from forge.models.hf_io import save_model
     from forge.models.tokenizer import load_tokenizer, tiny_tokenizer_path
 
-    args = ModelArgs(family="qwen2", eos_token_id=2, pad_token_id=0, **SHAPES[shape])
+    shape_args = dict(SHAPES[shape])
+    args = ModelArgs(family=shape_args.pop("family", "qwen2"), eos_token_id=2, pad_token_id=0, **shape_args)
     model = CausalLM(args)
     model.init_weights(std=0.02, seed=0)
     return save_model(model, path, dtype=dtype, tokenizer=load_tokenizer(tiny_tokenizer_path()))
@@ -68,7 +81,7 @@ def layout(a: argparse.Namespace) -> tuple[int, int]:
     return gen, trainer
 
 
-def app_config(model: str, mode: str, a: argparse.Namespace, run_dir: Path, gpu: bool) -> dict:
+def app_config(model: str, mode: str, a: argparse.Namespace, run_dir: Path, gpu: bool, lora_r: int = 0) -> dict:
     off_by_n = {"sync": 0, "async": 1}[mode]
     gen, trainer_procs = layout(a)
     separate = a.separate_processes or a.gpus > 1
@@ -97,6 +110,8 @@ def app_config(model: str, mode: str, a: argparse.Namespace, run_dir: Path, gpu:
         "services": {"policy": {"with_gpus": gpu, "num_replicas": gen}, "ref_model": {"with_gpus": gpu},
                      "reward_actor": {}},
         "actors": {"trainer": {"with_gpus": gpu, "procs": trainer_procs}},
+        **({"lora": {"r": lora_r, "alpha": 2 * lora_r, "target_modules": "all-linear",
+                     "base_dtype": "bfloat16" if gpu and trainer_procs == 1 else None}} if lora_r else {}),
     }
 
 
@@ -120,6 +135,11 @@ def summarize(run_dir: Path, warmup: int) -> dict:
         "wait_for_batch_s": mean("time/wait_for_batch_s"),
         "policy_age": mean("buffer/sample/avg_sampled_policy_age"),
         "gen_tokens_per_s": mean("generator/tokens_per_s"),
+        "sync_push_s": mean("weight_sync/push_s"),
+        "sync_bytes": mean("weight_sync/push_bytes"),
+        "trainer_state_gb": mean("rl_trainer/train_state_gb"),
+        "peak_memory_gb": max([r["rl_trainer/peak_memory_gb"] for r in steps if "rl_trainer/peak_memory_gb" in r],
+                              default=float("nan")),
         "steps_measured": len(steps),
     }
 
@@ -142,6 +162,8 @@ def main() -> None:
     p.add_argument("--transport", default=None, choices=["inproc", "shm", "cuda_ipc", "broadcast"],
                    help="weight sync (default: the app's choice: inproc / broadcast on own GPUs / shm)")
     p.add_argument("--microbatch-tokens", type=int, default=16384)
+    p.add_argument("--lora", type=int, default=0, metavar="R",
+                   help="also run each mode with LoRA rank R (all-linear, alpha 2R) to compare with full fine-tuning")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     if a.smoke:
@@ -166,34 +188,53 @@ def main() -> None:
         for shape in shapes:
             ckpt = write_checkpoint(shape, Path(tmp) / f"model_{shape}", torch.bfloat16 if gpu else torch.float32)
             per_mode: dict = {}
-            for mode in a.modes.split(","):
-                run_dir = Path(tmp) / f"run_{shape}_{mode}"
-                cfg, _ = load_grpo_config(app_config(str(ckpt), mode, a, run_dir, gpu))
+            runs = [(m, m, 0) for m in a.modes.split(",")]
+            if a.lora:
+                runs += [(f"{m}+lora{a.lora}", m, a.lora) for m in a.modes.split(",")]
+            for label, mode, lora_r in runs:
+                run_dir = Path(tmp) / f"run_{shape}_{label}"
+                cfg, _ = load_grpo_config(app_config(str(ckpt), mode, a, run_dir, gpu, lora_r))
                 t0 = time.perf_counter()
-                asyncio.run(grpo_main(cfg))
+                try:
+                    asyncio.run(grpo_main(cfg))
+                except Exception as e:  # e.g. full fine-tuning of a shape that does not fit: say so, go on
+                    if not a.lora:
+                        raise
+                    per_mode[label] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                    print(f"{shape} {label}: {per_mode[label]['error']}")
+                    if gpu:
+                        torch.cuda.empty_cache()
+                    continue
                 res = summarize(run_dir, a.warmup)
                 res["total_s"] = time.perf_counter() - t0
                 res["weight_sync_frac"] = res["weight_sync_s"] / res["s_per_step"]
-                per_mode[mode] = res
+                per_mode[label] = res
+                if gpu:
+                    torch.cuda.reset_peak_memory_stats()
+                    torch.cuda.empty_cache()
                 results["shapes"][shape] = per_mode
                 if a.out:  # after every mode: a run cut short still leaves what it measured
                     _record.write_json(a.out, results, indent=2)
-            if {"sync", "async"} <= set(per_mode):
+            if {"sync", "async"} <= set(per_mode) and not any("error" in per_mode[m] for m in ("sync", "async")):
                 per_mode["async_speedup"] = per_mode["sync"]["s_per_step"] / per_mode["async"]["s_per_step"]
             results["shapes"][shape] = per_mode
 
     where = (f"{a.gpus} GPUs: {gen} generator replica(s), trainer over {trainer_procs} proc(s)" if a.gpus > 1
              else "separate processes" if separate else "one process")
     print(f"\nGRPO step: {a.prompts} prompts x {a.group} samples x {a.tokens} tokens, device {results['device']}, {where}")
-    print(f"{'shape':<14}{'mode':<7}{'s/step':>9}{'gen/group s':>13}{'train s':>9}{'sync s':>9}{'sync %':>8}"
-          f"{'wait s':>9}{'age':>6}")
+    print(f"{'shape':<14}{'mode':<14}{'s/step':>9}{'gen/group s':>13}{'train s':>9}{'sync s':>9}{'sync %':>8}"
+          f"{'wait s':>9}{'age':>6}{'sync MB':>10}{'state GB':>10}{'peak GB':>9}")
     for shape, per_mode in results["shapes"].items():
         for mode, r in per_mode.items():
             if mode == "async_speedup":
                 continue
-            print(f"{shape:<14}{mode:<7}{r['s_per_step']:>9.3f}{r['generate_group_s']:>13.3f}{r['train_s']:>9.3f}"
+            if "error" in r:
+                print(f"{shape:<14}{mode:<14}{r['error'][:80]}")
+                continue
+            print(f"{shape:<14}{mode:<14}{r['s_per_step']:>9.3f}{r['generate_group_s']:>13.3f}{r['train_s']:>9.3f}"
                   f"{r['weight_sync_s']:>9.3f}{100 * r['weight_sync_frac']:>7.1f}%{r['wait_for_batch_s']:>9.3f}"
-                  f"{r['policy_age']:>6.2f}")
+                  f"{r['policy_age']:>6.2f}{r['sync_bytes'] / 1e6:>10.2f}{r['trainer_state_gb']:>10.3f}"
+                  f"{r['peak_memory_gb']:>9.2f}")
         if "async_speedup" in per_mode:
             print(f"{shape:<14}async speed-up: {per_mode['async_speedup']:.2f}x")
     if a.out:

@@ -19,6 +19,7 @@ from forge.config import BuildReport, ConfigError, build
 from forge.controller import ActorOptions
 from forge.data.datasets import DatasetConfig
 from forge.engine.config import EngineConfig, SamplingParams
+from forge.models.lora import LoraConfig
 from forge.observability.loggers import validate_metric_logging
 from forge.trainer.config import (
     CheckpointConfig,
@@ -190,6 +191,9 @@ class RefModelSection:
 @dataclass
 class GRPOConfig:
     model: str = "tiny-sft"  # a local HF directory, hf://org/name (local cache), or tiny-sft
+    # LoRA: the trainer trains adapters on the frozen `model` and syncs only them, e.g. {r: 32, alpha: 64,
+    # target_modules: all-linear} (null: full fine-tuning). LoRA wants ~10x the full-FT learning rate
+    lora: LoraConfig | None = None
     seed: int = 0
     provisioner: Any = "local"  # local | monarch (or {kind: monarch, ...})
     group_size: int = 8

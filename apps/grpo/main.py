@@ -237,7 +237,9 @@ async def _train(cfg: GRPOConfig, sync: dict[str, Any], resume: bool,
     after = await evaluate(cfg, s, step)
     await logger.flush(step + 1, extra=after)
     logger.close()
-    await s.trainer.export_hf.call(str(run_dir / "final_hf"))
+    await s.trainer.export_hf.call(str(run_dir / "final_hf"))  # with LoRA: the adapters merged in
+    if cfg.lora is not None:
+        await s.trainer.save_adapter.call(str(run_dir / "final_adapter"))  # HF peft format
     curve = write_learning_curve(logger.history, run_dir / "learning_curve.png")
     summary = {
         "accuracy_before": before["eval/accuracy"],

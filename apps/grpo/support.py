@@ -168,7 +168,8 @@ async def build_services(cfg: GRPOConfig, model_path: str, run_dir: Path,
     sync = sync or weight_sync_config(cfg)
 
     trainer_kw = dict(
-        model={"path": model_path},
+        # with LoRA the reference model (when the loss needs one) loads `model_path` as before: the base weights
+        model={"path": model_path, **({"lora": dataclasses.asdict(cfg.lora)} if cfg.lora is not None else {})},
         loss=loss_spec,
         optimizer=dataclasses.asdict(cfg.trainer.optimizer),
         lr_scheduler=dataclasses.asdict(cfg.trainer.lr_scheduler),

@@ -7,6 +7,7 @@ from typing import Any
 
 from forge.config import BuildReport, ConfigError, build
 from forge.data.datasets import DatasetConfig
+from forge.models.lora import LoraConfig
 from forge.trainer.config import CheckpointConfig, LRSchedulerConfig, OptimizerConfig, TrainingConfig
 
 
@@ -43,6 +44,8 @@ class TrainerSection:
 class SFTConfig:
     model: str = "tiny"  # a local HF directory, hf://org/name (local cache) or `tiny`
     tiny: TinyModel = field(default_factory=TinyModel)
+    # LoRA adapters instead of full fine-tuning, e.g. {r: 32, alpha: 64, target_modules: all-linear} (null: full)
+    lora: LoraConfig | None = None
     seed: int = 0
     steps: int = 400
     batch_size: int = 64  # sequences per optimizer step

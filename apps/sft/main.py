@@ -26,6 +26,7 @@ from forge.config import compose, parse_cli, run_cli, to_container
 from forge.config.help import format_help, wants_help, without_help
 from forge.data.datasets import DatasetConfig, PromptDataset
 from forge.models.logprobs import compute_logprobs
+from forge.models.lora import is_lora, merged_model
 from forge.observability import MetricLogger, Reduce, build_backends, record_metric
 
 log = logging.getLogger("forge.sft")
@@ -120,7 +121,8 @@ class Evaluator:
             return {}
         from forge.engine import EngineConfig, LLMEngine, SamplingParams
 
-        model = copy.deepcopy(model).eval()  # the engine owns its copy; training weights stay untouched
+        # the engine owns its copy (training weights stay untouched); LoRA: the adapters merged in
+        model = (merged_model(model) if is_lora(model) else copy.deepcopy(model)).eval()
         dev = next(model.parameters()).device
         examples = [encode_example(self.tok, it, self.cfg.max_seq_len) for it in self.items]
         batch = make_batch(examples, pad_token(self.tok))
@@ -166,6 +168,8 @@ async def train_sft(cfg: SFTConfig, resume: bool = False, quiet: bool = False) -
 
         tokenizer_src = str(resolve_model_path(cfg.model))
         model_spec = {"path": tokenizer_src}
+    if cfg.lora is not None:
+        model_spec["lora"] = asdict(cfg.lora)
     tok = load_tokenizer(tokenizer_src)
     trainer_cfg = {
         "model": model_spec, "loss": "grpo", "optimizer": asdict(cfg.trainer.optimizer),
@@ -251,9 +255,11 @@ async def _train(cfg: SFTConfig, trainer: LocalSFTTrainer | ActorSFTTrainer, tok
                                "accuracy_before": before.get("eval/accuracy"), "accuracy_after": after.get("eval/accuracy"),
                                "eval_loss_before": before.get("eval/loss"), "eval_loss_after": after.get("eval/loss")}
     if cfg.export_hf:
-        out = await trainer.export_hf(run_dir / "final_hf")
+        out = await trainer.export_hf(run_dir / "final_hf")  # LoRA: the adapters merged into the base
         tok.save_pretrained(str(out))
         summary["hf_export"] = str(out)
+        if cfg.lora is not None:  # and the adapters in peft format
+            summary["adapter_export"] = str(await trainer.save_adapter(run_dir / "final_adapter"))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if after:
         print(f"held-out accuracy: {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f} "

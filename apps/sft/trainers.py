@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from forge.models.decoder import CausalLM
-from forge.models.hf_io import load_state_dict_into, save_model
+from forge.models.hf_io import load_state_dict_into
 from forge.trainer.engine import TrainEngine, build_model
 
 
@@ -34,7 +34,12 @@ class LocalSFTTrainer:
         return self.engine.model
 
     async def export_hf(self, path: Path) -> Path:
-        return save_model(self.engine.model, path)
+        out = self.engine.export_hf(path)
+        assert out is not None  # one process: this one writes
+        return out
+
+    async def save_adapter(self, path: Path) -> Path:
+        return self.engine.save_adapter(path)
 
     async def close(self) -> None:
         pass
@@ -85,6 +90,9 @@ class ActorSFTTrainer:
     async def export_hf(self, path: Path) -> Path:
         out = (await self.actor.export_hf.call(str(path)))[0]  # collective; rank 0 writes
         return Path(out)
+
+    async def save_adapter(self, path: Path) -> Path:
+        return Path((await self.actor.save_adapter.call(str(path)))[0])  # collective
 
     async def close(self) -> None:
         from forge.controller import shutdown

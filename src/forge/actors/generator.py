@@ -34,6 +34,7 @@ import torch
 from forge.controller import ForgeActor, endpoint
 from forge.engine import EngineConfig, LLMEngine, RequestOutput, SamplingParams
 from forge.models.decoder import CausalLM
+from forge.models.lora import AdapterMerger, is_adapter_update
 from forge.observability import Reduce, record_metric
 from forge.types import Completion
 from forge.weight_sync import WeightSyncError, available_version
@@ -85,6 +86,7 @@ class Generator(ForgeActor):
         self._thread.start()
         self.weight_sync = dict(weight_sync or {})
         self._receiver: Any = None  # broadcast: joins the trainer's group at the first update
+        self._merger = AdapterMerger(self.engine.model)  # LoRA updates: merged from the kept base weights
 
     # ---- endpoints --------------------------------------------------------------------------
     @endpoint
@@ -195,6 +197,14 @@ class Generator(ForgeActor):
         await asyncio.to_thread(self._thread.join, 10.0)
 
     # ---- helpers ----------------------------------------------------------------------------
+    def _load_weights(self, sd: Any) -> int:
+        """Full weights are copied in place; LoRA adapters (a trainer with `model.lora` publishes
+        only those) are merged into the base weights, so generation runs at the base model's speed."""
+        if isinstance(sd, Mapping) and is_adapter_update(sd.keys()):
+            return self._merger.apply(sd)
+        self._merger.forget_base()  # full weights are the new base
+        return load_weights_in_place(self.engine.model, sd)
+
     def _fetch_weights(self, version: int) -> Any:
         """The published weights of `version`, by the configured transport (see forge.weight_sync).
         With `broadcast` this takes part in the trainer's publish (the app runs both at once)."""
@@ -263,7 +273,7 @@ class Generator(ForgeActor):
                 _, (version, sd), loop, fut = update
                 try:
                     t0 = time.perf_counter()
-                    n = load_weights_in_place(eng.model, sd)
+                    n = self._load_weights(sd)
                     self.version = version
                     record_metric("generator/update_weights/time_s", time.perf_counter() - t0, Reduce.MEAN)
                     loop.call_soon_threadsafe(_set, fut, n, None)

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from forge.controller import ForgeActor, endpoint
+from forge.observability import Reduce, record_metric
 from forge.trainer.config import TrainerConfig
 
 
@@ -121,6 +123,7 @@ class Trainer(ForgeActor):
         self.weight_sync_cfg = dict(weight_sync or {"transport": "inproc"})
         self.engine: Any = None
         self._publisher: Any = None
+        self._publish_bytes = 0
 
     async def setup(self) -> None:
         from forge.trainer.engine import TrainEngine
@@ -161,10 +164,15 @@ class Trainer(ForgeActor):
         out = await asyncio.to_thread(self.engine.export_hf, path, dtype)
         return None if out is None else str(out)
 
+    @endpoint
+    async def save_adapter(self, path: str) -> str:
+        """LoRA: the adapters as an HF peft directory (adapter_model.safetensors + adapter_config.json)."""
+        return str(await asyncio.to_thread(self.engine.save_adapter, path))
+
     # ------------------------------------------------------------------ weight sync
     def _get_publisher(self) -> Any:
         if self._publisher is None:
-            from forge.weight_sync import WeightPublisher
+            from forge.weight_sync import WeightPublisher, manifest
 
             from forge.models.hf_io import to_dtype
 
@@ -174,7 +182,10 @@ class Trainer(ForgeActor):
             kw = {k: v for k, v in kw.items() if k in _PUBLISHER_KEYS.get(transport, ())}
             if isinstance(kw.get("dtype"), str):  # e.g. bf16 on the wire when the generator runs bf16
                 kw["dtype"] = to_dtype(kw["dtype"])
-            self._publisher = WeightPublisher(self.engine.module, transport, **kw)
+            # with LoRA only the adapters travel (the generator merges them into its base weights)
+            source = self.engine.publish_source()
+            self._publisher = WeightPublisher(source, transport, **kw)
+            self._publish_bytes = sum(e.nbytes for e in manifest(source, kw.get("dtype")))
         return self._publisher
 
     @endpoint
@@ -184,7 +195,12 @@ class Trainer(ForgeActor):
         if (version is None) == (policy_version is None):
             raise TypeError("push_weights: pass the version once, as `version` or `policy_version=`")
         pub = self._get_publisher()
-        return await asyncio.to_thread(pub.publish, int(version if version is not None else policy_version))
+        t0 = time.perf_counter()
+        out = await asyncio.to_thread(pub.publish, int(version if version is not None else policy_version))
+        if self.rank == 0:
+            record_metric("weight_sync/push_s", time.perf_counter() - t0, Reduce.MEAN)
+            record_metric("weight_sync/push_bytes", self._publish_bytes, Reduce.MEAN)
+        return out
 
     @endpoint
     async def get_state_dict(self, dtype: str | None = None) -> dict[str, torch.Tensor]:

@@ -120,9 +120,13 @@ def config_rows(schema: type, value: Any, prefix: str = "",
         else:
             v = getattr(value, f.name, _field_default(f))
         tp = hints.get(f.name, Any)
-        sub = sections.get(key) or (tp if dataclasses.is_dataclass(tp) else None)
+        optional = _optional_dataclass(tp)
+        sub = sections.get(key) or (tp if dataclasses.is_dataclass(tp) else optional)
         if sub is not None:
-            rows.append((key, "", sub.__name__, docs.get(f.name) or _first_line(sub.__doc__), True))
+            # an optional section (e.g. `lora`) that is off: its keys are listed with their defaults
+            shown = "None" if (optional is not None and v is None) else ""
+            rows.append((key, shown, sub.__name__ + (" | None" if optional is not None else ""),
+                         docs.get(f.name) or _first_line(sub.__doc__), True))
             rows.extend(config_rows(sub, v if v is not None else {}, key, sections))
             if isinstance(v, dict):  # keys given that the section's dataclass does not have
                 own = {g.name for g in dataclasses.fields(sub)}
@@ -132,6 +136,15 @@ def config_rows(schema: type, value: Any, prefix: str = "",
         shown = "<required>" if v is dataclasses.MISSING else _short(v)
         rows.append((key, shown, _type_name(tp), docs.get(f.name, ""), False))
     return rows
+
+
+def _optional_dataclass(tp: Any) -> type | None:
+    """X for a `X | None` field whose X is a dataclass (an optional section), else None."""
+    args = typing.get_args(tp)
+    if len(args) == 2 and type(None) in args:
+        x = args[0] if args[1] is type(None) else args[1]
+        return x if dataclasses.is_dataclass(x) else None
+    return None
 
 
 def _first_line(doc: str | None) -> str:

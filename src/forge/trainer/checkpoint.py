@@ -31,6 +31,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -66,6 +67,22 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
     except OSError:  # some filesystems do not support directory fsync
         pass
+
+
+def _options(model: nn.Module) -> StateDictOptions:
+    """Frozen parameters (a LoRA run's base model) are not saved: they are the checkpoint the run
+    started from, and a LoRA checkpoint then holds only the adapters and their optimizer state.
+    Loading such a checkpoint leaves the frozen ones as they are (non-strict; `_check_shapes`
+    has already matched every trainable key)."""
+    frozen = any(not p.requires_grad for p in model.parameters())
+    return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
+
+
+def _trainable_only(model: nn.Module, msd: dict[str, Any]) -> dict[str, Any]:
+    """`ignore_frozen_params` keeps a tied frozen weight's second name (`lm_head.weight` tied to the
+    embeddings); drop every name of a frozen parameter."""
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in msd.items() if k not in frozen} if frozen else msd
 
 
 def rng_state() -> dict[str, Any]:
@@ -151,7 +168,8 @@ def save_checkpoint(
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     _barrier()
-    msd, osd = get_state_dict(model, optimizer)
+    msd, osd = get_state_dict(model, optimizer, options=_options(model))
+    msd = _trainable_only(model, msd)
     try:
         with warnings.catch_warnings():  # single-process save is intended when there is no group
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -250,11 +268,12 @@ def load_checkpoint(
     path = Path(path)
     validate_checkpoint(path)
     rank = dist.get_rank() if _dist() else 0
+    opts = _options(model)
     if optimizer is not None:
-        msd, osd = get_state_dict(model, optimizer)
-        state = {"model": msd, "optim": osd}
+        msd, osd = get_state_dict(model, optimizer, options=opts)
+        state = {"model": _trainable_only(model, msd), "optim": osd}
     else:
-        state = {"model": get_model_state_dict(model)}
+        state = {"model": _trainable_only(model, get_model_state_dict(model, options=opts))}
     _check_shapes(path, state["model"])
     try:
         with warnings.catch_warnings():
@@ -263,9 +282,9 @@ def load_checkpoint(
     except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
         raise CheckpointError(f"checkpoint '{path}' could not be read by DCP: {_dcp_cause(e)}") from e
     if optimizer is not None:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=opts)
     else:
-        set_model_state_dict(model, state["model"])
+        set_model_state_dict(model, state["model"], options=opts)
     meta = _torch_load(path / STATE_FILE)
     if scheduler is not None and meta.get("scheduler") is not None:
         scheduler.load_state_dict(meta["scheduler"])

@@ -2,6 +2,7 @@
 
     trainer:
       model: {path: /ckpt/Qwen2.5-0.5B}          # or {tiny: qwen2, seed: 0}, or a bare path string
+        # lora: {r: 32, alpha: 64, target_modules: all-linear}   # optional: train adapters only
       loss: grpo                                  # anything forge.losses.build_loss accepts
       optimizer: {name: AdamW, lr: 1e-5, betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.0}
       lr_scheduler: {warmup_steps: 10, decay: cosine, total_steps: 1000, min_lr_ratio: 0.1}
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+from forge.models.lora import LoraConfig
 
 
 @dataclass
@@ -91,6 +94,7 @@ class TrainerConfig:
     lr_scheduler: LRSchedulerConfig = field(default_factory=LRSchedulerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    lora: LoraConfig | None = None  # `model.lora`: train LoRA adapters on the frozen model (forge.models.lora)
     unused: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -114,6 +118,9 @@ class TrainerConfig:
             out.model = dict(model)
             if "hf_assets_path" in out.model and "path" not in out.model:  # torchforge/torchtitan name
                 out.model["path"] = out.model.pop("hf_assets_path")
+            lora = out.model.pop("lora", None)
+            if lora is not None:
+                out.lora = LoraConfig.from_dict(lora, where="trainer.model.lora")
         if "loss" in cfg:
             out.loss = cfg.pop("loss")
         out.optimizer = _fill(OptimizerConfig, cfg.pop("optimizer", {}), "optimizer", unused)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from forge.models import lora
 from forge.models.decoder import CausalLM
 from forge.models.parallel import enable_activation_checkpointing, maybe_compile
 from forge.observability import Reduce, record_metric
@@ -95,6 +96,9 @@ class TrainEngine:
         torch.manual_seed(tc.seed)
         self.model = model.to(self.device) if model is not None else build_model(self.cfg.model, self.device)
         self.model.float()  # fp32 master weights; bf16 only inside autocast / FSDP mixed precision
+        self.lora = self.cfg.lora
+        if self.lora is not None:
+            self._apply_lora(self.lora)
         self.model.train()
         enable_activation_checkpointing(self.model, tc.activation_checkpoint)
         maybe_compile(self.model, tc.compile)
@@ -116,6 +120,39 @@ class TrainEngine:
         self.scheduler = build_lr_scheduler(self.optimizer, self.cfg.lr_scheduler)
         self.step = 0
         self.extra: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ LoRA
+    def _apply_lora(self, cfg: lora.LoraConfig) -> None:
+        """Adapters on the frozen model, before compile/FSDP wrap it; the optimizer then sees only
+        them (it takes parameters that require grad). `init_from`: a peft adapter to continue."""
+        if cfg.base_dtype is not None and self.world_size > 1:
+            raise ValueError(f"trainer.model.lora.base_dtype={cfg.base_dtype!r} with {self.world_size} procs: FSDP2 "
+                             "shards a block's parameters as one dtype; leave base_dtype unset (FSDP keeps the "
+                             "frozen base in training.dtype for compute) or train on one proc")
+        if cfg.init_from:
+            lora.load_peft_adapter(self.model, cfg.init_from, cfg)
+        else:
+            lora.apply_lora(self.model, cfg)
+        n = sum(p.numel() for p in lora.adapter_parameters(self.model))
+        log.info("LoRA r=%d alpha=%s on %d modules: %d trainable parameters (%.2f%% of %d)", cfg.r, cfg.alpha,
+                 len(lora.lora_modules(self.model)), n, 100 * n / max(1, sum(p.numel() for p in self.model.parameters())),
+                 sum(p.numel() for p in self.model.parameters()))
+
+    def publish_source(self) -> nn.Module:
+        """What weight sync publishes: the whole model, or with LoRA only the adapters (`lora.AdapterView`)."""
+        return lora.AdapterView(self.model) if self.lora is not None else self.module
+
+    def base_model(self):
+        """Context: the base model (adapters off) — the reference policy under LoRA, no second copy."""
+        if self.lora is None:
+            raise ValueError("base_model(): the trainer has no LoRA adapters; its weights are the trained ones")
+        return lora.adapters_disabled(self.model)
+
+    def save_adapter(self, path: str | Path) -> Path:
+        """The adapters in HF peft format (adapter_model.safetensors + adapter_config.json); collective."""
+        if self.lora is None:
+            raise ValueError("save_adapter: trainer.model.lora is not set (nothing but full weights to save)")
+        return lora.save_peft_adapter(self.model, path, self.lora, base_model_name_or_path=self.cfg.model.get("path"))
 
     # ------------------------------------------------------------------ batch preparation
     def _rl_sequences(self, inputs: list[dict], targets: list[dict], score_key: str = "padding_mask"
@@ -207,6 +244,7 @@ class TrainEngine:
             mfu = self._mfu(total[2], dt, seqs)
             if mfu is not None:
                 record_metric(f"{prefix}/mfu", mfu, Reduce.MEAN)
+            self._record_memory(prefix)
         self.last_grad_norm = grad_norm
         return loss_value
 
@@ -226,6 +264,15 @@ class TrainEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return norm_f
 
+    def _record_memory(self, prefix: str) -> None:
+        """Weights + gradients + optimizer states this rank holds (what LoRA shrinks), and the device's peak."""
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.module.parameters()]
+        state = sum(p.numel() * p.element_size() for p in local)
+        state += sum(p.numel() * 4 * 3 for p in local if p.requires_grad)  # fp32 grad + AdamW's two moments
+        record_metric(f"{prefix}/train_state_gb", state / 2**30, Reduce.MAX)
+        if self.device.type == "cuda":
+            record_metric(f"{prefix}/peak_memory_gb", torch.cuda.max_memory_allocated(self.device) / 2**30, Reduce.MAX)
+
     def _mfu(self, tokens: float, dt: float, seqs: list[PackedSeq]) -> float | None:
         if self.device.type != "cuda" or not seqs:
             return None
@@ -239,9 +286,14 @@ class TrainEngine:
 
     # ------------------------------------------------------------------ inference-only
     @torch.no_grad()
-    def forward_logprobs(self, inputs: list[dict], targets: list[dict], score_key: str = "padding_mask") -> Tensor:
+    def forward_logprobs(self, inputs: list[dict], targets: list[dict], score_key: str = "padding_mask",
+                         base: bool = False) -> Tensor:
         """The trainer's logprobs `[B, R]` of the given response tokens (0 where not scored), at the
-        training temperature. Every rank returns the whole batch's."""
+        training temperature. Every rank returns the whole batch's. `base=True` (LoRA): the base
+        model's, adapters off (the reference policy)."""
+        if base:
+            with self.base_model():
+                return self.forward_logprobs(inputs, targets, score_key)
         was_training = self.module.training
         self.module.eval()
         seqs, _, width, rows = self._rl_sequences(inputs, targets, score_key)
@@ -302,6 +354,8 @@ class TrainEngine:
         """HF safetensors directory (collective under FSDP; rank 0 writes)."""
         from forge.models.hf_io import save_model
 
+        if self.lora is not None:  # the adapters merged into the base weights
+            return lora.save_merged_hf(self.model, path, dtype)
         if not self.distributed:
             return save_model(self.model, path, dtype=dtype)
         # gather one parameter at a time into a CPU copy on rank 0

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from forge.models.lora import is_adapter_update
 from forge.weight_sync.common import (
     Entry,
     WeightSyncError,
@@ -120,7 +121,9 @@ class BroadcastSubscriber:
         raw = json.loads(self.store.get("manifest"))
         self.entries = [Entry(n, _DTYPES[d], tuple(s)) for n, d, s in raw]
         self.bucket_plan = buckets(self.entries, int(self.store.get("bucket_bytes")))
-        self.dst = target_params(model, {e.name for e in self.entries}, "broadcast weight sync")
+        names = {e.name for e in self.entries}
+        # LoRA adapters have no parameter of their own here: the generator merges them (fetch() is full weights only)
+        self.dst = None if is_adapter_update(names) else target_params(model, names, "broadcast weight sync")
         self.staging = {e.name: torch.empty(e.shape, dtype=e.dtype, device=self.device) for e in self.entries}
         self.staged_version: int | None = None
         self._lock = threading.Lock()
@@ -165,6 +168,9 @@ class BroadcastSubscriber:
             got, staging = self.receive()
             if version is None or got >= version:
                 break
+        if self.dst is None:
+            raise WeightSyncError("broadcast weight sync: the publisher sends LoRA adapters; apply them with "
+                                  "forge.models.lora.AdapterMerger (the Generator does), not fetch()")
         for name, src in staging.items():
             copy_into(self.dst[name], src, name)
         if self.device.type == "cuda":
