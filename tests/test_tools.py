@@ -243,6 +243,21 @@ def test_deeply_nested_tool_call_is_a_malformed_call_not_a_crash():
             f'<tool_call>{{"name": "calculator", "arguments": {json.dumps(deep)}}}</tool_call>')
     calls = parse_tool_calls(text)
     assert len(calls) == 2 and "nested too deeply" in calls[0].error and calls[1].error
+    # the bound is forge's, not the interpreter's recursion limit (torch.compile and sympy raise
+    # it: in the full suite the decoder parsed 1200 levels and the call was accepted as a list)
+    import sys
+
+    from forge.envs.tools import MAX_JSON_DEPTH
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 3 * depth))
+    try:
+        assert "nested too deeply" in parse_tool_calls(text)[0].error
+    finally:
+        sys.setrecursionlimit(limit)
+    ok = "[" * (MAX_JSON_DEPTH - 2) + "]" * (MAX_JSON_DEPTH - 2)  # + the call's two objects = the bound
+    in_string = json.dumps("[" * 5000)  # brackets inside a string are not nesting
+    assert parse_tool_calls(f'<tool_call>{{"name": "c", "arguments": {{"x": {ok}, "s": {in_string}}}}}</tool_call>')[0].error is None
     results, stats = run(ToolRegistry([calculator_tool]).run_calls(text))
     assert [r.status for r in results] == ["malformed", "malformed"] and results[0].text.startswith("Error:")
     assert stats.malformed == 2

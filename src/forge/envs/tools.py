@@ -237,10 +237,38 @@ def parse_tool_calls(text: str) -> list[ToolCall]:
     return calls
 
 
+MAX_JSON_DEPTH = 200  # far past any real tool call; a fixed bound, not the interpreter's recursion limit
+
+
+def _json_depth(raw: str) -> int:
+    """Deepest `[`/`{` nesting outside JSON strings (one linear pass)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
 def _loads(raw: str) -> Any:
-    """`json.loads` whose every failure is a `ValueError`: nesting deeper than the interpreter's
-    recursion limit (a model emitting ~1000 `[`) raises `RecursionError` in the decoder, which
-    must reach the model as a malformed call, never end the rollout."""
+    """`json.loads` whose every failure is a `ValueError`. Nesting is bounded by MAX_JSON_DEPTH
+    before decoding: the decoder's own limit is the interpreter's recursion limit, which other
+    libraries raise (torch.compile, sympy), so a model emitting ~1000 `[` would either crash the
+    rollout with RecursionError or parse, depending on what ran before."""
+    if _json_depth(raw) > MAX_JSON_DEPTH:
+        raise ValueError(f"JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)")
     try:
         return json.loads(raw)
     except RecursionError:
