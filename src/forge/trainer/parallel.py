@@ -1,4 +1,4 @@
-"""Process group from the launcher's env, and FSDP2 sharding of the trainer's model.
+"""FSDP2 sharding of the trainer's model, and the few collectives the trainer step needs.
 
 The monarch backend (and torchrun) set RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT for the
 procs of one replica; the trainer forms its data-parallel group from them: gloo on CPU, NCCL on
@@ -7,31 +7,13 @@ GPU. FSDP2 (`fully_shard`) wraps each DecoderLayer, then the root, as torchtitan
 
 from __future__ import annotations
 
-import os
-from datetime import timedelta
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from forge.util.distributed import init_distributed
 
-def init_distributed(device: torch.device, world_size: int, rank: int, timeout_s: float = 600.0) -> bool:
-    """Join the replica's process group (idempotent). Returns whether a group is in use."""
-    if world_size <= 1:
-        return False
-    if dist.is_initialized():
-        if dist.get_world_size() != world_size:
-            raise RuntimeError(f"a process group of size {dist.get_world_size()} exists; the trainer needs {world_size}")
-        return True
-    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-    if missing:
-        raise RuntimeError(
-            f"trainer with {world_size} procs needs {missing} in the environment to form its process group "
-            "(the monarch backend sets them; the local backend cannot run procs > 1 trainers)")
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s),
-                            device_id=device if device.type == "cuda" else None)
-    return True
+__all__ = ["init_distributed", "apply_fsdp", "all_reduce_sum", "all_reduce_max", "full_tensor"]
 
 
 def apply_fsdp(root: nn.Module, layers: nn.ModuleList, param_dtype: torch.dtype | None = None) -> nn.Module:
