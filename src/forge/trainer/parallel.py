@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from forge.util.distributed import init_distributed
+from forge.distributed import init_distributed
 
 __all__ = ["init_distributed", "apply_fsdp", "all_reduce_sum", "all_reduce_max", "full_tensor"]
 
