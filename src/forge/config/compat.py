@@ -1,10 +1,10 @@
 """The one table of foreign key spellings: vLLM's `engine_args` / `sampling_params` and
 torchtitan's trainer blocks, as torchforge configs carry them, and what each means in forge.
 
-Every reader translates through this module: the GRPO app's config check and its Generator
-arguments (apps/grpo/config.py), the SFT app's torchforge layout (apps/grpo/compat.py), and
-`forge.actors.Generator(engine_args=..., sampling_params=...)` (tests/test_compat_keys.py holds
-the Generator and the app to this table). A key maps to forge's key (`Rename.dest`, with an
+The GRPO app's config check and its Generator arguments (apps/grpo/config.py) and the SFT app's
+torchforge layout (apps/grpo/compat.py) translate through this module;
+`forge.actors.Generator(engine_args=..., sampling_params=...)` and the Trainer's torchtitan names
+(forge.trainer.config) must mean the same: tests/test_compat_keys.py holds all of them to it. A key maps to forge's key (`Rename.dest`, with an
 optional conversion of its value) or to None: accepted, not used, reported once as unused
 (`Rename.why` says why). A key in none of these tables is an error where the config is
 checked (the closest valid key named).
