@@ -162,3 +162,14 @@ def test_trainer_model_naming_another_model_is_refused_not_dropped():
     assert "trainer.model.path" in report.unused and "trainer.model.name" in report.unused
     with pytest.raises(ConfigError, match="trainer.model.path: /other"):
         load_grpo_config({"model": "tiny-sft", "trainer": {"model": {"path": "/other"}}})
+
+
+def test_reference_model_training_keys_of_torchtitan_are_reported_and_dataset_model_must_be_the_model():
+    n = random.Random().randint(64, 4096)
+    cfg, report = load_grpo_config({"ref_model": {"training": {"seq_len": n, "gc_freq": 1, "max_grad_norm": 1.0,
+                                                               "mixed_precision_param": "float32"}}})
+    assert {"ref_model.training.seq_len", "ref_model.training.gc_freq",
+            "ref_model.training.max_grad_norm"} <= set(report.unused)
+    assert cfg.ref_model.training.dtype == "float32"  # torchtitan's name for the dtype the reference runs in
+    with pytest.raises(ConfigError, match="dataset.model: /other"):
+        load_grpo_config({"model": "tiny-sft", "dataset": {"model": "/other"}})

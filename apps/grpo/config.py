@@ -140,16 +140,12 @@ class RefTrainingSection:
     dtype: str = "bfloat16"
     max_tokens_per_microbatch: int = 8192
     logprob_chunk_size: int = 1024
-    seq_len: int | None = None  # torchtitan's; the reference model packs by max_tokens_per_microbatch
-    gc_freq: int | None = None  # torchtitan's
+    # torchtitan's keys here (seq_len, gc_freq, ...) go through forge.config.compat: reported as unused
 
 
 def ref_training(cfg: "GRPOConfig") -> dict[str, Any]:
-    """The ReferenceModel's `training` options (torchtitan's seq_len/gc_freq have no use there)."""
-    t = dataclasses.asdict(cfg.ref_model.training)
-    for k in ("seq_len", "gc_freq"):
-        t.pop(k)
-    return t
+    """The ReferenceModel's `training` options."""
+    return dataclasses.asdict(cfg.ref_model.training)
 
 
 @dataclass
@@ -317,7 +313,11 @@ def _fields(cls: type) -> set[str]:
 def validate_sections(cfg: GRPOConfig, report: BuildReport) -> None:
     """Check the dict-typed blocks against the configs of the parts that consume them."""
     ds = dict(cfg.dataset)
-    ds.pop("model", None)  # torchforge's tokenizer source: forge takes it from top-level `model`
+    if "model" in ds:  # torchforge's tokenizer source (${model}): forge's is the top-level `model`
+        if not same_model(ds["model"], cfg.model):
+            raise ConfigError(f"'dataset.model: {ds['model']}' differs from 'model: {cfg.model}': prompts are "
+                              "tokenized with the model's tokenizer; remove dataset.model or set it to ${model}")
+        ds.pop("model")
     if "data_split" in ds:
         ds["split"] = ds.pop("data_split")
     if "revision" in ds:
@@ -463,7 +463,8 @@ def translate_torchtitan_keys(data: dict[str, Any], report: BuildReport, moved: 
         blocks += [("trainer", b, trainer) for b in ("model", "training", "checkpoint", "lr_scheduler")]
     ref = data.get("ref_model")
     if isinstance(ref, dict):
-        blocks.append(("ref_model", "model", ref))
+        blocks += [("ref_model", "model", ref), ("ref_model", "training", ref)]
+    ref_fields = _fields(RefTrainingSection)
     for owner, block, parent in blocks:
         sub = parent.get(block)
         if not isinstance(sub, dict):
@@ -472,8 +473,9 @@ def translate_torchtitan_keys(data: dict[str, Any], report: BuildReport, moved: 
                   != f"{block}.{k}"]:
             rule, value = TORCHTITAN_TRAINER_KEYS[f"{block}.{k}"], sub.pop(k)
             src = f"{owner}.{block}.{k}"
-            if rule.dest is None:
-                report.unused.append(src)
+            if rule.dest is None or (owner, block) == ("ref_model", "training") and (
+                    rule.dest.startswith(APP) or rule.dest.split(".")[1] not in ref_fields):
+                report.unused.append(src)  # a reference model has no steps, batch, grad norm
             elif rule.dest.startswith(APP):
                 dest = APP_KEYS[rule.dest[len(APP):]]
                 if dest is None:
