@@ -4,10 +4,10 @@ torchtitan's trainer blocks, as torchforge configs carry them, and what each mea
 The GRPO app's config check and its Generator arguments (apps/grpo/config.py) and the SFT app's
 torchforge layout (apps/grpo/compat.py) translate through this module;
 `forge.actors.Generator(engine_args=..., sampling_params=...)` and the Trainer's torchtitan names
-(forge.trainer.config) must mean the same: tests/test_compat_keys.py holds all of them to it. A key maps to forge's key (`Rename.dest`, with an
-optional conversion of its value) or to None: accepted, not used, reported once as unused
-(`Rename.why` says why). A key in none of these tables is an error where the config is
-checked (the closest valid key named).
+(forge.trainer.config) must mean the same: tests/test_compat_keys.py holds all of them to it.
+A key maps to forge's key (`Rename.dest`, with an optional conversion of its value) or to
+None: accepted, not used, reported once as unused (`Rename.why` says why). A key in none of
+these tables is an error where the config is checked (the closest valid key named).
 
 The parallelism keys (`tensor_parallel_size`, `pipeline_parallel_size`, `data_parallel_size`)
 keep the meaning they have elsewhere (the generator's placement, `services.policy.procs`):
