@@ -13,7 +13,6 @@ import torch
 from forge.advantages import (
     compute_advantages,
     filter_zero_variance,
-    filter_zero_variance_groups,
     passk_advantages,
     zero_variance_mask,
 )
@@ -176,13 +175,6 @@ def test_zero_variance_reporting_and_filtering():
     assert m["advantages/zero_variance_frac"] == pytest.approx(2 / 3)
     assert filter_zero_variance(r, ids).tolist() == [False] * 5 + [True] * 5 + [False] * 5
     assert torch.equal(zero_variance_mask(r, ids), info["zero_variance_mask"])
-
-    class Ep:
-        def __init__(self, reward):
-            self.reward = reward
-
-    groups = [[Ep(1.0), Ep(1.0)], [Ep(0.0), Ep(1.0)], [Ep(0.3)]]
-    assert filter_zero_variance_groups(groups) == [groups[1]]
 
 
 def test_advantage_errors():

@@ -26,8 +26,10 @@ def test_torchforge_layout_parses_and_reports_unused_keys_once():
     cfg, report = load("--config", str(APPS / "qwen3_1_7b.yaml"), "--model", "/models/q3", "--trainer.optimizer.lr", "2e-6")
     assert cfg.group_size == 8 and cfg.off_by_n == 1
     assert cfg.trainer.optimizer.lr == pytest.approx(2e-6)
-    # ${model} interpolation reaches the nested blocks
-    assert cfg.policy.engine_args["model"] == "/models/q3"
+    # ${model} interpolation reaches the nested blocks (engine_args.model must repeat the model: checked,
+    # then the engine_args are forge's EngineConfig keys, vLLM's translated by forge.config.compat)
+    assert cfg.policy.engine_args == {"enable_cuda_graphs": True, "max_model_len": 1024}
+    assert cfg.ref_model.model.path == "/models/q3"
     assert cfg.dataset["split"] == "train" and cfg.dataset["name"] == "main"
     assert "policy.engine_args.tensor_parallel_size" in report.unused
     assert "trainer.training.gc_freq" in report.unused

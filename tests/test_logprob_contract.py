@@ -43,3 +43,16 @@ def test_truncated_logprobs_opt_in_is_the_renormalised_top_k():
     z = logits / t
     trunc = z.gather(1, tok[:, None]).squeeze(1) - torch.logsumexp(z.topk(k, -1).values, -1)
     torch.testing.assert_close(torch.tensor(out.logprobs, dtype=torch.float64), trunc, atol=2e-4, rtol=2e-4)
+
+
+CONTRACT = ("Returned logprobs are log_softmax(logits / temperature)[token] over the FULL vocabulary: "
+            "temperature-scaled, not truncated or renormalised by top-k/top-p/min-p (what a trainer recomputes "
+            "from its own logits); greedy requests: log_softmax(logits)[token]. With `truncated_logprobs=True` "
+            "they are under the truncated, renormalised distribution actually drawn from instead.")
+
+
+def test_completion_and_sampling_params_state_the_one_contract_the_tests_above_check():
+    from forge.types import Completion
+
+    for doc in (Completion.__doc__, SamplingParams.__doc__):
+        assert CONTRACT in " ".join(doc.split()), doc

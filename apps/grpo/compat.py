@@ -29,6 +29,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from forge.config.compat import APP, TORCHTITAN_TRAINER_KEYS
+
 
 def _setdefault_path(d: dict, path: str, value: Any, moved: list[str], src: str) -> None:
     node = d
@@ -157,37 +159,40 @@ def apply_torchforge_defaults(data: dict[str, Any], notes: list[str]) -> None:
 # ---------------------------------------------------------------- torchforge's SFT layout
 # apps/sft/{llama3_8b,qwen3_8b}.yaml: model_name, model (torchtitan), processes, optimizer,
 # lr_scheduler, training, parallelism, checkpoint, activation_checkpoint, comm, metric_logging.
-# Where each key goes in forge's SFT config (None: accepted, not used, reported once).
-TORCHFORGE_SFT_KEYS: dict[str, str | None] = {
+# Where each key goes in forge's SFT config (None: accepted, not used, reported once). torchtitan's
+# `training.*` / `checkpoint.*` / `model.*` keys come from forge.config.compat's table (the one the GRPO
+# app and the trainer read); the rest is the SFT layout's own.
+SFT_APP_KEYS: dict[str, str] = {"steps": "steps", "local_batch_size": "batch_size", "seq_len": "max_seq_len"}
+_SFT_LAYOUT_KEYS: dict[str, str | None] = {
     "optimizer": "trainer.optimizer",
     "lr_scheduler": "trainer.lr_scheduler",
-    "training.local_batch_size": "batch_size",
-    "training.seq_len": "max_seq_len",
-    "training.steps": "steps",
     "training.max_norm": "trainer.training.max_norm",
     "training.compile": "trainer.training.compile",
     "training.dtype": "trainer.training.dtype",
-    "training.mixed_precision_param": "trainer.training.dtype",
-    "training.gc_freq": None,
-    "training.dataset": None,  # torchtitan's pretraining dataset name; torchforge's SFT reads Alpaca
-    "training.mixed_precision_reduce": None,
     "checkpoint.folder": None,  # the app checkpoints under output_dir/checkpoints
-    "checkpoint.interval": "trainer.checkpoint.interval",
-    "checkpoint.keep_latest_k": "trainer.checkpoint.keep_last_n",
-    "checkpoint.enable": None,
-    "checkpoint.initial_load_path": None,  # the model is `model_name`
-    "checkpoint.initial_load_in_hf": None,
-    "checkpoint.last_save_in_hf": None,  # forge exports HF safetensors at the end (export_hf)
-    "checkpoint.async_mode": None,
     "processes.procs": "procs",
     "processes.with_gpus": "with_gpus",
     "comm": None,
     "parallelism": None,
-    "model.name": None,  # the architecture comes from the checkpoint's config.json
-    "model.flavor": None,
-    "model.tokenizer_path": None,
-    "model.converters": None,
+    "model.hf_assets_path": None,  # the model is `model_name`
 }
+
+
+def _sft_keys() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for key, rule in TORCHTITAN_TRAINER_KEYS.items():
+        if not key.startswith(("training.", "checkpoint.", "model.")):
+            continue
+        if rule.dest is None:
+            out[key] = None
+        elif rule.dest.startswith(APP):
+            out[key] = SFT_APP_KEYS[rule.dest[len(APP):]]
+        else:
+            out[key] = f"trainer.{rule.dest}"
+    return {**out, **_SFT_LAYOUT_KEYS}
+
+
+TORCHFORGE_SFT_KEYS: dict[str, str | None] = _sft_keys()
 # torchforge's SFT app reads Alpaca (instruction, input, output) through the chat template
 TORCHFORGE_SFT_DATASET: dict[str, Any] = {
     "path": "yahma/alpaca-cleaned", "split": "train", "chat_template": True,

@@ -16,6 +16,15 @@ from typing import Any, ClassVar
 
 from apps.grpo.compat import apply_torchforge_defaults, normalize_skill_schema
 from forge.config import BuildReport, ConfigError, build
+from forge.config.compat import (
+    APP,
+    ENGINE_ARGS_MODEL,
+    TORCHTITAN_TRAINER_KEYS,
+    VLLM_ENGINE_ARGS,
+    Rename,
+    translate_engine_args,
+    translate_sampling_params,
+)
 from forge.controller import ActorOptions
 from forge.data.datasets import DatasetConfig
 from forge.engine.config import EngineConfig, SamplingParams
@@ -109,16 +118,12 @@ class WarmupSection:
 
 @dataclass
 class ModelSection:
-    """`trainer.model` / `ref_model.model`: forge's keys and torchtitan's (torchforge configs)."""
+    """`ref_model.model`: the reference model's weights, when not the top-level `model`
+    (torchtitan's keys in it are translated by forge.config.compat before this is built)."""
 
     path: str | None = None  # an HF directory or hf://org/name; default: top-level `model`
     tiny: str | None = None  # a tiny random model of this family (tests)
     seed: int = 0
-    hf_assets_path: str | None = None  # torchtitan's name for `path`
-    name: str | None = None  # torchtitan: the architecture comes from the checkpoint's config.json
-    flavor: str | None = None
-    tokenizer_path: str | None = None
-    converters: list[Any] = field(default_factory=list)
 
 
 def model_spec(m: ModelSection | None) -> dict[str, Any] | None:
@@ -127,8 +132,7 @@ def model_spec(m: ModelSection | None) -> dict[str, Any] | None:
         return None
     if m.tiny:
         return {"tiny": m.tiny, "seed": m.seed}
-    path = m.path or m.hf_assets_path
-    return {"path": path} if path else None
+    return {"path": m.path} if m.path else None
 
 
 @dataclass
@@ -136,16 +140,12 @@ class RefTrainingSection:
     dtype: str = "bfloat16"
     max_tokens_per_microbatch: int = 8192
     logprob_chunk_size: int = 1024
-    seq_len: int | None = None  # torchtitan's; the reference model packs by max_tokens_per_microbatch
-    gc_freq: int | None = None  # torchtitan's
+    # torchtitan's keys here (seq_len, gc_freq, ...) go through forge.config.compat: reported as unused
 
 
 def ref_training(cfg: "GRPOConfig") -> dict[str, Any]:
-    """The ReferenceModel's `training` options (torchtitan's seq_len/gc_freq have no use there)."""
-    t = dataclasses.asdict(cfg.ref_model.training)
-    for k in ("seq_len", "gc_freq"):
-        t.pop(k)
-    return t
+    """The ReferenceModel's `training` options."""
+    return dataclasses.asdict(cfg.ref_model.training)
 
 
 @dataclass
@@ -165,7 +165,8 @@ class ProvisionerSection:
 
 @dataclass
 class TrainerSection:
-    model: ModelSection | None = None  # default: top-level `model`
+    # `trainer.model` (torchforge writes the top-level model there) is read by load_grpo_config:
+    # the trainer trains the top-level `model`, a different one is refused
     loss: Any = None  # default: top-level `loss`
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     lr_scheduler: LRSchedulerConfig = field(default_factory=LRSchedulerConfig)
@@ -182,10 +183,9 @@ class TrainerSection:
 class RefModelSection:
     model: ModelSection | None = None
     training: RefTrainingSection = field(default_factory=RefTrainingSection)
-    compile: Any = None
-    parallelism: dict[str, Any] = field(default_factory=dict)
-    checkpoint: dict[str, Any] = field(default_factory=dict)
-    IGNORED_KEYS: ClassVar[frozenset[str]] = frozenset({"comm"})
+    # torchforge's reference-model blocks that nothing in forge reads (the reference model runs
+    # uncompiled, one process per replica, from `model`): accepted and reported as unused
+    IGNORED_KEYS: ClassVar[frozenset[str]] = frozenset({"comm", "compile", "parallelism", "checkpoint"})
 
 
 @dataclass
@@ -251,21 +251,6 @@ def buffer_group_size(cfg: GRPOConfig) -> int | None:
 
 
 
-# torchforge / vLLM / torchtitan keys that forge accepts and does not use (reported once)
-_IGNORED_ENGINE_ARGS = {
-    "model", "tensor_parallel_size", "pipeline_parallel_size", "enforce_eager", "gpu_memory_utilization",
-    "max_model_len", "dtype", "trust_remote_code", "disable_custom_all_reduce", "enable_prefix_caching",
-    "data_parallel_size", "max_num_seqs", "max_num_batched_tokens", "seed",
-}
-_IGNORED_TITAN = {
-    "training": {"local_batch_size", "seq_len", "steps", "gc_freq", "mixed_precision_param", "mixed_precision_reduce",
-                 "gradient_accumulation_steps", "max_grad_norm"},
-    "checkpoint": {"enable", "initial_load_path", "initial_load_in_hf", "last_save_in_hf", "async_mode", "folder",
-                   "load_step", "export_dtype", "keep_latest_k", "initial_load_model_only"},
-    "model": {"name", "flavor", "hf_assets_path", "tokenizer_path", "converters"},
-}
-
-
 def resolve_policy_age(cfg: GRPOConfig, data: dict[str, Any], report: BuildReport) -> None:
     """One value bounds the age of trained episodes: `off_by_n` (forge's and torchforge's top-level
     key) or `replay_buffer.max_policy_age` (torchforge's name for the same bound). After this both
@@ -328,7 +313,11 @@ def _fields(cls: type) -> set[str]:
 def validate_sections(cfg: GRPOConfig, report: BuildReport) -> None:
     """Check the dict-typed blocks against the configs of the parts that consume them."""
     ds = dict(cfg.dataset)
-    ds.pop("model", None)  # torchforge's tokenizer source: forge takes it from top-level `model`
+    if "model" in ds:  # torchforge's tokenizer source (${model}): forge's is the top-level `model`
+        if not same_model(ds["model"], cfg.model):
+            raise ConfigError(f"'dataset.model: {ds['model']}' differs from 'model: {cfg.model}': prompts are "
+                              "tokenized with the model's tokenizer; remove dataset.model or set it to ${model}")
+        ds.pop("model")
     if "data_split" in ds:
         ds["split"] = ds.pop("data_split")
     if "revision" in ds:
@@ -336,17 +325,53 @@ def validate_sections(cfg: GRPOConfig, report: BuildReport) -> None:
     build(DatasetConfig, ds, path="dataset", report=report)
     cfg.dataset = ds
 
-    engine = dict(cfg.policy.engine_args)
-    own = _fields(EngineConfig)
-    _check_keys(engine, own, "policy.engine_args", _IGNORED_ENGINE_ARGS - own, report)
-    build(EngineConfig, {k: v for k, v in engine.items() if k in own}, path="policy.engine_args", report=report)
-    sp = _fields(SamplingParams)
-    _check_keys(cfg.policy.sampling_params, sp, "policy.sampling_params", set(), report)
-    build(SamplingParams, dict(cfg.policy.sampling_params), path="policy.sampling_params", report=report)
+    cfg.policy.engine_args = engine_config_args(cfg, report)
+    build(EngineConfig, dict(cfg.policy.engine_args), path="policy.engine_args", report=report)
+    sampling = translate_sampling_params(cfg.policy.sampling_params)
+    _check_keys(sampling, _fields(SamplingParams), "policy.sampling_params", set(), report)
+    build(SamplingParams, dict(sampling), path="policy.sampling_params", report=report)
+    cfg.policy.sampling_params = sampling
     validate_metric_logging(cfg.metric_logging, path="metric_logging")
     _validate_loss(cfg.trainer.loss if cfg.trainer.loss is not None else cfg.loss,
                    "trainer.loss" if cfg.trainer.loss is not None else "loss")
     _validate_placement(cfg)
+
+
+def same_model(a: Any, b: Any) -> bool:
+    """torchforge configs repeat the top-level model as `hf://${model}` or `${model}`."""
+    return str(a).removeprefix("hf://") == str(b).removeprefix("hf://")
+
+
+def engine_config_args(cfg: GRPOConfig, report: BuildReport) -> dict[str, Any]:
+    """`policy.engine_args` (forge's EngineConfig keys and vLLM's) -> EngineConfig keys, through
+    forge.config.compat's table, the one the Generator's `engine_args=` reads: a vLLM key forge
+    maps (gpu_memory_utilization, enforce_eager, ...) is honoured, one it has no use for is
+    reported as unused, any other key is an error naming the closest valid one."""
+    own = _fields(EngineConfig)
+    given = dict(cfg.policy.engine_args)
+    foreign = {k: v for k, v in given.items() if k not in own}
+    for key in foreign:
+        if key not in VLLM_ENGINE_ARGS:
+            close = difflib.get_close_matches(key, sorted(own | set(VLLM_ENGINE_ARGS)), n=1, cutoff=0.6)
+            hint = f" — did you mean 'policy.engine_args.{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown key 'policy.engine_args.{key}'{hint} (valid keys here: forge's "
+                              f"{', '.join(sorted(own))}; vLLM's {', '.join(sorted(VLLM_ENGINE_ARGS))})")
+    if ENGINE_ARGS_MODEL in foreign and not same_model(foreign[ENGINE_ARGS_MODEL], cfg.model):
+        raise ConfigError(
+            f"'policy.engine_args.model: {foreign[ENGINE_ARGS_MODEL]}' differs from 'model: {cfg.model}': the "
+            "generator serves the top-level model (the one the trainer trains); remove policy.engine_args.model "
+            "or set it to ${model}")
+    mapped, unused = translate_engine_args(foreign)
+    report.unused.extend(f"policy.engine_args.{k}" for k in unused)
+    out = {k: v for k, v in given.items() if k in own}
+    for dest, v in mapped.items():
+        src = next(k for k, r in VLLM_ENGINE_ARGS.items() if r.dest == dest and k in foreign)
+        if dest in out and dest != src and out[dest] != v:
+            raise ConfigError(
+                f"'policy.engine_args.{src}: {foreign[src]}' (vLLM's name) and 'policy.engine_args.{dest}: "
+                f"{out[dest]}' (forge's) disagree: they set the same engine option; give one")
+        out.setdefault(dest, v)
+    return out
 
 
 def _validate_loss(spec: Any, path: str) -> None:
@@ -421,6 +446,70 @@ def _check_held_out(cfg: GRPOConfig, report: BuildReport) -> None:
         cfg.eval.num_samples = 0
 
 
+# where the GRPO app places torchtitan's app-level trainer keys (forge.config.compat.APP): the
+# run length is `steps`; torchforge writes the batch and sequence length as ${local_batch_size}
+# and ${sum:max_req_tokens,max_res_tokens}, which the top-level keys already decide
+APP_KEYS: dict[str, str | None] = {"steps": "steps", "local_batch_size": None, "seq_len": None}
+
+
+def translate_torchtitan_keys(data: dict[str, Any], report: BuildReport, moved: list[str]) -> None:
+    """torchtitan's keys in `trainer.*` and `ref_model.model` (torchforge configs carry them) ->
+    forge's, through forge.config.compat's table: moved ones are noted, unused ones reported once.
+    `trainer.model` is the top-level `model` in torchforge's configs: reported, or refused when
+    it names another model (the trainer trains the top-level `model`)."""
+    blocks = []
+    trainer = data.get("trainer")
+    if isinstance(trainer, dict):
+        blocks += [("trainer", b, trainer) for b in ("model", "training", "checkpoint", "lr_scheduler")]
+    ref = data.get("ref_model")
+    if isinstance(ref, dict):
+        blocks += [("ref_model", "model", ref), ("ref_model", "training", ref)]
+    ref_fields = _fields(RefTrainingSection)
+    for owner, block, parent in blocks:
+        sub = parent.get(block)
+        if not isinstance(sub, dict):
+            continue
+        for k in [k for k in sub if TORCHTITAN_TRAINER_KEYS.get(f"{block}.{k}", Rename(f"{block}.{k}")).dest
+                  != f"{block}.{k}"]:
+            rule, value = TORCHTITAN_TRAINER_KEYS[f"{block}.{k}"], sub.pop(k)
+            src = f"{owner}.{block}.{k}"
+            if rule.dest is None or (owner, block) == ("ref_model", "training") and (
+                    rule.dest.startswith(APP) or rule.dest.split(".")[1] not in ref_fields):
+                report.unused.append(src)  # a reference model has no steps, batch, grad norm
+            elif rule.dest.startswith(APP):
+                dest = APP_KEYS[rule.dest[len(APP):]]
+                if dest is None:
+                    report.unused.append(src)
+                elif data.get(dest) is None:
+                    data[dest] = rule.value(value)
+                    moved.append(f"{src} -> {dest}")
+                elif data[dest] != value:
+                    raise ConfigError(f"'{src}: {value}' and '{dest}: {data[dest]}' disagree: give one")
+            else:
+                dblock, dkey = rule.dest.split(".")
+                target = parent.setdefault(dblock, {})
+                if dkey in target and target[dkey] != rule.value(value):
+                    raise ConfigError(f"'{src}: {value}' (torchtitan's name) and '{owner}.{rule.dest}: "
+                                      f"{target[dkey]}' (forge's) disagree: give one")
+                target[dkey] = rule.value(value)
+                moved.append(f"{src} -> {owner}.{rule.dest}")
+    model = trainer.pop("model", None) if isinstance(trainer, dict) else None
+    if isinstance(model, str):
+        model = {"path": model}
+    for k, v in (model or {}).items():
+        if k not in ("path", "tiny", "seed"):
+            titan = sorted(t.split(".", 1)[1] for t in TORCHTITAN_TRAINER_KEYS if t.startswith("model."))
+            close = difflib.get_close_matches(k, ["path", *titan], n=1, cutoff=0.6)
+            hint = f" — did you mean 'trainer.model.{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown key 'trainer.model.{k}'{hint} (valid keys here: path)")
+        if k == "path" and same_model(v, data.get("model", GRPOConfig.model)):
+            report.unused.append(f"trainer.model.{k}")
+            continue
+        raise ConfigError(
+            f"'trainer.model.{k}: {v}': the trainer trains the top-level model ('model: "
+            f"{data.get('model', GRPOConfig.model)}'); set `model` instead (trainer.model.path may repeat it)")
+
+
 def load_grpo_config(data: dict[str, Any]) -> tuple[GRPOConfig, BuildReport]:
     data, moved = normalize_skill_schema(data)
     for extra in ("grpo_unknown", "training_unknown"):
@@ -429,27 +518,16 @@ def load_grpo_config(data: dict[str, Any]) -> tuple[GRPOConfig, BuildReport]:
             raise ConfigError(f"unknown key(s) {[f'{block}.{k}' for k in sorted(data[extra])]} in the "
                               f"torchforge skill schema's '{block}' block")
     report = BuildReport()
-    # torchtitan keys inside trainer.training / trainer.checkpoint are legal in torchforge configs:
-    # note them, carry over the few that mean something to forge, then drop them
-    trainer = data.get("trainer")
-    if isinstance(trainer, dict):
-        for block, keys in _IGNORED_TITAN.items():
-            sub = trainer.get(block)
-            if block == "model" or not isinstance(sub, dict):
-                continue
-            own = _fields(TrainingConfig if block == "training" else CheckpointConfig)
-            for k in [k for k in sub if k in keys and k not in own]:
-                report.unused.append(f"trainer.{block}.{k}")
-                if (block, k) == ("training", "steps") and data.get("steps") is None:
-                    data["steps"] = sub[k]
-                if (block, k) == ("checkpoint", "folder"):
-                    sub.setdefault("dir", sub[k])
-                if (block, k) == ("training", "max_grad_norm"):
-                    sub.setdefault("max_norm", sub[k])
-                del sub[k]
+    translate_torchtitan_keys(data, report, moved)
     apply_torchforge_defaults(data, report.notes)
     cfg = build(GRPOConfig, data, report=report)
     resolve_policy_age(cfg, data, report)
+    ck = cfg.trainer.checkpoint  # the app checkpoints and resumes itself (with the data position)
+    given = [k for k, v in (("dir", ck.dir), ("resume", ck.resume)) if v not in (None, False)]
+    if given:
+        report.unused.extend(f"trainer.checkpoint.{k}" for k in given)
+        report.notes.append(f"trainer.checkpoint.{'/'.join(given)}: the GRPO app checkpoints under output_dir's run "
+                            "directory (checkpoints/) and resumes with --resume")
     validate_sections(cfg, report)
     _check_held_out(cfg, report)
     if buffer_group_size(cfg) is None:

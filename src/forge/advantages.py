@@ -36,7 +36,7 @@ methods; :func:`filter_zero_variance` drops them (DAPO dynamic sampling).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import torch
@@ -114,14 +114,6 @@ def filter_zero_variance(rewards: Tensor | Sequence[float], group_ids: Any = Non
     """DAPO dynamic sampling (Yu et al. 2025): bool keep-mask, False for samples of groups whose
     rewards are all equal (their group-relative advantage is 0: no gradient, only dilution)."""
     return ~zero_variance_mask(rewards, group_ids)
-
-
-def filter_zero_variance_groups(groups: Sequence[Sequence[Any]], reward: Callable[[Any], float] | None = None) -> list:
-    """Keep the groups (lists of episodes) whose rewards are not all equal.
-
-    ``reward(ep)`` reads an episode's reward (default: ``ep.reward``)."""
-    get = reward or (lambda ep: ep.reward)
-    return [g for g in groups if len({float(get(ep)) for ep in g}) > 1]
 
 
 # ----------------------------------------------------------------------------- pass@k

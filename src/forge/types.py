@@ -18,11 +18,13 @@ import torch
 class Completion:
     """One sampled answer to one prompt, as the generator returns it.
 
-    `logprobs[i]` is log_softmax(logits / temperature)[token_ids[i]] over the FULL vocabulary:
-    temperature-scaled, but not truncated or renormalised by top-k/top-p/min-p (what a trainer
-    recomputes from its own logits); greedy requests: log_softmax(logits). With
-    `SamplingParams(truncated_logprobs=True)` they are under the truncated, renormalised
-    distribution actually drawn from instead (see `forge.engine.config.SamplingParams`).
+    `logprobs[i]` is the logprob of `token_ids[i]`, under the one contract that
+    `forge.engine.config.SamplingParams` states too (tests/test_logprob_contract.py checks both):
+    Returned logprobs are log_softmax(logits / temperature)[token] over the FULL vocabulary:
+    temperature-scaled, not truncated or renormalised by top-k/top-p/min-p (what a trainer
+    recomputes from its own logits); greedy requests: log_softmax(logits)[token]. With
+    `truncated_logprobs=True` they are under the truncated, renormalised distribution actually
+    drawn from instead.
     """
 
     prompt: str

@@ -1,4 +1,4 @@
-"""Episodes -> the trainer batch of DESIGN.md.
+"""Episodes -> the trainer batch of docs/CONTRACTS.md ("Trainer batch").
 
     inputs  = [{"tokens": [B, P+R], "prompt_mask": [B, P]}]
     targets = [{"response": [B, R], "ref_logprobs": [B, R] | None, "advantages": [B, 1],

@@ -76,13 +76,13 @@ class SamplingParams:
     reaches top_p, 1.0 = off) and min_p (p >= min_p * max p, 0 = off), all three computed on the
     same full temperature-scaled p, then renormalised. temperature == 0 means greedy (argmax).
 
-    Returned logprobs (what the trainer's importance ratios compare against) are
-    log_softmax(logits / temperature)[token] over the FULL vocabulary, i.e. temperature-scaled
-    but *without* the top-k/top-p/min-p truncation and renormalisation (that is what a trainer
-    recomputes from its own logits). For greedy requests, log_softmax(logits)[token].
-    With `truncated_logprobs=True` they are instead the log-probabilities under the truncated,
-    renormalised distribution actually drawn from. (The same statement is on
-    `forge.types.Completion`; tests/test_logprob_contract.py checks both.)
+    The logprobs returned (what the trainer's importance ratios compare against), the same
+    statement as on `forge.types.Completion` (tests/test_logprob_contract.py checks both):
+    Returned logprobs are log_softmax(logits / temperature)[token] over the FULL vocabulary:
+    temperature-scaled, not truncated or renormalised by top-k/top-p/min-p (what a trainer
+    recomputes from its own logits); greedy requests: log_softmax(logits)[token]. With
+    `truncated_logprobs=True` they are under the truncated, renormalised distribution actually
+    drawn from instead.
     """
 
     temperature: float = 1.0

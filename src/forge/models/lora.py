@@ -103,9 +103,6 @@ class LoraConfig:
             raise ValueError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(names)}")
         return cls(**dict(d))
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
 
 class LoraLinear(nn.Linear):
     """An `nn.Linear` with an adapter (made by `LoraLinear.wrap`: same object, same `weight`/`bias`)."""

@@ -1,6 +1,6 @@
 """Strip padding from a trainer batch and pack the real tokens into micro-batches.
 
-The trainer batch (DESIGN.md) has LEFT-padded prompts and RIGHT-padded responses. Running it
+The trainer batch (docs/CONTRACTS.md, "Trainer batch") has LEFT-padded prompts and RIGHT-padded responses. Running it
 as is would put padding inside attention and shift positions (torchforge's bug: importance
 ratios ~0.8 at step 0). Instead every row becomes one `PackedSeq` of real tokens only, and
 sequences are packed first-fit-decreasing into rows of at most `max_tokens` tokens. Inside a

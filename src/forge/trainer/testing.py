@@ -1,4 +1,4 @@
-"""Random trainer batches in the DESIGN.md format, for tests and benchmarks."""
+"""Random trainer batches in the format of docs/CONTRACTS.md ("Trainer batch"), for tests and benchmarks."""
 
 from __future__ import annotations
 
