@@ -182,7 +182,7 @@ TORCHFORGE_SFT_KEYS: dict[str, str | None] = {
     "processes.procs": "procs",
     "processes.with_gpus": "with_gpus",
     "comm": None,
-    "parallelism": None,
+    "parallelism": "trainer.parallelism",
     "model.name": None,  # the architecture comes from the checkpoint's config.json
     "model.flavor": None,
     "model.tokenizer_path": None,
