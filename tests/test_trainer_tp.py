@@ -236,3 +236,12 @@ def test_grpo_app_trains_with_a_tensor_parallel_trainer(tiny_model, tmp_path):
     assert len(trained) == 3 and all(math.isfinite(r["rl_trainer/grad_norm"]) for r in trained)
     assert all(r["time/weight_sync_s"] > 0 for r in trained)  # the TP trainer's gathered weights reached the generator
     assert (run / "final_hf" / "config.json").exists()  # HF export gathers the TP shards
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"model": {"tiny": "qwen2", "lora": {"r": 4}}}, "trainer.model.lora with parallelism.tensor_parallel_degree=2"),
+    ({"compile": {"enable": True}}, "compile: true with parallelism.tensor_parallel_degree=2"),
+])
+def test_tp_refuses_what_does_not_compose_before_joining_a_group(extra, match):
+    with pytest.raises(ValueError, match=match):  # no process group is formed: the error comes first
+        TrainEngine({**_cfg("qwen2"), **extra, "parallelism": {"tensor_parallel_degree": 2}}, world_size=2)
