@@ -7,6 +7,10 @@ The RL `Trainer` actor and the SFT app both drive one of these. A step:
 3. forward + backward each micro-batch with its loss weighted so that the accumulated gradient
    is the full batch's (see `forge.trainer.step`);
 4. clip the gradient norm (reported before clipping), AdamW step, LR schedule step.
+
+Parallelism (`trainer.parallelism`): the replica's procs form a `("dp_shard", "tp")` mesh. The
+ranks of one TP group (`forge.trainer.tensor_parallel`) train on the same rows; batch rows, the
+loss normalisers and FSDP2's gradient averaging go over `dp_shard` only.
 """
 
 from __future__ import annotations
