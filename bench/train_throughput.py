@@ -9,6 +9,8 @@ chunked log-prob helper (no [N, V] float32 logits); HF runs its standard `labels
     python bench/train_throughput.py --smoke                                # CPU, tiny shape, 2 steps
     python bench/train_throughput.py --micro --out micro.json               # pieces: SDPA backends, log-probs, GEMMs, flex
     python bench/train_throughput.py --variants forge-compile-sdpa --profile prof/   # kernels by device time, host ops
+    python bench/train_throughput.py --tp 2 --dp 2 --precision bf16           # TrainEngine on 4 ranks (FSDP2 x TP)
+    python bench/train_throughput.py --smoke --tp 2                           # the same on CPU processes (gloo)
 
 Variants: hf-eager-sdpa, forge-eager-sdpa, forge-compile-sdpa (per-block torch.compile), *-cg (the same with
 CUDA graphs, mode="reduce-overhead"), *-flex (FlexAttention; with --packed a document block mask),
@@ -441,6 +443,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="H100 SXM bf16 dense")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: run forge's TrainEngine on tp*dp processes")
+    p.add_argument("--dp", type=int, default=1, help="FSDP2 (data-parallel shard) degree, with --tp")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     variants = [v for v in a.variants.split(",") if v]
@@ -473,6 +477,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
     if a.micro:
         micro(args, a, device)
         return []
+    if a.tp > 1 or a.dp > 1:
+        return _parallel(args, a, device, p)
     results = []
     dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
 
@@ -508,6 +514,34 @@ def main(argv: list[str] | None = None) -> list[Result]:
           "(fwd includes the loss); cpu: host ms to enqueue the step (near step ms = host-bound)")
     if a.out:
         write_json()
+        print(f"wrote {a.out}")
+    return results
+
+
+def _parallel(args: ModelArgs, a, device, p: argparse.ArgumentParser) -> list:
+    """--tp/--dp: forge's TrainEngine (eager, SFT steps) on tp*dp processes; the variants do not apply."""
+    from _train_parallel import run_parallel
+
+    if a.tp < 1 or a.dp < 1:
+        p.error(f"--tp {a.tp} --dp {a.dp}: degrees must be >= 1")
+    if a.variants != ",".join(VARIANTS) or a.packed or a.profile:
+        p.error("--tp/--dp time forge's TrainEngine (eager); --variants, --packed and --profile do not apply to them")
+    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    results = []
+    for prec in a.precision.split(","):
+        try:
+            r = run_parallel(args, a.tp, a.dp, prec, a, device)
+        except Exception as e:  # report the failure in the result file, like a failing variant
+            from _train_parallel import ParallelResult
+
+            r = ParallelResult(a.tp, a.dp, prec, 0.0, 0.0, float("nan"), 0.0, f"{type(e).__name__}: {e}"[:300])
+        results.append(r)
+        print(f"TrainEngine tp={r.tp} dp={r.dp} {prec}: {r.tokens_per_s:.0f} tok/s, {r.step_ms:.1f} ms/step, "
+              f"loss {r.loss:.3f}, peak {r.peak_mem_gib:.1f} GiB {r.error}", flush=True)
+    if a.out:
+        _record.write_json(a.out, {"device": dev_name, "model_args": asdict(args), "batch": a.batch, "seq": a.seq,
+                                   "steps": a.steps, "tp": a.tp, "dp": a.dp, "torch": torch.__version__,
+                                   "results": [asdict(r) for r in results]}, indent=2)
         print(f"wrote {a.out}")
     return results
 

@@ -246,7 +246,8 @@ def test_torchforge_sft_config_runs_two_steps(name, paths, alpaca):
     assert cfg.trainer.optimizer.lr == pytest.approx(1e-5) and cfg.trainer.training.activation_checkpoint is True
     assert cfg.dataset["columns"] == {"prompt": "instruction", "completion": "output"}
     assert "{input}" in cfg.dataset["prompt_template"]  # Alpaca's input column is kept
-    assert "parallelism" in report.unused and any("Alpaca" in n for n in report.notes)
+    assert cfg.trainer.parallelism.tensor_parallel_degree == 1  # torchforge's parallelism block is honoured
+    assert "(moved) parallelism -> trainer.parallelism" in report.unused and any("Alpaca" in n for n in report.notes)
     out = run_sft(cfg, quiet=True)
     assert out["steps"] == 2
 

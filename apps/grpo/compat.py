@@ -173,7 +173,7 @@ _SFT_LAYOUT_KEYS: dict[str, str | None] = {
     "processes.procs": "procs",
     "processes.with_gpus": "with_gpus",
     "comm": None,
-    "parallelism": None,
+    "parallelism": "trainer.parallelism",
     "model.hf_assets_path": None,  # the model is `model_name`
 }
 

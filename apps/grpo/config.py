@@ -34,6 +34,7 @@ from forge.trainer.config import (
     CheckpointConfig,
     LRSchedulerConfig,
     OptimizerConfig,
+    ParallelismConfig,
     TrainingConfig,
 )
 
@@ -172,7 +173,8 @@ class TrainerSection:
     lr_scheduler: LRSchedulerConfig = field(default_factory=LRSchedulerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    parallelism: dict[str, Any] = field(default_factory=dict)
+    # tensor_parallel_degree x data_parallel_shard_degree must equal actors.trainer.procs
+    parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
     compile: Any = None
     activation_checkpoint: Any = None
     weight_sync: dict[str, Any] = field(default_factory=dict)
@@ -183,9 +185,10 @@ class TrainerSection:
 class RefModelSection:
     model: ModelSection | None = None
     training: RefTrainingSection = field(default_factory=RefTrainingSection)
-    # torchforge's reference-model blocks that nothing in forge reads (the reference model runs
-    # uncompiled, one process per replica, from `model`): accepted and reported as unused
-    IGNORED_KEYS: ClassVar[frozenset[str]] = frozenset({"comm", "compile", "parallelism", "checkpoint"})
+    # the reference model runs one process per replica, unsharded: `parallelism` is checked to ask
+    # for nothing else (a TP degree there is refused); its other torchforge blocks nothing reads
+    parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+    IGNORED_KEYS: ClassVar[frozenset[str]] = frozenset({"comm", "compile", "checkpoint"})
 
 
 @dataclass
@@ -406,6 +409,7 @@ def _validate_placement(cfg: GRPOConfig) -> None:
             raise ConfigError(str(e)) from None
         if p.hosts not in (None, 0, 1):
             raise ConfigError(f"'{_placement_path(cfg, name)}.hosts: {p.hosts}': forge runs on one host for now")
+    _validate_parallelism(cfg)
     if cfg.services.policy.procs != 1:
         raise ConfigError(
             f"'services.policy.procs: {cfg.services.policy.procs}': in torchforge this is the generator's tensor-"
@@ -418,6 +422,24 @@ def _validate_placement(cfg: GRPOConfig) -> None:
                 raise ConfigError(
                     f"'{path}.procs: {p.procs}' needs one process per rank (FSDP): use provisioner: monarch; "
                     "the local provisioner runs everything in this process")
+
+
+def _validate_parallelism(cfg: GRPOConfig) -> None:
+    """The trainer's procs split as tensor_parallel_degree x data_parallel_shard_degree; the
+    reference model runs unsharded (only degree 1 means what it says there)."""
+    procs = cfg.actors.trainer.procs
+    try:
+        cfg.trainer.parallelism.resolve(procs)
+    except ValueError as e:
+        raise ConfigError(f"trainer.{e} (actors.trainer.procs: {procs})") from None
+    ref = cfg.ref_model.parallelism
+    try:
+        ref.validate()
+    except ValueError as e:
+        raise ConfigError(f"ref_model.{e}") from None
+    if ref.tensor_parallel_degree != 1:
+        raise ConfigError(f"'ref_model.parallelism.tensor_parallel_degree: {ref.tensor_parallel_degree}': the reference "
+                          "model is not tensor-parallel (only the trainer is); use 1")
 
 
 def _placement_path(cfg: GRPOConfig, name: str) -> str:

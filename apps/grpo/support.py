@@ -175,7 +175,7 @@ async def build_services(cfg: GRPOConfig, model_path: str, run_dir: Path,
         lr_scheduler=dataclasses.asdict(cfg.trainer.lr_scheduler),
         training={**dataclasses.asdict(cfg.trainer.training), "temperature": temperature, "pad_id": pad_id},
         checkpoint={**dataclasses.asdict(cfg.trainer.checkpoint), "dir": str(run_dir / "checkpoints")},
-        parallelism=cfg.trainer.parallelism, compile=cfg.trainer.compile,
+        parallelism=dataclasses.asdict(cfg.trainer.parallelism), compile=cfg.trainer.compile,
         activation_checkpoint=cfg.trainer.activation_checkpoint, weight_sync=sync,
     )
     # the app resumes and saves explicitly (it also restores/saves the data position)

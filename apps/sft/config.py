@@ -8,7 +8,13 @@ from typing import Any
 from forge.config import BuildReport, ConfigError, build
 from forge.data.datasets import DatasetConfig
 from forge.models.lora import LoraConfig
-from forge.trainer.config import CheckpointConfig, LRSchedulerConfig, OptimizerConfig, TrainingConfig
+from forge.trainer.config import (
+    CheckpointConfig,
+    LRSchedulerConfig,
+    OptimizerConfig,
+    ParallelismConfig,
+    TrainingConfig,
+)
 
 
 @dataclass
@@ -38,6 +44,8 @@ class TrainerSection:
     lr_scheduler: LRSchedulerConfig = field(default_factory=lambda: LRSchedulerConfig(warmup_steps=50))
     training: TrainingConfig = field(default_factory=lambda: TrainingConfig(dtype="float32"))
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # torchforge's top-level `parallelism`: tensor_parallel_degree x data_parallel_shard_degree = procs
+    parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
 
 
 @dataclass
@@ -66,7 +74,11 @@ class SFTConfig:
 
         validate_metric_logging(self.metric_logging)
         if not isinstance(self.procs, int) or self.procs < 1:
-            raise ConfigError(f"'procs: {self.procs!r}': expected a positive number of trainer processes")  # a typo fails at start, with the closest key
+            raise ConfigError(f"'procs: {self.procs!r}': expected a positive number of trainer processes")
+        try:
+            self.trainer.parallelism.resolve(self.procs)
+        except ValueError as e:
+            raise ConfigError(f"trainer.{e} (procs: {self.procs})") from None  # a typo fails at start, with the closest key
 
 
 def load_sft_config(data: dict[str, Any]) -> tuple[SFTConfig, BuildReport]:

@@ -175,6 +175,7 @@ async def train_sft(cfg: SFTConfig, resume: bool = False, quiet: bool = False) -
         "model": model_spec, "loss": "grpo", "optimizer": asdict(cfg.trainer.optimizer),
         "lr_scheduler": asdict(cfg.trainer.lr_scheduler), "training": asdict(cfg.trainer.training),
         "checkpoint": {**asdict(cfg.trainer.checkpoint), "dir": str(run_dir / "checkpoints"), "resume": False},
+        "parallelism": asdict(cfg.trainer.parallelism),
     }
     trainer = await start_trainer(cfg, trainer_cfg, device, run_dir)
     try:

@@ -163,6 +163,80 @@ class _ChunkedLogprobs(torch.autograd.Function):
         return g_h, g_w, None, None, None, None, None
 
 
+def _vocab_sharded(weight: torch.Tensor) -> bool:
+    """A DTensor split over the vocabulary on a 1-D mesh: a tensor-parallel `lm_head` inside the forward."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    return isinstance(weight, DTensor) and weight.device_mesh.ndim == 1 and tuple(weight.placements) == (Shard(0),)
+
+
+class _VocabParallelLogprobs(torch.autograd.Function):
+    """`_ChunkedLogprobs` when each rank of `group` holds rows [off, off + V_local) of the `lm_head`
+    weight (torch.chunk's split, as DTensor's Shard(0)). Per chunk: local logits, then three
+    collectives on [chunk]-sized vectors (max, then sum-exp / sum p*z / target logit), never [N, V]:
+    log-sum-exp, the target's log-prob and the entropy are those of the whole vocabulary. The
+    backward recomputes the local logits; the hidden states' gradient (each rank's partial
+    `dz @ w_local`) is summed over the group, the weight's stays local (its shard's gradient)."""
+
+    @staticmethod
+    def forward(ctx, hidden, w_local, targets, temperature: float, chunk_size: int, group, vocab: int):
+        import torch.distributed as dist
+
+        cdt = _compute_dtype(hidden)
+        acc = _acc(cdt)
+        per = -(-vocab // dist.get_world_size(group))
+        off = dist.get_rank(group) * per
+        local_t = targets - off
+        in_range = (local_t >= 0) & (local_t < w_local.shape[0])
+        local_t = torch.where(in_range, local_t, 0)
+        h, w = hidden.to(cdt), w_local.to(cdt)
+        n = hidden.shape[0]
+        lp = torch.empty(n, dtype=acc, device=hidden.device)
+        ent, lse = torch.empty_like(lp), torch.empty_like(lp)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, n, chunk_size):
+                e = min(s + chunk_size, n)
+                z = (h[s:e] @ w.t()).to(acc) / temperature
+                m = z.max(-1).values if z.shape[-1] else z.new_full((e - s,), float("-inf"))
+                dist.all_reduce(m, dist.ReduceOp.MAX, group=group)
+                ex = torch.exp(z - m[:, None])
+                tgt = torch.where(in_range[s:e], z.gather(-1, local_t[s:e, None]).squeeze(-1), 0.0)
+                sums = torch.stack([ex.sum(-1), (ex * z).sum(-1), tgt])
+                dist.all_reduce(sums, group=group)
+                lse[s:e] = m + sums[0].log()
+                lp[s:e] = sums[2] - lse[s:e]
+                ent[s:e] = lse[s:e] - sums[1] / sums[0]
+        ctx.save_for_backward(h, w, local_t, in_range, lse, ent)
+        ctx.temperature, ctx.chunk_size, ctx.group = temperature, chunk_size, group
+        ctx.in_dtypes = (hidden.dtype, w_local.dtype)
+        ctx.set_materialize_grads(False)
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent):
+        import torch.distributed as dist
+
+        h, w, local_t, in_range, lse, ent = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.in_dtypes
+        t, cs, n = ctx.temperature, ctx.chunk_size, h.shape[0]
+        g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.to(lse.dtype)
+        g_ent = torch.zeros_like(lse) if g_ent is None else g_ent.to(lse.dtype)
+        g_h = torch.zeros(h.shape, dtype=lse.dtype, device=h.device)
+        g_w = torch.zeros(w.shape, dtype=lse.dtype, device=w.device)
+        with torch.autocast(h.device.type, enabled=False):
+            for s in range(0, n, cs):
+                e = min(s + cs, n)
+                logp = (h[s:e] @ w.t()).to(lse.dtype) / t - lse[s:e, None]
+                p = logp.exp()
+                dz = -p * (g_lp[s:e, None] + (logp + ent[s:e, None]) * g_ent[s:e, None])
+                dz = dz.scatter_add(-1, local_t[s:e, None], torch.where(in_range[s:e], g_lp[s:e], 0.0)[:, None])
+                dz = (dz / t).to(h.dtype)
+                g_h[s:e] = dz @ w
+                g_w += (dz.t() @ h[s:e]).to(g_w.dtype)
+        dist.all_reduce(g_h, group=ctx.group)  # every rank's vocabulary slice contributes to d/dh
+        return g_h.to(h_dtype), g_w.to(w_dtype), None, None, None, None, None
+
+
 def logprobs_from_hidden(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -187,6 +261,9 @@ def logprobs_from_hidden(
         raise ValueError(f"logprobs_from_hidden: targets {tuple(targets.shape)} must be [N={hidden.shape[0]}]")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if _vocab_sharded(weight):  # tensor parallel lm_head: vocab-parallel softmax, no full-vocab gather
+        return _VocabParallelLogprobs.apply(hidden, weight.to_local(), targets.long(), float(temperature),
+                                            int(chunk_size), weight.device_mesh.get_group(), weight.shape[0])
     if hasattr(weight, "full_tensor"):  # FSDP2 DTensor outside its module's forward
         weight = weight.full_tensor()
     if use_compile is None:

@@ -15,6 +15,7 @@ from forge.trainer.config import (
     CheckpointConfig,
     LRSchedulerConfig,
     OptimizerConfig,
+    ParallelismConfig,
     TrainerConfig,
     TrainingConfig,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "CheckpointMismatchError",
     "LRSchedulerConfig",
     "OptimizerConfig",
+    "ParallelismConfig",
     "SFTLoss",
     "TrainEngine",
     "TrainerConfig",

@@ -10,6 +10,7 @@
       checkpoint: {dir: ./ckpt, interval: 100, keep_last_n: 3, resume: true}
       compile: {enable: false}
       activation_checkpoint: {mode: none}          # none | full
+      parallelism: {tensor_parallel_degree: 1, data_parallel_shard_degree: -1}   # TP x FSDP over the procs
 
 Unknown keys are collected in `TrainerConfig.unused` so the caller can report them once.
 """
@@ -87,6 +88,52 @@ class CheckpointConfig:
 
 
 @dataclass
+class ParallelismConfig:
+    """torchtitan's `parallelism` block, for the procs of one trainer replica.
+
+    The procs form a 2-D mesh `("dp_shard", "tp")`: FSDP2 shards over `dp_shard`, tensor
+    parallelism splits heads / MLP columns / vocabulary over `tp`. `data_parallel_shard_degree: -1`
+    means "the procs left over" (procs // tp). The other torchtitan degrees must be 1 (forge has no
+    pipeline, context, expert or replicated-data parallelism): anything else is an error, never ignored.
+    """
+
+    tensor_parallel_degree: int = 1
+    data_parallel_shard_degree: int = -1
+    pipeline_parallel_degree: int = 1
+    data_parallel_replicate_degree: int = 1
+    context_parallel_degree: int = 1
+    expert_parallel_degree: int = 1
+    disable_loss_parallel: bool = False  # True: gather the whole lm_head for the logprobs instead of a vocab-parallel softmax
+
+    def validate(self) -> None:
+        tp, dp = self.tensor_parallel_degree, self.data_parallel_shard_degree
+        if not isinstance(tp, int) or tp < 1:
+            raise ValueError(f"parallelism.tensor_parallel_degree must be an integer >= 1, got {tp!r}")
+        if not isinstance(dp, int) or (dp < 1 and dp != -1):
+            raise ValueError(f"parallelism.data_parallel_shard_degree must be an integer >= 1 or -1 (the rest), got {dp!r}")
+        for key in ("pipeline_parallel_degree", "data_parallel_replicate_degree", "context_parallel_degree",
+                    "expert_parallel_degree"):
+            v = getattr(self, key)
+            if v != 1:
+                raise ValueError(f"parallelism.{key}: {v!r}: forge's trainer supports only 1 (no "
+                                 f"{key.removesuffix('_degree').replace('_', ' ')} yet); the trainer's procs are "
+                                 "split as tensor_parallel_degree x data_parallel_shard_degree")
+
+    def resolve(self, world_size: int) -> tuple[int, int]:
+        """(dp_shard, tp) for a replica of `world_size` procs, or an error naming the numbers."""
+        self.validate()
+        tp, dp = self.tensor_parallel_degree, self.data_parallel_shard_degree
+        if world_size % tp:
+            raise ValueError(f"parallelism.tensor_parallel_degree={tp} does not divide the trainer's {world_size} procs")
+        if dp == -1:
+            dp = world_size // tp
+        if dp * tp != world_size:
+            raise ValueError(f"parallelism: data_parallel_shard_degree={dp} x tensor_parallel_degree={tp} = {dp * tp}, "
+                             f"but the trainer has {world_size} procs (they must be equal; -1 means the rest)")
+        return dp, tp
+
+
+@dataclass
 class TrainerConfig:
     model: dict[str, Any] = field(default_factory=lambda: {"tiny": "qwen2", "seed": 0})
     loss: Any = "grpo"
@@ -95,12 +142,14 @@ class TrainerConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     lora: LoraConfig | None = None  # `model.lora`: train LoRA adapters on the frozen model (forge.models.lora)
+    parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
     unused: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         self.optimizer.validate()
         self.lr_scheduler.validate()
         self.training.validate()
+        self.parallelism.validate()
         if not ("path" in self.model or "tiny" in self.model):
             raise ValueError(f"trainer.model needs `path` (HF directory) or `tiny` (family), got {self.model}")
 
@@ -159,7 +208,7 @@ class TrainerConfig:
             unused.append("checkpoint.initial_load_path")
             ck.pop("initial_load_path")
         out.checkpoint = _fill(CheckpointConfig, ck, "checkpoint", unused)
-        cfg.pop("parallelism", None)  # FSDP degree = the trainer's procs; nothing else to read
+        out.parallelism = _fill(ParallelismConfig, cfg.pop("parallelism", {}), "parallelism", unused)
         unused.extend(sorted(cfg))
         out.unused = unused
         out.validate()

@@ -7,6 +7,10 @@ The RL `Trainer` actor and the SFT app both drive one of these. A step:
 3. forward + backward each micro-batch with its loss weighted so that the accumulated gradient
    is the full batch's (see `forge.trainer.step`);
 4. clip the gradient norm (reported before clipping), AdamW step, LR schedule step.
+
+Parallelism (`trainer.parallelism`): the replica's procs form a `("dp_shard", "tp")` mesh. The
+ranks of one TP group (`forge.trainer.tensor_parallel`) train on the same rows; batch rows, the
+loss normalisers and FSDP2's gradient averaging go over `dp_shard` only.
 """
 
 from __future__ import annotations
@@ -36,7 +40,13 @@ from forge.trainer.packing import (
     sequences_from_rl_batch,
     sequences_from_sft_batch,
 )
-from forge.trainer.parallel import all_reduce_max, all_reduce_sum, apply_fsdp, init_distributed
+from forge.trainer.parallel import (
+    all_reduce_max,
+    all_reduce_sum,
+    apply_fsdp,
+    build_mesh,
+    init_distributed,
+)
 from forge.trainer.step import (
     LogprobModel,
     SFTLoss,
@@ -45,6 +55,7 @@ from forge.trainer.step import (
     normaliser_counts,
     run_microbatch,
 )
+from forge.trainer.tensor_parallel import apply_tp
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +102,15 @@ class TrainEngine:
             log.warning("trainer config keys not used by forge: %s", ", ".join(self.cfg.unused))
         self.device = torch.device(device)
         self.rank, self.world_size = rank, world_size
+        # the procs form a ("dp_shard", "tp") mesh: a TP group computes on the same rows, FSDP2 shards over dp
+        self.dp, self.tp = self.cfg.parallelism.resolve(world_size)
+        self.dp_rank = rank // self.tp
+        if self.tp > 1:
+            self._check_tp_combinations()
         self.distributed = init_distributed(self.device, world_size, rank)
+        self.mesh = build_mesh(self.device, self.dp, self.tp) if self.tp > 1 else None
+        self.dp_group = self.mesh["dp_shard"].get_group() if self.mesh is not None else None
+        self.fsdp = self.dp > 1
         tc = self.cfg.training
         torch.manual_seed(tc.seed)
         self.model = model.to(self.device) if model is not None else build_model(self.cfg.model, self.device)
@@ -100,16 +119,20 @@ class TrainEngine:
         if self.lora is not None:
             self._apply_lora(self.lora)
         self.model.train()
+        if self.mesh is not None:
+            apply_tp(self.model, self.mesh["tp"])
         enable_activation_checkpointing(self.model, tc.activation_checkpoint)
         maybe_compile(self.model, tc.compile)
-        self.module = LogprobModel(self.model, tc.temperature, tc.logprob_chunk_size)
+        self.module = LogprobModel(self.model, tc.temperature, tc.logprob_chunk_size,
+                                   loss_parallel=not self.cfg.parallelism.disable_loss_parallel)
         on_gpu = self.device.type == "cuda"
         self.compute_dtype = _DTYPES[tc.dtype] if on_gpu else torch.float32
-        if self.distributed:
+        if self.fsdp:
             apply_fsdp(self.module, self.model.model.layers,
-                       param_dtype=self.compute_dtype if self.compute_dtype != torch.float32 else None)
+                       param_dtype=self.compute_dtype if self.compute_dtype != torch.float32 else None,
+                       mesh=self.mesh["dp_shard"] if self.mesh is not None else None)
         self.autocast = (torch.autocast("cuda", dtype=self.compute_dtype)
-                         if on_gpu and self.compute_dtype != torch.float32 and not self.distributed else nullcontext())
+                         if on_gpu and self.compute_dtype != torch.float32 and not self.fsdp else nullcontext())
         self.pad_to_multiple = 128 if on_gpu else 1  # FlexAttention block size; CPU: no padding at all
         if loss is None:
             from forge.losses import build_loss
@@ -120,6 +143,16 @@ class TrainEngine:
         self.scheduler = build_lr_scheduler(self.optimizer, self.cfg.lr_scheduler)
         self.step = 0
         self.extra: dict[str, Any] = {}
+
+    def _check_tp_combinations(self) -> None:
+        """What does not compose with tensor parallelism yet: refused, naming the keys."""
+        if self.cfg.lora is not None:
+            raise ValueError(f"trainer.model.lora with parallelism.tensor_parallel_degree={self.tp}: LoRA adapters "
+                             "are not tensor-parallel yet; use tensor_parallel_degree: 1 (FSDP over the procs)")
+        if self.cfg.training.compile:  # per-block compile of the DTensor blocks fails in backward (torch 2.13, CPU)
+            raise ValueError(f"compile: true with parallelism.tensor_parallel_degree={self.tp}: torch.compile of the "
+                             "tensor-parallel blocks is not supported yet (its backward fails in DTensor's "
+                             "redistribute); turn compile off or use tensor_parallel_degree: 1")
 
     # ------------------------------------------------------------------ LoRA
     def _apply_lora(self, cfg: lora.LoraConfig) -> None:
@@ -157,8 +190,8 @@ class TrainEngine:
     # ------------------------------------------------------------------ batch preparation
     def _rl_sequences(self, inputs: list[dict], targets: list[dict], score_key: str = "padding_mask"
                       ) -> tuple[list[PackedSeq], dict[str, Any], int, Tensor]:
-        inp = merge_batch(inputs, self.rank, self.world_size, "inputs")
-        tgt = merge_batch(targets, self.rank, self.world_size, "targets")
+        inp = merge_batch(inputs, self.dp_rank, self.dp, "inputs")
+        tgt = merge_batch(targets, self.dp_rank, self.dp, "targets")
         for k in ("tokens",):
             if k not in inp:
                 raise KeyError(f"inputs lack '{k}' (have {sorted(inp)})")
@@ -169,7 +202,7 @@ class TrainEngine:
         b, r = response.shape
         if tokens.shape[0] != b:
             raise ValueError(f"inputs tokens have {tokens.shape[0]} rows but targets response {b}")
-        rows = torch.arange(b) if (inp.get("__local__") or not self.distributed) else rank_rows(b, self.rank, self.world_size)
+        rows = torch.arange(b) if (inp.get("__local__") or self.dp == 1) else rank_rows(b, self.dp_rank, self.dp)
         score = tgt.get(score_key, tgt["padding_mask"])
         pm = inp.get("prompt_mask")
         seqs = sequences_from_rl_batch(tokens[rows], r, score[rows], None if pm is None else pm[rows],
@@ -196,7 +229,7 @@ class TrainEngine:
         loss_mask 1 on tokens to learn), cross-entropy on those tokens only."""
         tokens, mask = batch["tokens"], batch["loss_mask"]
         b = tokens.shape[0]
-        rows = rank_rows(b, self.rank, self.world_size) if self.distributed else torch.arange(b)
+        rows = rank_rows(b, self.dp_rank, self.dp) if self.dp > 1 else torch.arange(b)
         lengths = batch.get("lengths")
         seqs = sequences_from_sft_batch(tokens[rows], mask[rows], lengths[rows] if lengths is not None else None)
         tgt = {"padding_mask": mask[rows][:, 1:]}
@@ -209,9 +242,9 @@ class TrainEngine:
         pmask = tgt["padding_mask"]
         local_counts = normaliser_counts(pmask)
         n_real = sum(s.tokens.numel() for s in seqs)
-        total = all_reduce_sum([*local_counts, float(n_real)], self.device)
+        total = all_reduce_sum([*local_counts, float(n_real)], self.device, self.dp_group)
         mbs = self._microbatches(seqs)
-        scale = float(self.world_size) if self.distributed else 1.0  # undo FSDP's gradient averaging
+        scale = float(self.dp) if self.fsdp else 1.0  # undo FSDP's gradient averaging
         loss_acc = torch.zeros((), dtype=torch.float64)
         for mb in mbs:
             if mb is None:
@@ -228,7 +261,7 @@ class TrainEngine:
             w = microbatch_weight(mode, normaliser_counts(sub["padding_mask"]), (total[0], total[1]))
             (loss * (w * scale)).backward()
             loss_acc += loss.detach().double().cpu() * w
-        loss_value = all_reduce_sum([float(loss_acc)], self.device)[0]
+        loss_value = all_reduce_sum([float(loss_acc)], self.device, self.dp_group)[0]
         grad_norm = self._clip_and_step()
         dt = time.perf_counter() - t0
         lr = self.scheduler.get_last_lr()[0]
@@ -309,11 +342,11 @@ class TrainEngine:
                 lp, _ = run_microbatch(self.module, mb, width)
             target_rows = rows.to(self.device)[mb.rows.to(self.device)] if b is not None else mb.rows.to(self.device)
             out[target_rows] = lp.float()
-        if self.distributed and b is not None:
+        if self.dp > 1 and b is not None:
             import torch.distributed as dist
 
-            dist.all_reduce(out)  # rows are disjoint across ranks: the sum assembles the batch
-        if self.distributed:
+            dist.all_reduce(out, group=self.dp_group)  # rows are disjoint across dp ranks: the sum assembles the batch
+        if self.fsdp:
             reshard(self.module)
         self.module.train(was_training)
         return out

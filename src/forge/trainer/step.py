@@ -26,17 +26,22 @@ from forge.trainer.packing import MicroBatch
 
 
 class LogprobModel(nn.Module):
-    def __init__(self, model: CausalLM, temperature: float = 1.0, chunk_size: int = 1024):
+    def __init__(self, model: CausalLM, temperature: float = 1.0, chunk_size: int = 1024, loss_parallel: bool = True):
         super().__init__()
         self.model = model
         self.temperature = temperature
         self.chunk_size = chunk_size
+        # tensor parallel lm_head: vocab-parallel softmax (True) or gather the whole weight first
+        self.loss_parallel = loss_parallel
 
     def forward(self, tokens: Tensor, positions: Tensor, document_ids: Tensor | None, gather_idx: Tensor,
                 targets: Tensor) -> tuple[Tensor, Tensor]:
         hidden = self.model(tokens, positions, document_ids, return_hidden=True)
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, gather_idx)
-        return logprobs_from_hidden(h, self.model.lm_head.weight, targets, self.temperature, self.chunk_size)
+        w = self.model.lm_head.weight
+        if not self.loss_parallel and hasattr(w, "full_tensor"):
+            w = w.full_tensor()
+        return logprobs_from_hidden(h, w, targets, self.temperature, self.chunk_size)
 
 
 def run_microbatch(module: LogprobModel, mb: MicroBatch, width: int) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,98 @@
+"""Tensor parallelism of the trainer's decoder, applied from outside it (torchtitan's plan).
+
+Per `DecoderLayer`: q/k/v and gate/up are column-parallel (each TP rank holds a slice of the
+heads / of the MLP's inner width), o and down are row-parallel (their partial outputs are summed
+with one all-reduce each), so a layer costs two all-reduces forward and two backward. The
+embedding is row-parallel over the vocabulary; `lm_head` is column-parallel over the vocabulary,
+and the logprob helper (`forge.models.logprobs.logprobs_from_hidden`) computes a vocab-parallel
+log-softmax from the local slice (loss parallel: no full-vocab gather). Norms keep replicated
+weights (DTensor `Replicate`); Qwen3's q/k norms run on each rank's own heads, so their weight
+gradients are summed over the TP ranks (DTensor `Partial`).
+
+Sequence parallelism is not applied: the residual stream is replicated on the TP ranks.
+
+Every parameter becomes a DTensor on the TP mesh; FSDP2 over `dp_shard` then makes them 2-D.
+The decoder itself has no parallelism code: it reads local head counts from the projections'
+output widths (`view(b, t, -1, head_dim)`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from forge.models.args import ModelArgs
+from forge.models.decoder import CausalLM
+
+
+def check_tp_degree(args: ModelArgs, tp: int) -> None:
+    """A degree that does not split the heads / KV heads / MLP evenly is an error naming the numbers."""
+    for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        n = getattr(args, name)
+        if n % tp:
+            raise ValueError(f"parallelism.tensor_parallel_degree={tp} does not divide the model's {name}={n}: "
+                             f"each TP rank must hold the same number of them")
+
+
+class ReplicatedParallel(ParallelStyle):
+    """A module whose input is the same on every TP rank (the replicated residual stream): its
+    parameters become `Replicate` DTensors, it takes and returns plain tensors."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        for name, p in list(module.named_parameters(recurse=False)):
+            module.register_parameter(name, nn.Parameter(distribute_tensor(p.data, device_mesh, [Replicate()]),
+                                                         requires_grad=p.requires_grad))
+
+        def to_dtensor(mod: nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+            return tuple(DTensor.from_local(x, device_mesh, [Replicate()], run_check=False)
+                         if not isinstance(x, DTensor) and hasattr(x, "dim") else x for x in inputs)
+
+        def to_local(mod: nn.Module, inputs: tuple[Any, ...], out: Any) -> Any:
+            return out.to_local() if isinstance(out, DTensor) else out
+
+        module.register_forward_pre_hook(to_dtensor)
+        module.register_forward_hook(to_local)
+        return module
+
+
+def apply_tp(model: CausalLM, tp_mesh: DeviceMesh) -> CausalLM:
+    """Shard `model` in place over `tp_mesh` (1-D). Call before FSDP, compile and the optimizer."""
+    check_tp_degree(model.args, tp_mesh.size())
+    tied = model.args.tie_word_embeddings
+    parallelize_module(model, tp_mesh, {
+        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        "model.norm": ReplicatedParallel(),
+        # never called as a module by the trainer (the logprob helper reads its weight, vocab-parallel);
+        # a plain `model(tokens)` still returns whole logits (gathered)
+        "lm_head": ColwiseParallel(output_layouts=Replicate()),
+    })
+    if tied:  # both halves were distributed as Shard(0) over the vocabulary: one parameter again
+        model.model.embed_tokens.weight = model.lm_head.weight
+        model.tie_weights()
+    for layer in model.model.layers:
+        plan: dict[str, ParallelStyle] = {
+            "input_layernorm": ReplicatedParallel(),
+            "self_attn.q_proj": ColwiseParallel(),
+            "self_attn.k_proj": ColwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(),
+            "self_attn.o_proj": RowwiseParallel(),
+            "post_attention_layernorm": ReplicatedParallel(),
+            "mlp.gate_proj": ColwiseParallel(),
+            "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(),
+        }
+        if layer.self_attn.q_norm is not None:  # on [B, T, heads, D]: each rank normalises its own heads
+            plan["self_attn.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+            plan["self_attn.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+        parallelize_module(layer, tp_mesh, plan)
+    return model
