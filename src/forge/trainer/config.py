@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from forge.config.compat import TORCHTITAN_TRAINER_KEYS
 from forge.models.lora import LoraConfig
 
 
@@ -160,13 +161,18 @@ class TrainerConfig:
         cfg = dict(_plain(cfg or {}))
         unused: list[str] = []
         out = cls()
+        ck = cfg.get("checkpoint")
+        if isinstance(ck, dict) and "enable" in ck:  # torchtitan's switch: off means no checkpoint dir
+            ck = cfg["checkpoint"] = dict(ck)
+            if not ck.pop("enable"):
+                ck.pop("dir", None)
+                ck.pop("folder", None)
+        _torchtitan_names(cfg, unused)
         model = cfg.pop("model", None)
         if isinstance(model, str):
             out.model = {"path": model}
         elif isinstance(model, dict):
             out.model = dict(model)
-            if "hf_assets_path" in out.model and "path" not in out.model:  # torchforge/torchtitan name
-                out.model["path"] = out.model.pop("hf_assets_path")
             lora = out.model.pop("lora", None)
             if lora is not None:
                 out.lora = LoraConfig.from_dict(lora, where="trainer.model.lora")
@@ -177,14 +183,8 @@ class TrainerConfig:
         sched = dict(cfg.pop("lr_scheduler", {}) or {})
         if "warmup_steps" not in sched and "warmup_ratio" in sched and sched.get("total_steps"):
             sched["warmup_steps"] = int(sched.pop("warmup_ratio") * sched["total_steps"])
-        if "decay_type" in sched:  # torchtitan's name
-            sched["decay"] = sched.pop("decay_type")
         out.lr_scheduler = _fill(LRSchedulerConfig, sched, "lr_scheduler", unused)
         training = dict(cfg.pop("training", {}) or {})
-        if "mixed_precision_param" in training:  # torchtitan's name
-            training.setdefault("dtype", training.pop("mixed_precision_param"))
-        if "max_norm" not in training and "max_grad_norm" in training:
-            training["max_norm"] = training.pop("max_grad_norm")
         out.training = _fill(TrainingConfig, training, "training", unused)
         compile_ = cfg.pop("compile", None)
         if isinstance(compile_, dict):
@@ -197,22 +197,32 @@ class TrainerConfig:
         elif ac is not None:
             out.training.activation_checkpoint = bool(ac)
         ck = dict(cfg.pop("checkpoint", {}) or {})
-        if "folder" in ck and "dir" not in ck:  # torchtitan's name
-            ck["dir"] = ck.pop("folder")
-        if "keep_latest_k" in ck:
-            ck["keep_last_n"] = ck.pop("keep_latest_k")
-        if "enable" in ck:
-            if not ck.pop("enable"):
-                ck.pop("dir", None)
-        if "initial_load_path" in ck:
-            unused.append("checkpoint.initial_load_path")
-            ck.pop("initial_load_path")
         out.checkpoint = _fill(CheckpointConfig, ck, "checkpoint", unused)
         out.parallelism = _fill(ParallelismConfig, cfg.pop("parallelism", {}), "parallelism", unused)
         unused.extend(sorted(cfg))
         out.unused = unused
         out.validate()
         return out
+
+
+def _torchtitan_names(cfg: dict[str, Any], unused: list[str]) -> None:
+    """torchtitan's keys in the trainer blocks -> forge's (forge.config.compat's table, the one the
+    apps read): renamed (both names given must agree), or reported as unused."""
+    for key, rule in TORCHTITAN_TRAINER_KEYS.items():
+        block, k = key.split(".")
+        sub = cfg.get(block)
+        if not isinstance(sub, dict) or k not in sub or rule.dest == key:
+            continue
+        sub = cfg[block] = dict(sub)
+        value = sub.pop(k)
+        dblock, _, dk = (rule.dest or "").partition(".")
+        if rule.dest is None or dblock != block:  # not used, or a key the app places (steps, ...)
+            unused.append(key)
+        elif dk in sub and sub[dk] != rule.value(value):
+            raise ValueError(f"trainer.{key}={value!r} (torchtitan's name) and trainer.{rule.dest}={sub[dk]!r} "
+                             "disagree: give one")
+        else:
+            sub[dk] = rule.value(value)
 
 
 def _plain(x: Any) -> Any:
