@@ -102,9 +102,17 @@ def test_trainer_procs_under_local_provisioner_is_refused_at_config_time(paths):
     assert cfg.actors.trainer.procs == 2
 
 
-def test_slurm_launcher_is_refused_not_dropped(paths):
-    with pytest.raises(ConfigError, match="provisioner.launcher: 'slurm'.*one host"):
-        load(tf_argv("qwen3_32b", paths, "policy.engine_args.tensor_parallel_size=1"))
+def test_slurm_launcher_is_a_slurm_job_with_the_services_hosts(paths):
+    """torchforge's `launcher: slurm` is honoured: a Monarch SlurmJob whose nodes are the services'
+    `hosts` summed (torchforge allocates per service), nothing dropped."""
+    from apps.grpo.config import provisioner_options
+
+    cfg, report = load(tf_argv("qwen3_32b", paths, "policy.engine_args.tensor_parallel_size=1"))
+    kind, opts = provisioner_options(cfg)
+    placements = [*vars(cfg.services).values(), *vars(cfg.actors).values()]
+    assert kind == "monarch" and opts["job"] == "slurm"
+    assert opts["hosts"] == sum((p.hosts or 0) * p.num_replicas for p in placements) > 1
+    assert not any("launcher" in u for u in report.unused)
 
 
 def test_metric_logging_torchforge_schema_builds_backends(tmp_path):

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 from apps.grpo.compat import apply_torchforge_defaults, normalize_skill_schema
 from forge.config import BuildReport, ConfigError, build
 from forge.controller import ActorOptions
+from forge.controller.hosts import JobConfig
 from forge.data.datasets import DatasetConfig
 from forge.engine.config import EngineConfig, SamplingParams
 from forge.models.lora import LoraConfig
@@ -149,9 +150,11 @@ def ref_training(cfg: "GRPOConfig") -> dict[str, Any]:
 
 
 @dataclass
-class ProvisionerSection:
-    """`provisioner: local | monarch` or a mapping (forge: kind + MonarchProvisioner options;
-    torchforge: `launcher`, refused: multi-host launch is not built)."""
+class ProvisionerSection(JobConfig):
+    """`provisioner: local | monarch` or a mapping: `kind` + MonarchProvisioner options, and the
+    hosts (forge.controller.hosts.JobConfig: `job: process | attach | slurm | kubernetes` and the
+    keys each takes). torchforge's `launcher: slurm` (with job_name, account, qos, gpus_per_node,
+    cpu, memMB) is `kind: monarch, job: slurm`, its nodes summed from the services' `hosts`."""
 
     kind: str = "local"
     share_gpus: bool = False
@@ -159,8 +162,9 @@ class ProvisionerSection:
     poll_s: float = 0.2
     boot_timeout_s: float = 120.0
     stop_timeout_s: float = 10.0
-    launcher: str | None = None
-    IGNORED_KEYS: ClassVar[frozenset[str]] = frozenset({"job_name", "memMB", "cpu", "account", "qos", "gpus_per_node"})
+    launcher: str | None = None  # torchforge: slurm | mast | local
+    cpu: int | None = None  # torchforge's cpus per task
+    memMB: int | None = None  # torchforge's name
 
 
 @dataclass
@@ -361,7 +365,35 @@ def _validate_loss(spec: Any, path: str) -> None:
 
 def provisioner_section(cfg: GRPOConfig) -> ProvisionerSection:
     p = cfg.provisioner
-    return build(ProvisionerSection, {"kind": p} if isinstance(p, str) else p, path="provisioner")
+    prov = build(ProvisionerSection, {"kind": p} if isinstance(p, str) else p, path="provisioner")
+    if prov.launcher not in (None, "local"):  # torchforge's multi-host launcher: a Monarch job
+        if prov.launcher != "slurm":
+            raise ConfigError(f"provisioner.launcher: {prov.launcher!r}: forge launches jobs on slurm (or "
+                              f"provisioner.job: process | attach | slurm | kubernetes), not {prov.launcher!r}")
+        if prov.job not in (None, "slurm"):
+            raise ConfigError(f"provisioner.launcher: slurm and provisioner.job: {prov.job!r} disagree; give one")
+        prov.kind, prov.job = "monarch", "slurm"
+        if prov.hosts is None and prov.meshes is None:  # torchforge: one allocation per service with `hosts`
+            placements = [*vars(cfg.services).values(), *vars(cfg.actors).values()]
+            prov.hosts = sum((p.hosts or 0) * p.num_replicas for p in placements) or 1
+    if prov.cpu is not None:
+        prov.cpus_per_task = prov.cpus_per_task or prov.cpu
+    if prov.memMB is not None:
+        prov.mem = prov.mem or f"{prov.memMB}M"
+    return prov
+
+
+def provisioner_options(cfg: GRPOConfig) -> tuple[str, dict[str, Any]]:
+    """(kind, keyword arguments) for `init_provisioner`: the block with torchforge's names resolved."""
+    prov = provisioner_section(cfg)
+    if prov.kind == "local":
+        return "local", {}
+    opts = {f.name: getattr(prov, f.name) for f in dataclasses.fields(prov)}
+    for k in ("kind", "launcher", "cpu", "memMB"):
+        opts.pop(k)
+    if prov.job is None:  # this host: the job keys are all unset (JobConfig.validate refused any)
+        opts = {k: opts[k] for k in ("share_gpus", "gpu_count", "poll_s", "boot_timeout_s", "stop_timeout_s")}
+    return "monarch", opts
 
 
 def _validate_placement(cfg: GRPOConfig) -> None:
@@ -369,18 +401,33 @@ def _validate_placement(cfg: GRPOConfig) -> None:
     prov = provisioner_section(cfg)
     if prov.kind not in ("local", "monarch"):
         raise ConfigError(f"'provisioner' must be local or monarch (or {{kind: ..., ...}}), got {prov.kind!r}")
-    if prov.launcher not in (None, "local"):
-        raise ConfigError(
-            f"provisioner.launcher: {prov.launcher!r} asks for a multi-host job; forge runs on one host for now "
-            "(provisioner: local, or monarch for one process per service on this host's GPUs). Remove "
-            "provisioner.launcher (and `hosts`) to run on one host")
+    try:
+        prov.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if prov.job is not None and prov.kind != "monarch":
+        raise ConfigError(f"provisioner.job: {prov.job!r} places services on Monarch hosts: it needs kind: monarch, "
+                          f"got kind: {prov.kind!r}")
+    groups = prov.groups() if prov.job is not None else {}
     for name, p in [*vars(cfg.services).items(), *vars(cfg.actors).items()]:
+        path = _placement_path(cfg, name)
         try:  # the checks `.options()` makes at start-up, here with the config path
-            p.validate(_placement_path(cfg, name))
+            p.validate(path)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if p.hosts not in (None, 0, 1):
-            raise ConfigError(f"'{_placement_path(cfg, name)}.hosts: {p.hosts}': forge runs on one host for now")
+        hosts = p.hosts or 1
+        if hosts > 1 and prov.job is None:
+            raise ConfigError(f"'{path}.hosts: {p.hosts}' needs several hosts: set provisioner.job (process | attach "
+                              "| slurm | kubernetes) and its hosts; without a job every replica runs on this host")
+        if prov.job is not None:  # a placement the job's hosts cannot hold fails here, naming both
+            if p.mesh_name is not None and p.mesh_name not in groups:
+                raise ConfigError(f"'{path}.mesh_name: {p.mesh_name}': the job's host groups are {sorted(groups)} "
+                                  "(provisioner.meshes)")
+            room = groups[p.mesh_name] if p.mesh_name is not None else max(groups.values())
+            if hosts > room:
+                raise ConfigError(f"'{path}.hosts: {hosts}' (hosts per replica) does not fit: the job has {groups} "
+                                  f"host(s) per group ({'group ' + repr(p.mesh_name) if p.mesh_name else 'largest group'}:"
+                                  f" {room})")
     if cfg.services.policy.procs != 1:
         raise ConfigError(
             f"'services.policy.procs: {cfg.services.policy.procs}': in torchforge this is the generator's tensor-"
@@ -421,8 +468,21 @@ def _check_held_out(cfg: GRPOConfig, report: BuildReport) -> None:
         cfg.eval.num_samples = 0
 
 
+def _hosts_alias(data: dict[str, Any]) -> None:
+    """torchforge's ServiceConfig calls `hosts` `hosts_per_replica`: the same key, either name."""
+    for block in ("services", "actors"):
+        for name, p in (data.get(block) or {}).items():
+            if isinstance(p, dict) and "hosts_per_replica" in p:
+                alias = p.pop("hosts_per_replica")
+                if p.get("hosts") is not None and p["hosts"] != alias:
+                    raise ConfigError(f"'{block}.{name}.hosts: {p['hosts']}' and '{block}.{name}.hosts_per_replica: "
+                                      f"{alias}' disagree (the same key); give one")
+                p["hosts"] = alias
+
+
 def load_grpo_config(data: dict[str, Any]) -> tuple[GRPOConfig, BuildReport]:
     data, moved = normalize_skill_schema(data)
+    _hosts_alias(data)
     for extra in ("grpo_unknown", "training_unknown"):
         if extra in data:
             block = extra.split("_")[0]
