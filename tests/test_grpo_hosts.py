@@ -70,7 +70,7 @@ async def main_run(cfg, on_step=None):
 @pytest.mark.monarch
 def test_killed_host_replica_restarts_on_a_live_host_no_episode_lost(tiny_model, tmp_path):
     """SIGKILL the worker process of the host the reward actor runs on, mid-run: the reward replica
-    is restarted on a live host, no episode is lost, the run finishes."""
+    is restarted on the other live host of its group, no episode is lost, the run finishes."""
     from forge.controller import get_provisioner
 
     run = tmp_path / "kill"
@@ -93,13 +93,18 @@ def test_killed_host_replica_restarts_on_a_live_host_no_episode_lost(tiny_model,
         seen["new_host"] = host_of(s.reward_actor)[0]
 
     cfg = config("--model", tiny_model, "--output_dir", str(run), "--steps", "4",
-                 "--provisioner", "{kind: monarch, job: process, hosts: 3}", "--services.reward_actor.max_retries", "4",
-                 *FAST)
+                 "--provisioner", "{kind: monarch, job: process, meshes: {gen: 1, train: 1, rr: 2}}",
+                 "--services.policy.mesh_name", "gen", "--actors.trainer.mesh_name", "train",
+                 "--services.reward_actor.mesh_name", "rr", "--services.reward_actor.max_retries", "4",
+                 # the stateful actors (restart policy 'fail') off the host that dies
+                 "--actors.replay_buffer.mesh_name", "train", "--actors.dataset.mesh_name", "train",
+                 "--actors.compute_advantages.mesh_name", "train", *FAST)
     out = asyncio.run(main_run(cfg, kill_host))
     assert out["steps"] == 4 and seen["new_host"] != seen["victim"]
     trained = [r for r in metrics(run) if "rl_trainer/avg_loss" in r]
     assert len(trained) == 4
-    lost = sum(r.get("reward/infra_errors", 0) for r in metrics(run))
+    rows = metrics(run)
+    lost = sum(r.get("rollout/infra_error_episodes", 0) for r in rows)  # episodes the dead host cost
     assert lost == 0
     print(f"host kill: recovery {seen['recovery_s']:.1f}s, episodes lost {lost}")
 

@@ -184,6 +184,7 @@ class _ForgeHost(Actor):
 
 _live_meshes: dict[str, "MonarchReplica"] = {}  # proc/actor mesh name -> replica
 _retired_meshes: set[str] = set()
+_job_meshes: set[str] = set()  # the host meshes of multi-host jobs: a host's death is its replicas' (watchdog)
 _previous_hook: Any = None
 _active_provisioners = 0
 
@@ -194,6 +195,9 @@ def _fault_hook(failure: Any) -> None:
         if name.startswith(mesh):
             replica._mark_dead_threadsafe(f"Monarch supervision: {failure}")
             return
+    if any(name.startswith(m) for m in _job_meshes):
+        log.warning("monarch reported a host failure (its replicas are restarted on live hosts): %s", failure)
+        return
     if any(name.startswith(m) for m in _retired_meshes) or name.startswith(("logger-", "setup-")):
         log.debug("monarch failure on a retired/internal mesh: %s", failure)
         return
@@ -511,6 +515,8 @@ class MonarchProvisioner(Provisioner):
         except ConfigError as e:
             raise ValueError(str(e)) from None
         self.pool: HostPool | None = start_pool(self.job_config) if job is not None else None
+        if self.pool is not None:
+            _job_meshes.update(name.lower() for name in self.pool.meshes)
         super().__init__()
         # share_gpus: several services' processes on one GPU (e.g. generator + trainer, 1-GPU host)
         self.gpus = (GpuAllocator.with_count(gpu_count, share=share_gpus) if gpu_count is not None
