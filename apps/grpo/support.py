@@ -61,10 +61,11 @@ def _cuda_available() -> bool:
 def weight_sync_config(cfg: GRPOConfig) -> dict[str, Any]:
     """How the trainer's weights reach the generators; one block for both sides.
 
-    Unset `transport`: in-process with the local provisioner; NCCL broadcast when the trainer and
-    the generators hold GPUs of their own (monarch, `with_gpus`, no `share_gpus`); else shared
-    memory (/dev/shm) between CPU processes; CUDA IPC between processes sharing one GPU
-    (`share_gpus`, both on the GPU). A fresh port and a per-run name keep two jobs on
+    Unset `transport`: in-process with the local provisioner; CUDA IPC between processes sharing
+    one GPU (`share_gpus`, both on the GPU, this machine's processes); NCCL broadcast when the
+    trainer and the generators hold GPUs of their own (monarch, `with_gpus`, no `share_gpus`) or
+    run on the hosts of a job (`provisioner.job`; gloo on CPU); else shared memory (/dev/shm)
+    between CPU processes. A fresh port and a per-run name keep two jobs on
     one host apart."""
     import os
     import uuid
@@ -80,10 +81,11 @@ def weight_sync_config(cfg: GRPOConfig) -> dict[str, Any]:
     if "transport" not in sync:
         if prov == "local":
             sync["transport"] = "inproc"
+        elif (shared and cfg.services.policy.with_gpus and cfg.actors.trainer.with_gpus and _cuda_available()
+              and job in (None, "process")):  # process hosts are this machine's processes
+            sync["transport"] = "cuda_ipc"  # processes sharing one GPU: device-to-device, no host copy
         elif own_gpus or job is not None:  # GPUs of their own, or other hosts: NCCL broadcast (gloo on CPU)
             sync["transport"] = "broadcast"
-        elif shared and cfg.services.policy.with_gpus and cfg.actors.trainer.with_gpus and _cuda_available():
-            sync["transport"] = "cuda_ipc"  # processes sharing one GPU: device-to-device, no host copy
         else:  # CPU processes (or a GPU generator fed by a CPU trainer): through /dev/shm
             sync["transport"] = "shm"
     transport = sync["transport"]
