@@ -69,6 +69,9 @@ def slurm_script_for(nodes: int, app_argv: list[str], app: str = "grpo", dry_run
     prov.update(kind="monarch", job="slurm", hosts=nodes)
     data["provisioner"] = prov
     cfg, _ = load_grpo_config(dict(data))  # every key checked before anything is submitted
+    from apps.grpo.support import weight_sync_config
+
+    weight_sync_config(cfg)  # the generators on other nodes must know where the trainer is (addr)
     section = provisioner_section(cfg)
     job = JobConfig(**{f: getattr(section, f) for f in JobConfig.__dataclass_fields__})
     path = os.path.abspath(config_out or f"forge_{job.job_name}.yaml")

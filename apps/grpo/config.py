@@ -373,14 +373,41 @@ def provisioner_section(cfg: GRPOConfig) -> ProvisionerSection:
         if prov.job not in (None, "slurm"):
             raise ConfigError(f"provisioner.launcher: slurm and provisioner.job: {prov.job!r} disagree; give one")
         prov.kind, prov.job = "monarch", "slurm"
-        if prov.hosts is None and prov.meshes is None:  # torchforge: one allocation per service with `hosts`
-            placements = [*vars(cfg.services).values(), *vars(cfg.actors).values()]
-            prov.hosts = sum((p.hosts or 0) * p.num_replicas for p in placements) or 1
+        if prov.hosts is None and prov.meshes is None:  # torchforge: hosts of its own for each service with `hosts`
+            prov.meshes = torchforge_meshes(cfg) or None
+            prov.hosts = None if prov.meshes else 1
     if prov.cpu is not None:
         prov.cpus_per_task = prov.cpus_per_task or prov.cpu
     if prov.memMB is not None:
         prov.mem = prov.mem or f"{prov.memMB}M"
     return prov
+
+
+def torchforge_meshes(cfg: GRPOConfig) -> dict[str, int]:
+    """torchforge's SLURM launcher gives each service with `hosts` an allocation of its own
+    (hosts x num_replicas nodes), named by its `mesh_name`: those are the job's host groups."""
+    meshes: dict[str, int] = {}
+    for name, p in [*vars(cfg.services).items(), *vars(cfg.actors).items()]:
+        if p.hosts:
+            key = p.mesh_name or name
+            meshes[key] = meshes.get(key, 0) + p.hosts * p.num_replicas
+    return meshes
+
+
+def _torchforge_mesh_names(cfg: GRPOConfig, report: BuildReport) -> None:
+    """torchforge names every service's proc mesh (`mesh_name: policy`); under its SLURM launcher only
+    the services with `hosts` have hosts of their own. The others run on any of the job's hosts:
+    their mesh_name names no host group, so it is dropped, and said once."""
+    prov = cfg.provisioner
+    if not isinstance(prov, dict) or prov.get("launcher") != "slurm" or prov.get("meshes") or prov.get("hosts"):
+        return
+    groups = torchforge_meshes(cfg)
+    for block in (cfg.services, cfg.actors):
+        for name, p in vars(block).items():
+            if p.mesh_name is not None and p.mesh_name not in groups:
+                setattr(block, name, dataclasses.replace(p, mesh_name=None))
+                report.notes.append(f"{_placement_path(cfg, name)}.mesh_name {p.mesh_name!r} (no `hosts`): placed on "
+                                    f"any host of the SLURM job (host groups: {sorted(groups)})")
 
 
 def provisioner_options(cfg: GRPOConfig) -> tuple[str, dict[str, Any]]:
@@ -510,6 +537,7 @@ def load_grpo_config(data: dict[str, Any]) -> tuple[GRPOConfig, BuildReport]:
     apply_torchforge_defaults(data, report.notes)
     cfg = build(GRPOConfig, data, report=report)
     resolve_policy_age(cfg, data, report)
+    _torchforge_mesh_names(cfg, report)
     validate_sections(cfg, report)
     _check_held_out(cfg, report)
     if buffer_group_size(cfg) is None:

@@ -13,7 +13,7 @@
     await counter.incr.route(3)
 
 The class knows nothing of processes: the provisioner (local or monarch) places its replicas.
-While an actor runs, `self.rank`, `self.world_size` (procs of its replica), `self.replica_id`
+While an actor runs, `self.rank`, `self.world_size` (hosts x procs of its replica), `self.replica_id`
 and `self.device` are set before `__init__`.
 """
 

@@ -3,21 +3,24 @@
     init_provisioner("monarch")            # or FORGE_PROVISIONER=monarch
     svc = await Policy.options(procs=2, num_replicas=2).as_service(...)
 
-Each replica is one proc mesh (`procs` processes on this host) running one generic Monarch
+Each replica is one proc mesh (`procs` processes on this host, or with a multi-host job
+`hosts` x `procs` on the job's hosts: forge.controller.hosts) running one generic Monarch
 actor, `_ForgeHost`, which imports the user's `ForgeActor` class, constructs it with the
 runtime context (rank, world_size, replica_id, device), runs `setup()` and serves
 `call(endpoint, args, kwargs)`. The user's class never sees Monarch.
 
-Per proc, before anything is imported there, the controller sets RANK, WORLD_SIZE,
-LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR=127.0.0.1 and a MASTER_PORT the OS picked free
-(so `torch.distributed.init_process_group()` works inside a replica and two jobs on one host
-never clash), CUDA_VISIBLE_DEVICES (one distinct GPU per proc when `with_gpus`) and
+Per proc, before anything is imported there, the controller sets RANK, WORLD_SIZE (hosts x
+procs), LOCAL_RANK, LOCAL_WORLD_SIZE; before the actor is constructed MASTER_ADDR (the replica's
+first host as the others reach it: 127.0.0.1 on this host) and a MASTER_PORT the OS picked free
+there (so `torch.distributed.init_process_group()` works inside a replica, across hosts, and two
+jobs on one host never clash), CUDA_VISIBLE_DEVICES (one distinct GPU per proc when `with_gpus`) and
 PYTHONPATH (the controller's import path, so classes defined in tests/scripts import there).
 
 Failures:
 - an endpoint that raises -> `ActorError` in the caller (class, endpoint, replica, rank, the
   original type and message, and the remote traceback); the replica keeps running;
-- a proc that dies -> noticed by a pid watchdog (Monarch's own supervision takes ~10 s here)
+- a proc (or a job's host) that dies -> noticed by a pid watchdog (procs and process-job hosts on
+  this machine) (Monarch's own supervision takes ~10 s here)
   and by Monarch supervision errors -> in-flight calls get `ReplicaDeadError`, the Service
   restarts the replica; Monarch's "unhandled fault" hook, which would exit the controller,
   is replaced while forge owns procs.
