@@ -24,6 +24,10 @@ THREE_HOSTS = ["--provisioner", "{kind: monarch, job: process, meshes: {gen: 1, 
                "--services.policy.mesh_name", "gen", "--actors.trainer.mesh_name", "train",
                "--actors.trainer.procs", "2", "--services.ref_model.mesh_name", "rr",
                "--services.reward_actor.mesh_name", "rr", "--loss", "{name: grpo, beta: 0.02}"]
+# the light stateful actors next to the trainer (they hold the data position and the buffer)
+PINNED = ["--actors.replay_buffer.mesh_name", "train", "--actors.dataset.mesh_name", "train",
+          "--actors.compute_advantages.mesh_name", "train"]
+LEARN_STEPS = 100
 FAST = ["--eval.num_samples", "8", "--eval.every", "0", "--local_batch_size", "16",
         "--advantage.filter_zero_variance", "false"]
 
@@ -61,6 +65,25 @@ def test_three_hosts_generator_trainer_and_reward_ref_apart(tiny_model, tmp_path
     assert len(trained) == 4 and all(r["time/weight_sync_s"] > 0 for r in trained)
 
 
+@pytest.mark.slow
+@pytest.mark.monarch
+def test_three_hosts_learn_like_one_process(tmp_path_factory):
+    """The embedded default (SFT warm-up, then GRPO on held-out arithmetic) on the 3-host layout:
+    held-out accuracy rises as in the one-process run (tests/test_grpo_learning.py;
+    docs/perf/NOTES_hosts.md has both curves)."""
+    cache = tmp_path_factory.mktemp("warmup")
+    run = tmp_path_factory.mktemp("learn") / "run"
+    probe = VersionProbe()
+    cfg = config("--warmup.cache_dir", str(cache), "--output_dir", str(run), "--steps", str(LEARN_STEPS),
+                 "--trainer.optimizer.lr", "3e-4", "--eval.num_samples", "200", "--eval.every", "0",
+                 "--off_by_n", "1", "--metric_logging", "{jsonl: {}}", *THREE_HOSTS, *PINNED)
+    out = asyncio.run(main_run(cfg, probe))
+    before, after = out["accuracy_before"], out["accuracy_after"]
+    assert 0.2 < before < 0.8, f"the SFT warm-up should be partly correct, got {before}"
+    assert after >= before + 0.04, f"GRPO on 3 hosts did not improve held-out accuracy: {before:.3f} -> {after:.3f}"
+    assert probe.versions[-1][0] >= LEARN_STEPS - 1  # the generator's host kept receiving versions
+
+
 async def main_run(cfg, on_step=None):
     from apps.grpo.main import main
 
@@ -96,9 +119,7 @@ def test_killed_host_replica_restarts_on_a_live_host_no_episode_lost(tiny_model,
                  "--provisioner", "{kind: monarch, job: process, meshes: {gen: 1, train: 1, rr: 2}}",
                  "--services.policy.mesh_name", "gen", "--actors.trainer.mesh_name", "train",
                  "--services.reward_actor.mesh_name", "rr", "--services.reward_actor.max_retries", "4",
-                 # the stateful actors (restart policy 'fail') off the host that dies
-                 "--actors.replay_buffer.mesh_name", "train", "--actors.dataset.mesh_name", "train",
-                 "--actors.compute_advantages.mesh_name", "train", *FAST)
+                 *PINNED, *FAST)  # the stateful actors (restart policy 'fail') off the host that dies
     out = asyncio.run(main_run(cfg, kill_host))
     assert out["steps"] == 4 and seen["new_host"] != seen["victim"]
     trained = [r for r in metrics(run) if "rl_trainer/avg_loss" in r]

@@ -204,6 +204,11 @@ def _fault_hook(failure: Any) -> None:
     if any(name.startswith(m) for m in _retired_meshes) or name.startswith(("logger-", "setup-")):
         log.debug("monarch failure on a retired/internal mesh: %s", failure)
         return
+    # a failure without a mesh name (a dead host's proc-mesh controller): its text names the mesh
+    text = str(failure).lower() if name in ("", "<none>", "none") else ""
+    if text and any(m in text for m in _retired_meshes):
+        log.debug("monarch failure on a retired mesh: %s", failure)
+        return
     if _active_provisioners > 0:
         log.warning("monarch reported a failure outside forge's replicas (ignored): %s", failure)
         return
