@@ -67,14 +67,13 @@ def test_three_hosts_generator_trainer_and_reward_ref_apart(tiny_model, tmp_path
 
 @pytest.mark.slow
 @pytest.mark.monarch
-def test_three_hosts_learn_like_one_process(tmp_path_factory):
+def test_three_hosts_learn_like_one_process(tmp_path_factory, warmup_cache):
     """The embedded default (SFT warm-up, then GRPO on held-out arithmetic) on the 3-host layout:
     held-out accuracy rises as in the one-process run (tests/test_grpo_learning.py;
     docs/perf/NOTES_hosts.md has both curves)."""
-    cache = tmp_path_factory.mktemp("warmup")
     run = tmp_path_factory.mktemp("learn") / "run"
     probe = VersionProbe()
-    cfg = config("--warmup.cache_dir", str(cache), "--output_dir", str(run), "--steps", str(LEARN_STEPS),
+    cfg = config("--warmup.cache_dir", str(warmup_cache), "--output_dir", str(run), "--steps", str(LEARN_STEPS),
                  "--trainer.optimizer.lr", "3e-4", "--eval.num_samples", "200", "--eval.every", "0",
                  "--off_by_n", "1", "--metric_logging", "{jsonl: {}}", *THREE_HOSTS, *PINNED)
     out = asyncio.run(main_run(cfg, probe))
