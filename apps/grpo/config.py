@@ -154,7 +154,7 @@ class ProvisionerSection(JobConfig):
     """`provisioner: local | monarch` or a mapping: `kind` + MonarchProvisioner options, and the
     hosts (forge.controller.hosts.JobConfig: `job: process | attach | slurm | kubernetes` and the
     keys each takes). torchforge's `launcher: slurm` (with job_name, account, qos, gpus_per_node,
-    cpu, memMB) is `kind: monarch, job: slurm`, its nodes summed from the services' `hosts`."""
+    cpu, memMB) is `kind: monarch, job: slurm`, a host group per service with `hosts` (torchforge_meshes)."""
 
     kind: str = "local"
     share_gpus: bool = False
