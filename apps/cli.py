@@ -3,6 +3,8 @@
     forge grpo [--config PATH] [overrides ...]     = python -m apps.grpo.main ...
     forge sft  [--config PATH] [overrides ...]     = python -m apps.sft.main ...
     forge demo [--config PATH] [overrides ...]     = python -m apps.demo.main ...
+    forge worker --address tcp://HOST:PORT         one attachable host (provisioner.job: attach)
+    forge launch slurm --config PATH --nodes N [--dry-run] [overrides ...]
     forge grpo --help                              every config key, its value and meaning
     forge --version
 
@@ -22,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "grpo": ("apps.grpo.main", "cli", "GRPO-family RL training (the embedded default: a tiny model on CPU)"),
     "sft": ("apps.sft.main", "cli", "supervised fine-tuning on completion tokens"),
     "demo": ("apps.demo.main", "main", "the actor runtime demo (local or Monarch processes)"),
+    "worker": ("apps.launch", "worker_cli", "one Monarch worker host for provisioner.job: attach (--address tcp://HOST:PORT)"),
+    "launch": ("apps.launch", "launch_cli", "submit a multi-host run: launch slurm --config PATH --nodes N [--dry-run]"),
 }
 
 
@@ -58,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"forge: unknown command '{argv[0]}' (expected one of: {', '.join(COMMANDS)})\n\n" + usage())
         return 2
     module, func, _ = cmd
-    getattr(importlib.import_module(module), func)(argv[1:])
-    return 0
+    rc = getattr(importlib.import_module(module), func)(argv[1:])
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@
                                   # services on GPUs of their own: 2 generator replicas, trainer FSDP2 over 2
     python bench/grpo_step.py --smoke                              # CPU, tiny shape, seconds
     python bench/grpo_step.py --smoke --gpus 3 --transport broadcast   # CPU: the multi-process layout, gloo
+    python bench/grpo_step.py --hosts 3 --modes async              # 3 Monarch process hosts (ProcessJob) sharing
+                                  # this machine's GPU: generator | trainer | reward + reference, one host each
+    python bench/grpo_step.py --smoke --hosts 3                    # the same on CPU (weights by gloo broadcast)
     python bench/grpo_step.py --lora 32 --modes sync --shapes qwen3-1.7b,qwen3-8b
                                   # full fine-tuning and LoRA r=32 (all-linear, alpha 2r) of each shape, one run
 
@@ -91,7 +94,15 @@ def app_config(model: str, mode: str, a: argparse.Namespace, run_dir: Path, gpu:
     off_by_n = {"sync": 0, "async": 1}[mode]
     gen, trainer_procs = layout(a)
     separate = a.separate_processes or a.gpus > 1
-    if a.gpus > 1:  # each service on GPUs of its own (on a CPU-only host: the same processes, no GPUs)
+    placements: dict = {"services": {}, "actors": {}}
+    if a.hosts > 1:  # a Monarch ProcessJob: generator | trainer | reward + reference, a host group each
+        groups = {"gen": 1, "train": 1, **({"rr": a.hosts - 2} if a.hosts > 2 else {})}
+        provisioner: dict | str = {"kind": "monarch", "job": "process", "meshes": groups, "share_gpus": a.gpus <= 1}
+        rr = "rr" if a.hosts > 2 else "gen"
+        placements = {"services": {"policy": "gen", "ref_model": rr, "reward_actor": rr},
+                      "actors": {"trainer": "train", "replay_buffer": "train", "dataset": "train",
+                                 "compute_advantages": "train"}}
+    elif a.gpus > 1:  # each service on GPUs of its own (on a CPU-only host: the same processes, no GPUs)
         provisioner: dict | str = {"kind": "monarch"}
     elif separate:  # separate processes on one GPU: generator and trainer processes share it
         provisioner = {"kind": "monarch", "share_gpus": True}
@@ -116,6 +127,12 @@ def app_config(model: str, mode: str, a: argparse.Namespace, run_dir: Path, gpu:
         "services": {"policy": {"with_gpus": gpu, "num_replicas": gen}, "ref_model": {"with_gpus": gpu},
                      "reward_actor": {}},
         "actors": {"trainer": {"with_gpus": gpu, "procs": trainer_procs}},
+        **({"services": {"policy": {"with_gpus": gpu, "num_replicas": gen, "mesh_name": "gen"},
+                         "ref_model": {"with_gpus": gpu, "mesh_name": placements["services"]["ref_model"]},
+                         "reward_actor": {"mesh_name": placements["services"]["reward_actor"]}},
+            "actors": {"trainer": {"with_gpus": gpu, "procs": trainer_procs, "mesh_name": "train"},
+                       **{k: {"mesh_name": v} for k, v in placements["actors"].items() if k != "trainer"}}}
+           if a.hosts > 1 else {}),
         **({"lora": {"r": lora_r, "alpha": 2 * lora_r, "target_modules": "all-linear",
                      "base_dtype": "bfloat16" if gpu and trainer_procs == 1 else None}} if lora_r else {}),
     }
@@ -165,6 +182,8 @@ def main() -> None:
     p.add_argument("--policy-replicas", type=int, default=0, help="with --gpus > 1 (default gpus // 2)")
     p.add_argument("--trainer-procs", type=int, default=0, help="with --gpus > 1 (default the rest: FSDP2)")
     p.add_argument("--separate-processes", action="store_true", help="monarch provisioner: one process per service")
+    p.add_argument("--hosts", type=int, default=1,
+                   help=">1: services on N Monarch process hosts (generator | trainer | reward + reference)")
     p.add_argument("--transport", default=None, choices=["inproc", "shm", "cuda_ipc", "broadcast"],
                    help="weight sync (default: the app's choice: inproc / broadcast on own GPUs / shm)")
     p.add_argument("--microbatch-tokens", type=int, default=16384)
@@ -181,15 +200,17 @@ def main() -> None:
     gpu = torch.cuda.is_available()
     if gpu and a.gpus > torch.cuda.device_count():
         raise SystemExit(f"--gpus {a.gpus}: this host has {torch.cuda.device_count()} GPU(s)")
+    if a.hosts < 1:
+        raise SystemExit(f"--hosts must be >= 1, got {a.hosts}")
     gen, trainer_procs = layout(a)
-    separate = a.separate_processes or a.gpus > 1
+    separate = a.separate_processes or a.gpus > 1 or a.hosts > 1
 
     from apps.grpo.config import load_grpo_config
     from apps.grpo.main import main as grpo_main
 
     results: dict = {"prompts": a.prompts, "group": a.group, "tokens": a.tokens, "gpus": a.gpus,
                      "device": torch.cuda.get_device_name(0) if gpu else "cpu", "separate_processes": separate,
-                     "policy_replicas": gen, "trainer_procs": trainer_procs, "shapes": {}}
+                     "policy_replicas": gen, "trainer_procs": trainer_procs, "hosts": a.hosts, "shapes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for shape in shapes:
             ckpt = write_checkpoint(shape, Path(tmp) / f"model_{shape}", torch.bfloat16 if gpu else torch.float32)
@@ -225,7 +246,8 @@ def main() -> None:
                 per_mode["async_speedup"] = per_mode["sync"]["s_per_step"] / per_mode["async"]["s_per_step"]
             results["shapes"][shape] = per_mode
 
-    where = (f"{a.gpus} GPUs: {gen} generator replica(s), trainer over {trainer_procs} proc(s)" if a.gpus > 1
+    where = (f"{a.hosts} Monarch process hosts (generator | trainer | reward + reference)" if a.hosts > 1
+             else f"{a.gpus} GPUs: {gen} generator replica(s), trainer over {trainer_procs} proc(s)" if a.gpus > 1
              else "separate processes" if separate else "one process")
     print(f"\nGRPO step: {a.prompts} prompts x {a.group} samples x {a.tokens} tokens, device {results['device']}, {where}")
     print(f"{'shape':<14}{'mode':<14}{'s/step':>9}{'gen/group s':>13}{'train s':>9}{'sync s':>9}{'sync %':>8}"

@@ -26,3 +26,9 @@ def tiny_model(tmp_path_factory) -> str:
     from forge.models.tiny import write_tiny_checkpoint
 
     return str(write_tiny_checkpoint(tmp_path_factory.mktemp("m") / "tiny", "qwen2", seed=0))
+
+
+@pytest.fixture(scope="session")
+def warmup_cache(tmp_path_factory):
+    """One SFT warm-up (the embedded default's `tiny-sft` start) shared by the learning tests of a session."""
+    return tmp_path_factory.mktemp("warmup")

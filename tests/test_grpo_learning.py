@@ -12,11 +12,6 @@ from forge.config import compose, parse_cli, to_container
 APPS = Path(__file__).resolve().parents[1] / "apps" / "grpo"
 
 
-@pytest.fixture(scope="module")
-def warmup_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("warmup")  # one SFT warm-up shared by both modes
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("off_by_n", [1, 0])
 def test_grpo_improves_heldout_accuracy_over_the_sft_start(tmp_path, warmup_cache, off_by_n):

@@ -33,7 +33,7 @@ def test_torchforge_import_lines():
     import forge.types
 
     assert Completion is forge.types.Completion and Episode is forge.types.Episode
-    with pytest.raises(NotImplementedError, match="one host"):
+    with pytest.raises(NotImplementedError, match="init_provisioner\\('monarch', job='slurm'"):
         LauncherConfig(launcher="slurm")
 
 

@@ -102,9 +102,18 @@ def test_trainer_procs_under_local_provisioner_is_refused_at_config_time(paths):
     assert cfg.actors.trainer.procs == 2
 
 
-def test_slurm_launcher_is_refused_not_dropped(paths):
-    with pytest.raises(ConfigError, match="provisioner.launcher: 'slurm'.*one host"):
-        load(tf_argv("qwen3_32b", paths, "policy.engine_args.tensor_parallel_size=1"))
+def test_slurm_launcher_is_a_slurm_job_with_the_services_hosts(paths):
+    """torchforge's `launcher: slurm` is honoured: a Monarch SlurmJob whose host groups are the
+    services with `hosts` (torchforge allocates per service: hosts x num_replicas nodes each)."""
+    from apps.grpo.config import provisioner_options
+
+    cfg, report = load(tf_argv("qwen3_32b", paths, "policy.engine_args.tensor_parallel_size=1"))
+    kind, opts = provisioner_options(cfg)
+    assert kind == "monarch" and opts["job"] == "slurm"
+    assert opts["meshes"] == {"policy": 4, "trainer": 1}  # 4 generator replicas x 1 host, the trainer's host
+    assert cfg.services.policy.mesh_name == "policy" and cfg.actors.trainer.mesh_name == "trainer"
+    assert cfg.actors.dataset.mesh_name is None and any("actors.dataset.mesh_name 'dataset'" in n for n in report.notes)
+    assert not any("launcher" in u for u in report.unused)
 
 
 def test_metric_logging_torchforge_schema_builds_backends(tmp_path):

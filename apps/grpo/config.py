@@ -26,6 +26,7 @@ from forge.config.compat import (
     translate_sampling_params,
 )
 from forge.controller import ActorOptions
+from forge.controller.hosts import JobConfig
 from forge.data.datasets import DatasetConfig
 from forge.engine.config import EngineConfig, SamplingParams
 from forge.models.lora import LoraConfig
@@ -150,9 +151,11 @@ def ref_training(cfg: "GRPOConfig") -> dict[str, Any]:
 
 
 @dataclass
-class ProvisionerSection:
-    """`provisioner: local | monarch` or a mapping (forge: kind + MonarchProvisioner options;
-    torchforge: `launcher`, refused: multi-host launch is not built)."""
+class ProvisionerSection(JobConfig):
+    """`provisioner: local | monarch` or a mapping: `kind` + MonarchProvisioner options, and the
+    hosts (forge.controller.hosts.JobConfig: `job: process | attach | slurm | kubernetes` and the
+    keys each takes). torchforge's `launcher: slurm` (with job_name, account, qos, gpus_per_node,
+    cpu, memMB) is `kind: monarch, job: slurm`, a host group per service with `hosts` (torchforge_meshes)."""
 
     kind: str = "local"
     share_gpus: bool = False
@@ -160,8 +163,9 @@ class ProvisionerSection:
     poll_s: float = 0.2
     boot_timeout_s: float = 120.0
     stop_timeout_s: float = 10.0
-    launcher: str | None = None
-    IGNORED_KEYS: ClassVar[frozenset[str]] = frozenset({"job_name", "memMB", "cpu", "account", "qos", "gpus_per_node"})
+    launcher: str | None = None  # torchforge: slurm | mast | local
+    cpu: int | None = None  # torchforge's cpus per task
+    memMB: int | None = None  # torchforge's name
 
 
 @dataclass
@@ -389,7 +393,62 @@ def _validate_loss(spec: Any, path: str) -> None:
 
 def provisioner_section(cfg: GRPOConfig) -> ProvisionerSection:
     p = cfg.provisioner
-    return build(ProvisionerSection, {"kind": p} if isinstance(p, str) else p, path="provisioner")
+    prov = build(ProvisionerSection, {"kind": p} if isinstance(p, str) else p, path="provisioner")
+    if prov.launcher not in (None, "local"):  # torchforge's multi-host launcher: a Monarch job
+        if prov.launcher != "slurm":
+            raise ConfigError(f"provisioner.launcher: {prov.launcher!r}: forge launches jobs on slurm (or "
+                              f"provisioner.job: process | attach | slurm | kubernetes), not {prov.launcher!r}")
+        if prov.job not in (None, "slurm"):
+            raise ConfigError(f"provisioner.launcher: slurm and provisioner.job: {prov.job!r} disagree; give one")
+        prov.kind, prov.job = "monarch", "slurm"
+        if prov.hosts is None and prov.meshes is None:  # torchforge: hosts of its own for each service with `hosts`
+            prov.meshes = torchforge_meshes(cfg) or None
+            prov.hosts = None if prov.meshes else 1
+    if prov.cpu is not None:
+        prov.cpus_per_task = prov.cpus_per_task or prov.cpu
+    if prov.memMB is not None:
+        prov.mem = prov.mem or f"{prov.memMB}M"
+    return prov
+
+
+def torchforge_meshes(cfg: GRPOConfig) -> dict[str, int]:
+    """torchforge's SLURM launcher gives each service with `hosts` an allocation of its own
+    (hosts x num_replicas nodes), named by its `mesh_name`: those are the job's host groups."""
+    meshes: dict[str, int] = {}
+    for name, p in [*vars(cfg.services).items(), *vars(cfg.actors).items()]:
+        if p.hosts:
+            key = p.mesh_name or name
+            meshes[key] = meshes.get(key, 0) + p.hosts * p.num_replicas
+    return meshes
+
+
+def _torchforge_mesh_names(cfg: GRPOConfig, report: BuildReport) -> None:
+    """torchforge names every service's proc mesh (`mesh_name: policy`); under its SLURM launcher only
+    the services with `hosts` have hosts of their own. The others run on any of the job's hosts:
+    their mesh_name names no host group, so it is dropped, and said once."""
+    prov = cfg.provisioner
+    if not isinstance(prov, dict) or prov.get("launcher") != "slurm" or prov.get("meshes") or prov.get("hosts"):
+        return
+    groups = torchforge_meshes(cfg)
+    for block in (cfg.services, cfg.actors):
+        for name, p in vars(block).items():
+            if p.mesh_name is not None and p.mesh_name not in groups:
+                setattr(block, name, dataclasses.replace(p, mesh_name=None))
+                report.notes.append(f"{_placement_path(cfg, name)}.mesh_name {p.mesh_name!r} (no `hosts`): placed on "
+                                    f"any host of the SLURM job (host groups: {sorted(groups)})")
+
+
+def provisioner_options(cfg: GRPOConfig) -> tuple[str, dict[str, Any]]:
+    """(kind, keyword arguments) for `init_provisioner`: the block with torchforge's names resolved."""
+    prov = provisioner_section(cfg)
+    if prov.kind == "local":
+        return "local", {}
+    opts = {f.name: getattr(prov, f.name) for f in dataclasses.fields(prov)}
+    for k in ("kind", "launcher", "cpu", "memMB"):
+        opts.pop(k)
+    if prov.job is None:  # this host: the job keys are all unset (JobConfig.validate refused any)
+        opts = {k: opts[k] for k in ("share_gpus", "gpu_count", "poll_s", "boot_timeout_s", "stop_timeout_s")}
+    return "monarch", opts
 
 
 def _validate_placement(cfg: GRPOConfig) -> None:
@@ -397,18 +456,33 @@ def _validate_placement(cfg: GRPOConfig) -> None:
     prov = provisioner_section(cfg)
     if prov.kind not in ("local", "monarch"):
         raise ConfigError(f"'provisioner' must be local or monarch (or {{kind: ..., ...}}), got {prov.kind!r}")
-    if prov.launcher not in (None, "local"):
-        raise ConfigError(
-            f"provisioner.launcher: {prov.launcher!r} asks for a multi-host job; forge runs on one host for now "
-            "(provisioner: local, or monarch for one process per service on this host's GPUs). Remove "
-            "provisioner.launcher (and `hosts`) to run on one host")
+    try:
+        prov.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if prov.job is not None and prov.kind != "monarch":
+        raise ConfigError(f"provisioner.job: {prov.job!r} places services on Monarch hosts: it needs kind: monarch, "
+                          f"got kind: {prov.kind!r}")
+    groups = prov.groups() if prov.job is not None else {}
     for name, p in [*vars(cfg.services).items(), *vars(cfg.actors).items()]:
+        path = _placement_path(cfg, name)
         try:  # the checks `.options()` makes at start-up, here with the config path
-            p.validate(_placement_path(cfg, name))
+            p.validate(path)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if p.hosts not in (None, 0, 1):
-            raise ConfigError(f"'{_placement_path(cfg, name)}.hosts: {p.hosts}': forge runs on one host for now")
+        hosts = p.hosts or 1
+        if hosts > 1 and prov.job is None:
+            raise ConfigError(f"'{path}.hosts: {p.hosts}' needs several hosts: set provisioner.job (process | attach "
+                              "| slurm | kubernetes) and its hosts; without a job every replica runs on this host")
+        if prov.job is not None:  # a placement the job's hosts cannot hold fails here, naming both
+            if p.mesh_name is not None and p.mesh_name not in groups:
+                raise ConfigError(f"'{path}.mesh_name: {p.mesh_name}': the job's host groups are {sorted(groups)} "
+                                  "(provisioner.meshes)")
+            room = groups[p.mesh_name] if p.mesh_name is not None else max(groups.values())
+            if hosts > room:
+                raise ConfigError(f"'{path}.hosts: {hosts}' (hosts per replica) does not fit: the job has {groups} "
+                                  f"host(s) per group ({'group ' + repr(p.mesh_name) if p.mesh_name else 'largest group'}:"
+                                  f" {room})")
     _validate_parallelism(cfg)
     if cfg.services.policy.procs != 1:
         raise ConfigError(
@@ -427,11 +501,13 @@ def _validate_placement(cfg: GRPOConfig) -> None:
 def _validate_parallelism(cfg: GRPOConfig) -> None:
     """The trainer's procs split as tensor_parallel_degree x data_parallel_shard_degree; the
     reference model runs unsharded (only degree 1 means what it says there)."""
-    procs = cfg.actors.trainer.procs
+    t = cfg.actors.trainer
+    world = t.procs * (t.hosts or 1)  # FSDP/TP ranks span the replica's hosts
     try:
-        cfg.trainer.parallelism.resolve(procs)
+        cfg.trainer.parallelism.resolve(world)
     except ValueError as e:
-        raise ConfigError(f"trainer.{e} (actors.trainer.procs: {procs})") from None
+        where = f"actors.trainer.procs: {t.procs}" + (f" x hosts: {t.hosts}" if (t.hosts or 1) > 1 else "")
+        raise ConfigError(f"trainer.{e} ({where})") from None
     ref = cfg.ref_model.parallelism
     try:
         ref.validate()
@@ -532,8 +608,21 @@ def translate_torchtitan_keys(data: dict[str, Any], report: BuildReport, moved: 
             f"{data.get('model', GRPOConfig.model)}'); set `model` instead (trainer.model.path may repeat it)")
 
 
+def _hosts_alias(data: dict[str, Any]) -> None:
+    """torchforge's ServiceConfig calls `hosts` `hosts_per_replica`: the same key, either name."""
+    for block in ("services", "actors"):
+        for name, p in (data.get(block) or {}).items():
+            if isinstance(p, dict) and "hosts_per_replica" in p:
+                alias = p.pop("hosts_per_replica")
+                if p.get("hosts") is not None and p["hosts"] != alias:
+                    raise ConfigError(f"'{block}.{name}.hosts: {p['hosts']}' and '{block}.{name}.hosts_per_replica: "
+                                      f"{alias}' disagree (the same key); give one")
+                p["hosts"] = alias
+
+
 def load_grpo_config(data: dict[str, Any]) -> tuple[GRPOConfig, BuildReport]:
     data, moved = normalize_skill_schema(data)
+    _hosts_alias(data)
     for extra in ("grpo_unknown", "training_unknown"):
         if extra in data:
             block = extra.split("_")[0]
@@ -550,6 +639,7 @@ def load_grpo_config(data: dict[str, Any]) -> tuple[GRPOConfig, BuildReport]:
         report.unused.extend(f"trainer.checkpoint.{k}" for k in given)
         report.notes.append(f"trainer.checkpoint.{'/'.join(given)}: the GRPO app checkpoints under output_dir's run "
                             "directory (checkpoints/) and resumes with --resume")
+    _torchforge_mesh_names(cfg, report)
     validate_sections(cfg, report)
     _check_held_out(cfg, report)
     if buffer_group_size(cfg) is None:

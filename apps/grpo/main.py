@@ -23,7 +23,7 @@ from typing import Any, Awaitable, Callable
 import torch
 
 from apps.grpo.agentic import rollout_env_group
-from apps.grpo.config import GRPOConfig, load_grpo_config, rollout_ahead
+from apps.grpo.config import GRPOConfig, load_grpo_config, provisioner_options, rollout_ahead
 from apps.grpo.config import groups_per_step as groups_per_step_of
 from apps.grpo.supervision import RolloutSupervisor, wait_for_batch
 from apps.grpo.support import (
@@ -84,11 +84,8 @@ async def _train(cfg: GRPOConfig, sync: dict[str, Any], resume: bool,
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    if isinstance(cfg.provisioner, str):
-        init_provisioner(cfg.provisioner)
-    else:  # {kind: monarch, share_gpus: true, ...}
-        opts = dict(cfg.provisioner)
-        init_provisioner(opts.pop("kind", "local"), **opts)
+    kind, opts = provisioner_options(cfg)  # {kind: monarch, share_gpus: true, job: process, hosts: 3, ...}
+    init_provisioner(kind, **opts)
     model_path = await asyncio.to_thread(resolve_model, cfg)  # may run the SFT warm-up (first time)
     max_steps = cfg.steps or 100
     logger = MetricLogger(build_backends(cfg.metric_logging, total_steps=max_steps, run_dir=run_dir))

@@ -14,6 +14,7 @@ from apps.grpo.config import (
     buffer_group_size,
     episodes_per_step,
     model_spec,
+    provisioner_section,
     ref_training,
 )
 from forge.actors import ComputeAdvantages, DatasetActor, Generator, ReferenceModel, ReplayBuffer, RewardActor, Trainer
@@ -60,28 +61,31 @@ def _cuda_available() -> bool:
 def weight_sync_config(cfg: GRPOConfig) -> dict[str, Any]:
     """How the trainer's weights reach the generators; one block for both sides.
 
-    Unset `transport`: in-process with the local provisioner; NCCL broadcast when the trainer and
-    the generators hold GPUs of their own (monarch, `with_gpus`, no `share_gpus`); else shared
-    memory (/dev/shm) between CPU processes; CUDA IPC between processes sharing one GPU
-    (`share_gpus`, both on the GPU). A fresh port and a per-run name keep two jobs on
+    Unset `transport`: in-process with the local provisioner; CUDA IPC between processes sharing
+    one GPU (`share_gpus`, both on the GPU, this machine's processes); NCCL broadcast when the
+    trainer and the generators hold GPUs of their own (monarch, `with_gpus`, no `share_gpus`) or
+    run on the hosts of a job (`provisioner.job`; gloo on CPU); else shared memory (/dev/shm)
+    between CPU processes. A fresh port and a per-run name keep two jobs on
     one host apart."""
     import os
     import uuid
 
+    from forge.controller.hosts import worker_host
     from forge.controller.placement import free_port
     from forge.weight_sync import TRANSPORTS
 
-    prov = cfg.provisioner if isinstance(cfg.provisioner, str) else cfg.provisioner.get("kind", "local")
-    shared = not isinstance(cfg.provisioner, str) and bool(cfg.provisioner.get("share_gpus"))
+    section = provisioner_section(cfg)
+    prov, shared, job = section.kind, section.share_gpus, section.job
     sync = dict(cfg.trainer.weight_sync)
     own_gpus = cfg.services.policy.with_gpus and cfg.actors.trainer.with_gpus and not shared
     if "transport" not in sync:
         if prov == "local":
             sync["transport"] = "inproc"
-        elif own_gpus:
-            sync["transport"] = "broadcast"
-        elif shared and cfg.services.policy.with_gpus and cfg.actors.trainer.with_gpus and _cuda_available():
+        elif (shared and cfg.services.policy.with_gpus and cfg.actors.trainer.with_gpus and _cuda_available()
+              and job in (None, "process")):  # process hosts are this machine's processes
             sync["transport"] = "cuda_ipc"  # processes sharing one GPU: device-to-device, no host copy
+        elif own_gpus or job is not None:  # GPUs of their own, or other hosts: NCCL broadcast (gloo on CPU)
+            sync["transport"] = "broadcast"
         else:  # CPU processes (or a GPU generator fed by a CPU trainer): through /dev/shm
             sync["transport"] = "shm"
     transport = sync["transport"]
@@ -104,7 +108,15 @@ def weight_sync_config(cfg: GRPOConfig) -> dict[str, Any]:
         if cfg.services.policy.procs != 1:
             raise ValueError(f"trainer.weight_sync.transport=broadcast: services.policy.procs must be 1 "
                              f"(one receiver per generator replica), got {cfg.services.policy.procs}")
-        sync.setdefault("addr", "127.0.0.1")
+        if "addr" not in sync:
+            loopback = job is None or job == "process" or (
+                job == "attach" and all(worker_host(w) in ("127.0.0.1", "localhost") for w in section.workers))
+            if not loopback:
+                raise ValueError(
+                    f"trainer.weight_sync.addr: with provisioner.job {job!r} the generators on other hosts reach the "
+                    "trainer's rank 0 at this address: set it to the trainer host's name (and trainer.weight_sync.port "
+                    "to a port free there)")
+            sync["addr"] = "127.0.0.1"
         sync.setdefault("port", free_port())
         sync["num_receivers"] = cfg.services.policy.num_replicas
     return sync

@@ -10,7 +10,7 @@ paths (`forge.data_models.*`, `forge.util.config`) are one-line modules re-expor
     torchforge                                   forge
     forge.data_models.completion.Completion      forge.types.Completion
     forge.data_models.episode.Episode            forge.types.Episode
-    forge.types.{LauncherConfig,ProvisionerConfig} the `provisioner` config (one host: local | monarch)
+    forge.types.{LauncherConfig,ProvisionerConfig} the `provisioner` config (local | monarch, with a job for hosts)
     forge.observability.get_or_create_metric_logger  forge.observability.MetricLogger
     forge.observability.perf_tracker.{Tracer,trace}  record_metric of durations
     forge.util.config.parse                      forge.config (YAML + CLI overrides)

@@ -151,8 +151,9 @@ class Launcher(str, Enum):
 
 @dataclass
 class LauncherConfig:
-    """torchforge's multi-host launcher settings. forge runs on one host for now: constructing
-    one for a real launcher is refused with the reason instead of being dropped."""
+    """torchforge's multi-host launcher settings. forge takes its hosts from the monarch provisioner's
+    job (`init_provisioner("monarch", job="slurm", hosts=N, ...)`, or `provisioner: {launcher: slurm}`
+    in an app config): constructing this object is refused with that pointer, not dropped."""
 
     launcher: Launcher | str = Launcher.SLURM
     job_name: str = ""
@@ -166,8 +167,10 @@ class LauncherConfig:
 
     def __post_init__(self) -> None:
         raise NotImplementedError(
-            f"LauncherConfig(launcher={str(getattr(self.launcher, 'value', self.launcher))!r}): forge runs on one "
-            "host for now (init_provisioner('local') or init_provisioner('monarch')); multi-host launch is not built")
+            f"LauncherConfig(launcher={str(getattr(self.launcher, 'value', self.launcher))!r}): forge's hosts come "
+            "from the monarch provisioner's job: init_provisioner('monarch', job='slurm', hosts=N, partition=..., "
+            "account=..., gpus_per_node=...) (or job='process' | 'attach' | 'kubernetes'), or in an app config "
+            "`provisioner: {launcher: slurm}` / `forge launch slurm --nodes N`")
 
 
 @dataclass

@@ -13,7 +13,7 @@
     await counter.incr.route(3)
 
 The class knows nothing of processes: the provisioner (local or monarch) places its replicas.
-While an actor runs, `self.rank`, `self.world_size` (procs of its replica), `self.replica_id`
+While an actor runs, `self.rank`, `self.world_size` (hosts x procs of its replica), `self.replica_id`
 and `self.device` are set before `__init__`.
 """
 
@@ -76,8 +76,8 @@ class ActorOptions:
     procs: int = 1
     num_replicas: int = 1
     with_gpus: bool = False
-    mesh_name: str | None = None
-    hosts: int | None = None
+    mesh_name: str | None = None  # with a multi-host job: the job's host group (mesh) to run on; None: any
+    hosts: int | None = None  # hosts per replica (torchforge's hosts_per_replica); None: 1. World size = hosts x procs
     timeout_s: float = 1800.0  # per call; a generous bound so nothing ever hangs forever
     max_retries: int = 2  # retries on a *dead* replica; user exceptions are never retried
     # what happens when a replica's process dies (RESTART_POLICIES); None: the actor class's `restart_policy`
@@ -88,6 +88,8 @@ class ActorOptions:
             raise ValueError(f"{who}: procs must be >= 1, got {self.procs}")
         if self.num_replicas < 1:
             raise ValueError(f"{who}: num_replicas must be >= 1, got {self.num_replicas}")
+        if self.hosts is not None and self.hosts < 1:
+            raise ValueError(f"{who}: hosts (per replica) must be >= 1, got {self.hosts}")
         if self.timeout_s <= 0:
             raise ValueError(f"{who}: timeout_s must be > 0, got {self.timeout_s}")
         if self.restart is not None and self.restart not in RESTART_POLICIES:
@@ -119,6 +121,12 @@ class ForgeActor:
     def options(cls, **kwargs: Any) -> type["ForgeActor"]:
         """A new subclass carrying these placement options (two services never share them)."""
         valid = {f.name for f in fields(ActorOptions)}
+        if "hosts_per_replica" in kwargs:  # torchforge's ServiceConfig name
+            if kwargs.get("hosts") is not None and kwargs["hosts"] != kwargs["hosts_per_replica"]:
+                raise TypeError(f"{cls.__name__}.options(): hosts={kwargs['hosts']} and hosts_per_replica="
+                                f"{kwargs['hosts_per_replica']} disagree (the same option); give one")
+            kwargs = dict(kwargs)
+            kwargs["hosts"] = kwargs.pop("hosts_per_replica")
         unknown = set(kwargs) - valid
         if unknown:
             raise TypeError(

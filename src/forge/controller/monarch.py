@@ -3,21 +3,24 @@
     init_provisioner("monarch")            # or FORGE_PROVISIONER=monarch
     svc = await Policy.options(procs=2, num_replicas=2).as_service(...)
 
-Each replica is one proc mesh (`procs` processes on this host) running one generic Monarch
+Each replica is one proc mesh (`procs` processes on this host, or with a multi-host job
+`hosts` x `procs` on the job's hosts: forge.controller.hosts) running one generic Monarch
 actor, `_ForgeHost`, which imports the user's `ForgeActor` class, constructs it with the
 runtime context (rank, world_size, replica_id, device), runs `setup()` and serves
 `call(endpoint, args, kwargs)`. The user's class never sees Monarch.
 
-Per proc, before anything is imported there, the controller sets RANK, WORLD_SIZE,
-LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR=127.0.0.1 and a MASTER_PORT the OS picked free
-(so `torch.distributed.init_process_group()` works inside a replica and two jobs on one host
-never clash), CUDA_VISIBLE_DEVICES (one distinct GPU per proc when `with_gpus`) and
+Per proc, before anything is imported there, the controller sets RANK, WORLD_SIZE (hosts x
+procs), LOCAL_RANK, LOCAL_WORLD_SIZE; before the actor is constructed MASTER_ADDR (the replica's
+first host as the others reach it: 127.0.0.1 on this host) and a MASTER_PORT the OS picked free
+there (so `torch.distributed.init_process_group()` works inside a replica, across hosts, and two
+jobs on one host never clash), CUDA_VISIBLE_DEVICES (one distinct GPU per proc when `with_gpus`) and
 PYTHONPATH (the controller's import path, so classes defined in tests/scripts import there).
 
 Failures:
 - an endpoint that raises -> `ActorError` in the caller (class, endpoint, replica, rank, the
   original type and message, and the remote traceback); the replica keeps running;
-- a proc that dies -> noticed by a pid watchdog (Monarch's own supervision takes ~10 s here)
+- a proc (or a job's host) that dies -> noticed by a pid watchdog (procs and process-job hosts on
+  this machine) (Monarch's own supervision takes ~10 s here)
   and by Monarch supervision errors -> in-flight calls get `ReplicaDeadError`, the Service
   restarts the replica; Monarch's "unhandled fault" hook, which would exit the controller,
   is replaced while forge owns procs.
@@ -30,6 +33,7 @@ import logging
 import os
 import pickle
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -42,8 +46,9 @@ from monarch.actor import Actor, concurrent_endpoint, default_bootstrap_cmd, end
 from monarch.actor import ActorError as _MonarchActorError
 
 from forge.controller.actor import ActorOptions, _base_of, construct_actor, maybe_await
-from forge.controller.errors import ActorError, CallTimeoutError, ForgeRuntimeError, ReplicaDeadError
-from forge.controller.placement import GpuAllocator, free_port, visible_gpu_ids
+from forge.controller.errors import ActorError, CallTimeoutError, ForgeRuntimeError, ReplicaDeadError, ResourceError
+from forge.controller.hosts import Host, HostPool, JobConfig, start_pool
+from forge.controller.placement import GpuAllocator, free_port, pid_alive, visible_gpu_ids
 from forge.controller.provisioner import Provisioner, _warn_once
 from forge.controller.replica import Replica
 
@@ -123,12 +128,17 @@ class _ForgeHost(Actor):
         self.instance: Any = None
 
     @endpoint
-    async def boot(self) -> tuple[int, int]:
-        """(rank, pid): the controller needs the pids to detect deaths and to kill for real."""
-        return self.rank, os.getpid()
+    async def boot(self) -> tuple[int, int, str, int]:
+        """(rank, pid, machine, a free port there): the controller needs the pids to detect deaths
+        and to kill for real, and rank 0's machine and port to form the replica's process group."""
+        import socket
+
+        return self.rank, os.getpid(), socket.gethostname(), free_port("")
 
     @endpoint
-    async def construct(self) -> RemoteFailure | None:
+    async def construct(self, master_addr: str, master_port: int) -> RemoteFailure | None:
+        # the rendezvous of the replica's process group: its first host, reachable from the others
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = master_addr, str(master_port)
         try:
             import torch
 
@@ -177,6 +187,7 @@ class _ForgeHost(Actor):
 
 _live_meshes: dict[str, "MonarchReplica"] = {}  # proc/actor mesh name -> replica
 _retired_meshes: set[str] = set()
+_job_meshes: set[str] = set()  # the host meshes of multi-host jobs: a host's death is its replicas' (watchdog)
 _previous_hook: Any = None
 _active_provisioners = 0
 
@@ -187,8 +198,16 @@ def _fault_hook(failure: Any) -> None:
         if name.startswith(mesh):
             replica._mark_dead_threadsafe(f"Monarch supervision: {failure}")
             return
+    if any(name.startswith(m) for m in _job_meshes):
+        log.warning("monarch reported a host failure (its replicas are restarted on live hosts): %s", failure)
+        return
     if any(name.startswith(m) for m in _retired_meshes) or name.startswith(("logger-", "setup-")):
         log.debug("monarch failure on a retired/internal mesh: %s", failure)
+        return
+    # a failure without a mesh name (a dead host's proc-mesh controller): its text names the mesh
+    text = str(failure).lower() if name in ("", "<none>", "none") else ""
+    if text and any(m in text for m in _retired_meshes):
+        log.debug("monarch failure on a retired mesh: %s", failure)
         return
     if _active_provisioners > 0:
         log.warning("monarch reported a failure outside forge's replicas (ignored): %s", failure)
@@ -205,24 +224,6 @@ def _install_fault_hook() -> None:
 
 
 # ---- the controller side -------------------------------------------------------------------
-
-
-def pid_alive(pid: int) -> bool:
-    """False once the process is gone or a zombie (killed but not yet reaped)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-    except OSError:  # no procfs (macOS): signal 0 only tells whether the pid exists
-        try:
-            os.kill(pid, 0)
-            return True
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
 
 
 def _python_path() -> str:
@@ -244,7 +245,10 @@ class MonarchReplica(Replica):
         super().__init__(actor_cls, init_kwargs, options, replica_id)
         self.provisioner = provisioner
         self.gpus = gpus  # held from creation to stop(), so GPU errors come before any spawn
+        self.hosts: list[Host] = []  # the job's hosts this replica runs on (none: this host, no job)
         self.pids: list[int] = []
+        self.local_pids: list[int] = []  # those of procs on this machine (the pid watchdog's and kill's)
+        self.master_addr: str | None = None
         self.master_port: int | None = None
         self.spawn_seconds: float | None = None
         self._procs: Any = None
@@ -257,15 +261,22 @@ class MonarchReplica(Replica):
         self._started = False
 
     # ---- lifecycle -----------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return self.options.procs * max(1, len(self.hosts))
+
     def _env(self, rank: int) -> dict[str, str | None]:
+        """Set before anything is imported in the proc; MASTER_ADDR/MASTER_PORT are set again
+        from rank 0's own machine and port before the actor is constructed (`construct`)."""
         procs = self.options.procs
         env: dict[str, str | None] = {
-            "RANK": str(rank), "WORLD_SIZE": str(procs), "LOCAL_RANK": str(rank),
-            "LOCAL_WORLD_SIZE": str(procs), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(self.master_port),
-            "FORGE_REPLICA_ID": str(self.replica_id), "PYTHONPATH": _python_path(),
+            "RANK": str(rank), "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": str(rank % procs),
+            "LOCAL_WORLD_SIZE": str(procs), "MASTER_ADDR": (self.hosts[0].address if self.hosts else None) or "127.0.0.1",
+            "MASTER_PORT": str(self.master_port), "FORGE_REPLICA_ID": str(self.replica_id), "PYTHONPATH": _python_path(),
+            "FORGE_HOST_INDEX": str(self.hosts[rank // procs].index) if self.hosts else "0",
         }
         if self.gpus:
-            env["CUDA_VISIBLE_DEVICES"] = self.gpus[rank]
+            env["CUDA_VISIBLE_DEVICES"] = self.gpus[rank % procs]
         elif not self.options.with_gpus:
             env["CUDA_VISIBLE_DEVICES"] = ""  # CPU services never grab (or initialise) a GPU
         return env
@@ -281,18 +292,32 @@ class MonarchReplica(Replica):
         self._started = False
         t0 = time.perf_counter()
         try:
-            self._procs = this_host().spawn_procs(
+            host_mesh = this_host()
+            if prov.pool is not None:
+                self.hosts = prov.pool.allocate(self.name, self.options.hosts or 1, self.options.procs, self.options.mesh_name)
+                host_mesh = prov.pool.mesh_for(self.hosts)
+            self._procs = host_mesh.spawn_procs(
                 per_host={"procs": self.options.procs}, name=self._mesh_name,
                 bootstrap_command=lambda point: default_bootstrap_cmd().with_env(self._env(point.rank)),
             )
             self._mesh = self._procs.spawn(self._mesh_name, _ForgeHost, portable_class(_base_of(self.actor_cls)), self.init_kwargs,
                                            self.replica_id, bool(self.gpus))
             _live_meshes[self._mesh_name] = self
-            booted = await self._guard(self._mesh.boot.call(), prov.boot_timeout_s, "start-up")
-            self.pids = [pid for _, pid in sorted(booted.values())]
-            self._rank_meshes = [self._mesh.slice(procs=r) for r in range(self.options.procs)]
-            self._watch = asyncio.ensure_future(self._watchdog(self._dead, list(self.pids)))
-            outcomes = await self._guard(self._mesh.construct.call(), self.options.timeout_s, "construction/setup")
+            booted = sorted(
+                (await self._guard(self._mesh.boot.call(), prov.boot_timeout_s, "start-up")).values())
+            self.pids = [b[1] for b in booted]
+            here = socket.gethostname()
+            self.local_pids = [b[1] for b in booted if b[2] == here]
+            procs = self.options.procs
+            self._rank_meshes = [self._mesh.slice(hosts=r // procs, procs=r % procs) if self.hosts
+                                 else self._mesh.slice(procs=r) for r in range(self.world_size)]
+            if self.hosts:  # rank 0's host, as the others reach it, and a port free there
+                self.master_addr, self.master_port = self.hosts[0].address or booted[0][2], booted[0][3]
+            else:
+                self.master_addr = "127.0.0.1"
+            self._watch = asyncio.ensure_future(self._watchdog(self._dead, list(self.local_pids)))
+            outcomes = await self._guard(self._mesh.construct.call(self.master_addr, self.master_port),
+                                         self.options.timeout_s, "construction/setup")
             failures = [o for o in self._in_rank_order(outcomes) if o is not None]
             if failures:
                 f = failures[0]
@@ -309,11 +334,14 @@ class MonarchReplica(Replica):
         self.healthy = True
 
     async def _watchdog(self, dead: asyncio.Future, pids: list[int]) -> None:
+        """Procs on this machine by pid; hosts whose worker is a local process by its pid (a
+        remote host's death reaches us through Monarch supervision and failed calls)."""
         while not dead.done():
             await asyncio.sleep(self.provisioner.poll_s)
             gone = [p for p in pids if not pid_alive(p)]
-            if gone and dead is self._dead:
-                self._mark_dead(f"process(es) {gone} exited")
+            lost = [h.index for h in self.hosts if not h.alive()]
+            if (gone or lost) and dead is self._dead:
+                self._mark_dead(f"host(s) {lost} lost" if lost else f"process(es) {gone} exited")
                 return
 
     def _mark_dead_threadsafe(self, reason: str) -> None:
@@ -335,6 +363,8 @@ class MonarchReplica(Replica):
             return
         dead.set_result(reason)
         self.healthy = False
+        for h in self.hosts:  # a host we cannot check from here is avoided by the restart
+            h.suspect = h.suspect or h.pid is None
         if self._started:
             self._started = False
             log.warning("%s died: %s", self.name, reason)
@@ -348,7 +378,7 @@ class MonarchReplica(Replica):
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
-        alive = [p for p in self.pids if pid_alive(p)]
+        alive = [p for p in self.local_pids if pid_alive(p)] or (self.pids and not self.local_pids)
         if self._mesh is not None and alive and self._dead is not None and not self._dead.done():
             try:
                 await asyncio.wait_for(_await(self._mesh.teardown.call()), prov.stop_timeout_s)
@@ -367,7 +397,10 @@ class MonarchReplica(Replica):
             _retired_meshes.add(self._mesh_name)
         self._procs = self._mesh = None
         self._rank_meshes = []
-        self.pids = []
+        self.pids, self.local_pids = [], []
+        if prov.pool is not None and self.hosts:
+            prov.pool.release(self.hosts, self.options.procs)
+        self.hosts = []
         prov.gpus.release(self.gpus)
         self.gpus = []
 
@@ -378,7 +411,7 @@ class MonarchReplica(Replica):
         self.healthy = False
 
     def _kill_pids(self) -> None:
-        for pid in self.pids:
+        for pid in self.local_pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
@@ -420,7 +453,7 @@ class MonarchReplica(Replica):
                 fut = self._mesh.call.call(endpoint, args, kwargs)
             else:
                 if not 0 <= rank < len(self._rank_meshes):
-                    raise ValueError(f"rank {rank} out of range for {self.options.procs} procs")
+                    raise ValueError(f"rank {rank} out of range for {self.world_size} procs")
                 fut = self._rank_meshes[rank].call.call_one(endpoint, args, kwargs)
         except Exception as e:  # nothing was sent: unpicklable arguments and the like
             raise ActorError(f"{cls}.{endpoint}: cannot send the call to replica {self.replica_id}: "
@@ -434,7 +467,7 @@ class MonarchReplica(Replica):
             raise ActorError(f"{cls}.{endpoint} failed on replica {self.replica_id}: {type(inner).__name__}: "
                              f"{inner}\n{getattr(e, 'exception_formatted', '')}", inner) from e
         except Exception as e:
-            if not all(pid_alive(p) for p in self.pids):
+            if not all(pid_alive(p) for p in self.local_pids) or not all(h.alive() for h in self.hosts):
                 self._mark_dead(f"{type(e).__name__}: {e}")
                 raise ReplicaDeadError(f"{self.name} died during {endpoint}: {e}") from e
             raise ForgeRuntimeError(f"{cls}.{endpoint} on replica {self.replica_id}: monarch call failed: "
@@ -468,17 +501,30 @@ class MonarchReplica(Replica):
 
 
 class MonarchProvisioner(Provisioner):
-    """Places each replica on its own proc mesh on this host (host meshes / SLURM later).
+    """Places each replica on its own proc mesh: on this host, or with `job` on the hosts of a
+    Monarch job (forge.controller.hosts: process / attach / slurm / kubernetes, and the keys each
+    takes), `hosts` hosts per replica (ActorOptions.hosts) x `procs` procs per host.
 
-    `gpu_count` overrides the number of GPUs the host is taken to have (tests, dry runs);
-    `share_gpus` lets processes of different services share a GPU once all are taken.
+    `gpu_count` overrides the number of GPUs a host is taken to have (tests, dry runs);
+    `share_gpus` lets processes of different services share a GPU once all are taken. GPUs are
+    counted per host (every host of a job is taken to have the same GPUs).
     """
 
     kind = "monarch"
 
     def __init__(self, gpu_count: int | None = None, poll_s: float = 0.2, boot_timeout_s: float = 120.0,
-                 stop_timeout_s: float = 10.0, share_gpus: bool = False):
+                 stop_timeout_s: float = 10.0, share_gpus: bool = False, job: str | None = None, **job_options: Any):
         global _active_provisioners
+        from forge.config import ConfigError, build
+
+        try:
+            self.job_config = build(JobConfig, {"job": job, **job_options}, path="provisioner")
+            self.job_config.validate()
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        self.pool: HostPool | None = start_pool(self.job_config) if job is not None else None
+        if self.pool is not None:
+            _job_meshes.update(name.lower() for name in self.pool.meshes)
         super().__init__()
         # share_gpus: several services' processes on one GPU (e.g. generator + trainer, 1-GPU host)
         self.gpus = (GpuAllocator.with_count(gpu_count, share=share_gpus) if gpu_count is not None
@@ -490,6 +536,12 @@ class MonarchProvisioner(Provisioner):
 
     def create_replica(self, actor_cls: type, init_kwargs: dict[str, Any], options: ActorOptions, replica_id: int) -> Replica:
         name = f"{actor_cls.__name__}[replica {replica_id}]"
+        if self.pool is not None:  # a placement no host group can hold fails before anything spawns
+            self.pool.check_fits(name, options.hosts or 1, options.mesh_name)
+        elif (options.hosts or 1) > 1:
+            raise ResourceError(f"{name} asks for {options.hosts} hosts per replica but the monarch provisioner has "
+                                "no job: every replica runs on this one host (set provisioner.job: process | attach "
+                                "| slurm | kubernetes)")
         gpus: list[str] = []
         if options.with_gpus:
             if self.gpus.total == 0:  # the same config runs on a laptop, as with the local backend
@@ -504,6 +556,8 @@ class MonarchProvisioner(Provisioner):
         if not self._closed:
             self._closed = True
             _active_provisioners -= 1
+            if self.pool is not None:
+                await asyncio.to_thread(self.pool.shutdown)
 
 
 __all__ = ["MonarchProvisioner", "MonarchReplica", "RemoteFailure", "pid_alive"]
