@@ -4,7 +4,7 @@ Top-level and placement keys are typed here; the `dataset`, `policy`, `trainer` 
 blocks are validated against the typed configs of the parts that consume them (forge.data,
 forge.engine, forge.trainer), so every wrong key fails at start with its full dotted path and
 the closest valid key. Keys that torchforge configs carry but forge has no use for (vLLM/
-torchtitan knobs such as `tensor_parallel_size` or `gc_freq`) are accepted and reported once.
+torchtitan knobs such as `pipeline_parallel_size` or `gc_freq`) are accepted and reported once.
 """
 
 from __future__ import annotations
@@ -253,7 +253,7 @@ def buffer_group_size(cfg: GRPOConfig) -> int | None:
 
 # torchforge / vLLM / torchtitan keys that forge accepts and does not use (reported once)
 _IGNORED_ENGINE_ARGS = {
-    "model", "tensor_parallel_size", "pipeline_parallel_size", "enforce_eager", "gpu_memory_utilization",
+    "model", "pipeline_parallel_size", "enforce_eager", "gpu_memory_utilization",
     "max_model_len", "dtype", "trust_remote_code", "disable_custom_all_reduce", "enable_prefix_caching",
     "data_parallel_size", "max_num_seqs", "max_num_batched_tokens", "seed",
 }
@@ -381,12 +381,17 @@ def _validate_placement(cfg: GRPOConfig) -> None:
             raise ConfigError(str(e)) from None
         if p.hosts not in (None, 0, 1):
             raise ConfigError(f"'{_placement_path(cfg, name)}.hosts: {p.hosts}': forge runs on one host for now")
-    if cfg.services.policy.procs != 1:
+    # the generator runs tensor-parallel over its replica's procs (forge.engine.tp): one rank per proc
+    procs, tp = cfg.services.policy.procs, cfg.policy.engine_args.get("tensor_parallel_size", 1)
+    if procs != tp:
         raise ConfigError(
-            f"'services.policy.procs: {cfg.services.policy.procs}': in torchforge this is the generator's tensor-"
-            "parallel degree (procs: ${policy.engine_args.tensor_parallel_size}); forge's engine has no tensor "
-            "parallelism yet. Use procs: 1 (torchforge's layout: policy.engine_args.tensor_parallel_size=1), and "
-            "num_replicas for more engines")
+            f"'services.policy.procs: {procs}' must equal 'policy.engine_args.tensor_parallel_size: {tp}': a generator "
+            "replica runs its engine tensor-parallel, one rank per proc (torchforge's layout: "
+            "procs: ${policy.engine_args.tensor_parallel_size}); num_replicas gives more engines")
+    if procs > 1 and prov.kind == "local":
+        raise ConfigError(
+            f"'services.policy.procs: {procs}' (tensor_parallel_size {tp}) needs one process per rank: use "
+            "provisioner: monarch; the local provisioner runs everything in this process")
     if prov.kind == "local":
         for path, p in (("actors.trainer", cfg.actors.trainer), ("services.ref_model", cfg.services.ref_model)):
             if p.procs != 1:

@@ -78,7 +78,7 @@ def weight_sync_config(cfg: GRPOConfig) -> dict[str, Any]:
     if "transport" not in sync:
         if prov == "local":
             sync["transport"] = "inproc"
-        elif own_gpus:
+        elif own_gpus and cfg.services.policy.procs == 1:  # (tensor-parallel generators: each rank reads its shard)
             sync["transport"] = "broadcast"
         elif shared and cfg.services.policy.with_gpus and cfg.actors.trainer.with_gpus and _cuda_available():
             sync["transport"] = "cuda_ipc"  # processes sharing one GPU: device-to-device, no host copy
