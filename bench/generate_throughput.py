@@ -233,8 +233,8 @@ def bench_forge_tp(args: ModelArgs, dev: torch.device, dtype: torch.dtype, o) ->
     finally:
         for p in procs:
             p.join(60)
-    if isinstance(res, str):
-        raise RuntimeError(f"tensor-parallel rank 0 failed:\n{res}")
+    if "error" in res:
+        raise RuntimeError(f"tensor-parallel rank 0 failed:\n{res['error']}")
     res["tensor_parallel_size"] = o.tp
     return res
 
@@ -253,9 +253,9 @@ def _tp_rank(rank: int, port: int, args: ModelArgs, dev_type: str, dtype: torch.
             q.put(bench_forge(args, model, dev, dtype, o, tensor_parallel_size=o.tp))
         else:
             LLMEngine(model, engine_config(o, dev, dtype, tensor_parallel_size=o.tp), eos_token_ids=[]).follow()
-    except Exception:  # noqa: BLE001 - rank 0 reports; the others die with it
+    except Exception:  # rank 0 reports; the others die with it
         if rank == 0:
-            q.put(traceback.format_exc(limit=8))
+            q.put({"error": traceback.format_exc(limit=8)})
         raise
     import torch.distributed as dist
 
