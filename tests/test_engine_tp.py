@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from forge.engine import EngineConfig, LLMEngine, SamplingParams
-from forge.engine.tp import check_tp_degree, shard_of
-from forge.models import build_tiny_model, tiny_args
+from forge.engine.tp import check_tp_degree, load_model_shard, shard_of
+from forge.models import build_tiny_model, tiny_args, write_tiny_checkpoint
 
 # chunked prefill (64-token budget < the 90-token prompt: rows with cached prefix), n > 1 (forked blocks)
 CFG = {"max_num_seqs": 16, "max_model_len": 256, "block_size": 8, "max_num_batched_tokens": 64}
@@ -39,6 +39,12 @@ def _worker(rank: int, port: int, family: str, seed: int, out: str) -> None:
     eng = LLMEngine(build_tiny_model(family, seed=seed), EngineConfig(**CFG, tensor_parallel_size=2), eos_token_ids=[])
     assert eng.runner.k_cache.shape[3] == 1  # this rank's KV head of 2
     new = build_tiny_model(family, seed=seed + 1).state_dict()
+    # a checkpoint read as this rank's slices only == the shards of the full tensors
+    part = load_model_shard(os.path.join(out, "ckpt"), eng.tp)
+    got = part.state_dict()
+    assert got.keys() == new.keys()
+    for name, t in new.items():
+        assert torch.equal(got[name], shard_of(name, t, rank, 2)), name
     if rank != 0:
         versions = []
         eng.follow(on_update=lambda v: versions.append((v, eng.load_weights(new))))
@@ -63,6 +69,7 @@ def _same(got, want, atol: float = 1e-5) -> None:
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
 def test_tp2_equals_tp1_and_hf_and_updates_weights(tmp_path, free_port, family):
     seed, port = int(torch.randint(0, 10_000, (1,))), free_port()
+    write_tiny_checkpoint(tmp_path / "ckpt", family, seed=seed + 1)
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_worker, args=(r, port, family, seed, str(tmp_path))) for r in range(2)]
     for p in procs:

@@ -75,6 +75,12 @@ class Generator(ForgeActor):
             cfg.device = self.device
         if isinstance(model, CausalLM):
             net = model
+        elif cfg.tensor_parallel_size > 1:  # each rank reads only its shard of the checkpoint
+            from forge.engine.tp import TPGroup, load_model_shard
+
+            dev = torch.device(cfg.device or self.device)
+            net = load_model_shard(model, TPGroup.join(cfg.tensor_parallel_size, dev), device=dev)
+            tokenizer = model if tokenizer is None else tokenizer
         else:
             from forge.models.hf_io import load_model
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -66,7 +67,11 @@ class TPGroup:
     @classmethod
     def join(cls, size: int, device: torch.device) -> TPGroup:
         """Join the replica's group from RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT (forge's monarch
-        backend sets them per proc); the replica must have exactly `size` procs."""
+        backend sets them per proc); the replica must have exactly `size` procs. One group per process:
+        a second call returns the first's."""
+        global _JOINED
+        if _JOINED is not None and _JOINED.size == size and dist.is_initialized():
+            return _JOINED
         rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
         if world != size:
             raise ValueError(f"tensor_parallel_size={size} needs a replica of {size} procs (one per rank); this "
@@ -74,7 +79,8 @@ class TPGroup:
         init_distributed(device, size, rank)
         group = dist.group.WORLD
         ctrl = dist.new_group(backend="gloo") if dist.get_backend(group) != "gloo" else group
-        return cls(rank, size, group, ctrl)
+        _JOINED = cls(rank, size, group, ctrl)
+        return _JOINED
 
     @property
     def leader(self) -> bool:
@@ -94,6 +100,9 @@ class TPGroup:
         t = torch.tensor([int(x)], dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.ctrl)
         return int(t.item())
+
+
+_JOINED: TPGroup | None = None
 
 
 class RowParallelLinear(nn.Linear):
@@ -127,11 +136,22 @@ def shard_of(name: str, t: torch.Tensor, rank: int, size: int) -> torch.Tensor:
     return t
 
 
+def sharded_for(model: nn.Module) -> tuple[int, int] | None:
+    """(rank, size) when `model` is already a tensor-parallel shard (`shard_model`), else None."""
+    return getattr(model, "_forge_tp_shard", None)
+
+
 @torch.no_grad()
 def shard_model(model: nn.Module, tp: TPGroup) -> nn.Module:
-    """Shard `model` (a `forge.models.decoder.CausalLM`) in place for rank `tp.rank` of `tp.size`."""
+    """Shard `model` (a `forge.models.decoder.CausalLM`) in place for rank `tp.rank` of `tp.size`
+    (works on the meta device too). A model already sharded for this rank is returned as it is."""
     check_tp_degree(model.args, tp.size)
     r, n = tp.rank, tp.size
+    done = sharded_for(model)
+    if done is not None:
+        if done != (r, n):
+            raise ValueError(f"the model is rank {done[0]} of {done[1]}'s shard; this process is rank {r} of {n}")
+        return model
     for layer in model.model.layers:
         at, mlp = layer.self_attn, layer.mlp
         for lin in (at.q_proj, at.k_proj, at.v_proj, mlp.gate_proj, mlp.up_proj):
@@ -144,6 +164,63 @@ def shard_model(model: nn.Module, tp: TPGroup) -> nn.Module:
         at.n_heads //= n
         at.n_kv //= n
     model.requires_grad_(False)
+    model._forge_tp_shard = (r, n)
+    return model
+
+
+@torch.no_grad()
+def load_model_shard(path: str | Path, tp: TPGroup, dtype: str | torch.dtype | None = None,
+                     device: str | torch.device = "cpu") -> nn.Module:
+    """`forge.models.hf_io.load_model` for one rank: the model is built on the meta device, sharded,
+    allocated on `device`, and each tensor is read from the safetensors files as this rank's slice
+    only (`safe_open(...).get_slice`), so no rank ever holds another rank's part of a layer."""
+    from safetensors import safe_open
+
+    from forge.models import hf_io
+    from forge.models.decoder import CausalLM
+
+    d = hf_io.resolve_model_path(path)
+    args = hf_io.load_args(d)
+    files = hf_io._weight_files(d)
+    dt = (hf_io.to_dtype(dtype) or hf_io.to_dtype(args.torch_dtype if args.torch_dtype in hf_io._DTYPES else None)
+          or torch.float32)
+    with torch.device("meta"):
+        model = CausalLM(args).to(dt)
+    shard_model(model, tp)
+    model.to_empty(device=device)
+    model.tie_weights()
+    hf_io.reset_buffers(model)
+    params = dict(model.state_dict(keep_vars=True))
+    tied = args.tie_word_embeddings
+    seen: set[str] = set()
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            for key in sf.keys():
+                if hf_io._IGNORED_KEYS.search(key) or (key == "lm_head.weight" and tied):
+                    continue
+                p = params.get(key)
+                if p is None:
+                    raise hf_io.CheckpointError(f"checkpoint '{path}': unexpected key {key} (in {f.name})")
+                sl = sf.get_slice(key)
+                shape = tuple(sl.get_shape())
+                if key.endswith(_COLUMN):
+                    k = shape[0] // tp.size
+                    t = sl[tp.rank * k:(tp.rank + 1) * k]
+                elif key.endswith(_ROW):
+                    k = shape[1] // tp.size
+                    t = sl[:, tp.rank * k:(tp.rank + 1) * k]
+                else:
+                    t = sl[:]
+                if tuple(t.shape) != tuple(p.shape):
+                    raise hf_io.CheckpointError(
+                        f"shape mismatch for '{key}': checkpoint {f.name} has {shape}, rank {tp.rank} of {tp.size} "
+                        f"expects a shard of {tuple(p.shape)} (does config.json match the weights?)")
+                hf_io._check_finite(key, t, f)
+                p.copy_(t.to(device=p.device, dtype=p.dtype))
+                seen.add(key)
+    missing = sorted(set(params) - seen - ({"lm_head.weight"} if tied else set()))
+    if missing:
+        raise hf_io.CheckpointError(f"checkpoint '{path}' misses keys {missing[:8]} ({len(missing)})")
     return model
 
 
