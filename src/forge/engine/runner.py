@@ -331,6 +331,8 @@ class ModelRunner(FusedDecodeRunner):
                    lens: list[int], tables: list[int]) -> torch.Tensor:
         """One decode step of `b` rows from their inputs (`_decode_inputs`), in the captured graph of batch
         size `gb` when there is one; what `decode` plans, and what a tensor-parallel follower runs."""
+        if gb is not None and gb not in self.graphs:  # a follower without that graph: the same rows, eagerly
+            b, gb = gb, None
         if gb is not None:
             st = self._static
             st["tokens"][:gb].copy_(self._tensor(tokens, torch.int64).view(gb, 1))
@@ -453,7 +455,9 @@ class ModelRunner(FusedDecodeRunner):
         for b in sizes:  # largest first, so smaller graphs reuse its memory pool
             self.run_static(b)  # warm-up: kernel selection, triton compilation
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool):
+            # tensor parallel: the NCCL all-reduces are captured; NCCL's watchdog thread queries events while
+            # this thread captures, which the default ("global") capture mode would turn into an error
+            with torch.cuda.graph(g, pool, capture_error_mode="thread_local" if self.tp is not None else "global"):
                 out = self.run_static(b)
             pool = pool or g.pool()
             self.graphs[b] = (g, out)

@@ -195,7 +195,7 @@ def load_model_shard(path: str | Path, tp: TPGroup, dtype: str | torch.dtype | N
     seen: set[str] = set()
     for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as sf:
-            for key in sf.keys():
+            for key in sf.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 if hf_io._IGNORED_KEYS.search(key) or (key == "lm_head.weight" and tied):
                     continue
                 p = params.get(key)
