@@ -169,6 +169,19 @@ def test_truncated_long_prompt_returns_the_kept_ids_and_trains():
     assert kl and abs(kl[0]) < 1e-3, kl
 
 
+def test_tensor_parallel_size_must_match_the_replica_and_the_transport():
+    with pytest.raises(ValueError, match=r"procs=1 .*tensor_parallel_size=2 must equal procs"):
+        make(engine_args={"tensor_parallel_size": 2})  # vLLM's key is honoured, never ignored
+    with pytest.raises(ValueError, match=r"procs=1 .*tensor_parallel_size=2 must equal procs"):
+        Generator(model=build_tiny_model("qwen2"), engine={**ENGINE, "tensor_parallel_size": 2})
+    from forge.controller.actor import construct_actor
+
+    with pytest.raises(ValueError, match="transport 'broadcast' .*tensor_parallel_size=2 use shm, cuda_ipc"):
+        construct_actor(Generator, {"model": build_tiny_model("qwen2"), "engine": {**ENGINE, "tensor_parallel_size": 2},
+                                    "weight_sync": {"transport": "broadcast"}},
+                        rank=0, world_size=2, replica_id=0, device=torch.device("cpu"))
+
+
 @pytest.mark.monarch
 def test_tensor_parallel_generator_on_two_monarch_procs(tmp_path):
     """A Generator replica of procs=2 at tensor_parallel_size=2 (gloo between two Monarch procs): the same
