@@ -17,7 +17,13 @@ not exercised by the CPU tests) and plans travel over a separate gloo group.
 
 Weight updates (`load_shards`): each rank copies its own slice of each full tensor by name; a
 transport that hands out mapped views (shm, cuda_ipc) is read only where the slice lies, so no
-rank materialises another rank's part.
+rank materialises another rank's part. A checkpoint directory is read the same way
+(`load_model_shard`: safetensors slices straight into the shard).
+
+Not with tensor parallelism yet (refused with an error when asked for explicitly, off by default):
+the fused Triton decode (its decode state lives on the device and moves on from the tokens sampled
+in the graph, which the followers would have to receive there too), torch.compile of the decode
+layers, cuBLASLt GEMM tuning and norm folding. The unfused decode runs, in CUDA graphs on GPU.
 """
 
 from __future__ import annotations
