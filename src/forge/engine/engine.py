@@ -357,8 +357,13 @@ class LLMEngine:
             op, *args = tp.recv_plan()
             if op == "prefill":
                 r.run_prefill(*args)
+            elif op == "prefill_graph":
+                with torch.inference_mode():
+                    r._prefill_replay(*args)
             elif op == "decode":
                 r.run_decode(*args)
+            elif op == "fused_decode":
+                r.run_fused_decode(*args)
             elif op == "copy_blocks":
                 r.copy_blocks(*args)
             elif op == "update":

@@ -76,12 +76,15 @@ class ModelRunner(FusedDecodeRunner):
             if not GemmTuner.supported(device, self.dtype):  # here, not inside the graph capture's fallback
                 raise ValueError("EngineConfig.tune_gemms=True: cuBLASLt was not found in this process "
                                  "(Linux CUDA build of torch needed); leave tune_gemms unset to fall back to F.linear")
-        if tp is None and self._want_fused():
+        if self._want_fused():
             try:
                 self._setup_fused()
             except Exception as e:  # noqa: BLE001
                 if config.fused_decode:
                     raise
+                if tp is not None:  # the ranks must agree on the path; a fallback on one rank would not
+                    raise RuntimeError(f"fused decode unavailable on tensor-parallel rank {tp.rank} ({e}); set "
+                                       "EngineConfig.fused_decode=False to run the unfused decode on every rank") from e
                 log.warning("fused decode unavailable (%s); using the unfused path", e)
                 self.fused, self.graphs = None, {}
         if self.fused is None:
@@ -205,6 +208,8 @@ class ModelRunner(FusedDecodeRunner):
             pos += [0] * (extra * t)
             slots += [0] * (extra * t)
             last += [0] * extra
+            if self.tp is not None:
+                self.tp.send_plan(("prefill_graph", key, tokens, pos, slots, last))
             return self._prefill_replay(key, tokens, pos, slots, last)[: len(chunks)]
         width = -(-max(c.end for c in chunks) // bs)
         tables = self._tables([c.seq for c in chunks], width) if has_prefix else None
@@ -520,10 +525,10 @@ def _post_fn(x, attn, wo, bo, ln_w, ln_eps, wg, bg, wu, bu, wd, bd):
 
 
 def _check_tp_config(config: EngineConfig, tp: TPGroup) -> None:
-    """Tensor parallelism runs the unfused decode (eager layers, CUDA graphs with the all-reduce inside);
-    asking for the fused Triton decode or torch.compile with it is an error, not a silent fallback."""
-    for key in ("fused_decode", "compile", "fold_norms", "tune_gemms"):
+    """Tensor parallelism runs the fused decode (all-reduces and rank 0's sampled tokens captured in its
+    CUDA graphs) or the unfused one; torch.compile of the decode layers, norm folding and cuBLASLt tuning
+    are not supported with it: asking for them is an error, not a silent fallback (unset, they are off)."""
+    for key in ("compile", "fold_norms", "tune_gemms"):
         if getattr(config, key):
-            raise ValueError(f"EngineConfig.{key}=True is not supported with tensor_parallel_size={tp.size}: the "
-                             "tensor-parallel engine runs the eager decode layers (CUDA graphs still apply); "
+            raise ValueError(f"EngineConfig.{key}=True is not supported with tensor_parallel_size={tp.size}; "
                              f"leave {key} unset")

@@ -12,18 +12,21 @@ Control plane (`TPGroup.send_plan` / `recv_plan`): rank 0 runs the scheduler and
 forward it runs is first broadcast as a plan (op + the batch's token ids, positions, slots, block
 tables) over a gloo group, and every other rank runs the same forward on its shard
 (`LLMEngine.follow`). Only rank 0's logits are sampled, so every rank agrees on every token.
-On CUDA the data plane is NCCL (the all-reduce is captured in the decode CUDA graphs; that path is
-not exercised by the CPU tests) and plans travel over a separate gloo group.
+The fused decode (forge.engine.fused_decode) keeps its decode state on the device and moves it on
+from the tokens sampled in the CUDA graph: its plan is the state moves (upload / compact / advance /
+block-table entries), and rank 0's sampled tokens (and a prefill's first tokens joining a decode)
+reach the other ranks by a broadcast on the data-plane group, inside the graph.
+On CUDA the data plane is NCCL (all-reduces and token broadcasts captured in the CUDA graphs) and
+plans travel over a separate gloo group; the CPU tests run everything over gloo (the fused kernels
+through Triton's interpreter), the NCCL capture itself is not exercised by them.
 
 Weight updates (`load_shards`): each rank copies its own slice of each full tensor by name; a
 transport that hands out mapped views (shm, cuda_ipc) is read only where the slice lies, so no
 rank materialises another rank's part. A checkpoint directory is read the same way
 (`load_model_shard`: safetensors slices straight into the shard).
 
-Not with tensor parallelism yet (refused with an error when asked for explicitly, off by default):
-the fused Triton decode (its decode state lives on the device and moves on from the tokens sampled
-in the graph, which the followers would have to receive there too), torch.compile of the decode
-layers, cuBLASLt GEMM tuning and norm folding. The unfused decode runs, in CUDA graphs on GPU.
+Not with tensor parallelism yet (an error when asked for, off by default): torch.compile of the
+unfused decode layers, cuBLASLt GEMM tuning and norm folding of the fused decode.
 """
 
 from __future__ import annotations
