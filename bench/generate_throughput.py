@@ -4,6 +4,12 @@
     python bench/generate_throughput.py --smoke                 # CPU, tiny shape, seconds
     python bench/generate_throughput.py --variants all --profile --out gen.json
         # + the engine with each optimisation switched on in turn, and where a decode step's time goes
+    python bench/generate_throughput.py --tp 2 --out gen_tp2.json   # the engine tensor-parallel over 2 GPUs
+    python bench/generate_throughput.py --tp 2 --smoke              # the same over 2 CPU processes (gloo)
+
+--tp N: the forge measurement runs in N processes (one GPU each; gloo on CPU), rank 0 scheduling and
+sampling, the others following (forge.engine.tp); the bound and the roofline stay those of the whole
+model on one device.
 
 Random weights (throughput does not depend on their values), random prompts, sampling at
 temperature 1 with EOS ignored, so every sequence generates exactly --new-tokens tokens.
@@ -21,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import multiprocessing as mp
+import os
 import sys
 import time
 import traceback
@@ -203,8 +211,55 @@ def _bench_forge(args, model, dev, dtype, o, engine_attrs: dict, **over) -> dict
     res["decode_s"] = sum(dec)
     res["decode_step_ms_median"] = dec[len(dec) // 2] * 1e3 if dec else None
     res["decode_step_ms_max"] = dec[-1] * 1e3 if dec else None
+    eng.shutdown()  # tensor parallel: releases the other ranks
     del eng
     return res
+
+
+def bench_forge_tp(args: ModelArgs, dev: torch.device, dtype: torch.dtype, o) -> dict:
+    """`bench_forge` with the engine tensor-parallel over `o.tp` processes (ranks 1.. follow rank 0)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_tp_rank, args=(r, port, args, dev.type, dtype, o, q)) for r in range(o.tp)]
+    for p in procs:
+        p.start()
+    try:
+        res = q.get(timeout=3600)
+    finally:
+        for p in procs:
+            p.join(60)
+    if "error" in res:
+        raise RuntimeError(f"tensor-parallel rank 0 failed:\n{res['error']}")
+    res["tensor_parallel_size"] = o.tp
+    return res
+
+
+def _tp_rank(rank: int, port: int, args: ModelArgs, dev_type: str, dtype: torch.dtype, o, q) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(o.tp), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dev = torch.device("cuda", rank) if dev_type == "cuda" else torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // o.tp))
+    torch.manual_seed(0)  # the same weights on every rank: each keeps its shard
+    model = build_model(args, dev, dtype)
+    try:
+        if rank == 0:
+            q.put(bench_forge(args, model, dev, dtype, o, tensor_parallel_size=o.tp))
+        else:
+            LLMEngine(model, engine_config(o, dev, dtype, tensor_parallel_size=o.tp), eos_token_ids=[]).follow()
+    except Exception:  # rank 0 reports; the others die with it
+        if rank == 0:
+            q.put({"error": traceback.format_exc(limit=8)})
+        raise
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
 
 
 def _graph_ms(fn, reps: int = 20) -> float:
@@ -480,7 +535,11 @@ def main() -> int:
                     "(main run and variants), e.g. ATTN_STAGES=3,ATTN_WARPS=8")
     ap.add_argument("--profile", action="store_true", help="CUDA: where a decode step's time goes")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel degree of the engine: N processes, one GPU "
+                    "each (gloo processes on CPU)")
     o = ap.parse_args()
+    if o.tp > 1 and (o.variants or o.profile):
+        ap.error("--tp > 1 measures the default engine only: drop --variants / --profile")
     kernel_settings = parse_kernel_settings(o.kernels)
     apply_kernel_settings(kernel_settings)
     if o.smoke:
@@ -491,7 +550,7 @@ def main() -> int:
     res: dict = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                  "dtype": str(dtype).removeprefix("torch."), "num_seqs": o.num_seqs, "prompt_len": o.prompt_len,
                  "new_tokens": o.new_tokens, "random_lengths": o.random_lengths, "arrival_waves": o.arrival_waves,
-                 "torch": torch.__version__, "kernel_settings": kernel_settings}
+                 "torch": torch.__version__, "kernel_settings": kernel_settings, "tensor_parallel_size": o.tp}
     torch.manual_seed(0)
 
     res["hf"] = None
@@ -511,7 +570,7 @@ def main() -> int:
     for attempt in ([o.attention] if o.attention != "auto" else ["auto", "torch"]):
         try:
             o.attention = attempt
-            res["forge"] = bench_forge(args, model, dev, dtype, o)
+            res["forge"] = bench_forge(args, model, dev, dtype, o) if o.tp == 1 else bench_forge_tp(args, dev, dtype, o)
             break
         except Exception:  # noqa: BLE001
             res.setdefault("forge_errors", []).append(traceback.format_exc(limit=5))

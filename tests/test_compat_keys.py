@@ -36,6 +36,8 @@ def _value(key: str, rng: random.Random):
         return rng.choice(["float32", "bfloat16", "float16"])
     if key == "block_size":
         return rng.choice([8, 16, 32])
+    if key == "tensor_parallel_size":
+        return rng.choice([2, 4])
     return rng.randint(1, 4096)
 
 
@@ -49,7 +51,9 @@ def test_app_report_and_generator_mapping_agree_on_each_vllm_engine_arg(key):
     rng = random.Random()
     v = _value(key, rng)
     mapped, unused = translate_engine_args({key: v})
-    cfg, report = _app({key: v})
+    # a tensor-parallel engine has one monarch proc per rank (the app checks procs == the degree)
+    top = {"provisioner": "monarch", "services": {"policy": {"procs": v}}} if key == "tensor_parallel_size" else {}
+    cfg, report = _app({key: v}, **top)
     gen = _engine_config(None, {key: v})  # the Generator given torchforge's engine_args
     if VLLM_ENGINE_ARGS[key].dest is None:
         assert unused == [key] and mapped == {}

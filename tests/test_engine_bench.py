@@ -26,3 +26,19 @@ def test_generate_throughput_smoke(tmp_path):
     assert 0 < res["roofline"]["tokens_per_s"] <= res["bound"]["tokens_per_s"] * (1 + 1e-9)
     for line in ("forge LLMEngine", "HF generate", "bandwidth bound", "roofline", "forge / HF", "forge / bound"):
         assert line in r.stdout
+
+
+def _bench(tmp_path: Path, *argv: str) -> dict:
+    out = tmp_path / f"gen{'_'.join(argv)}.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "generate_throughput.py"), "--smoke", "--skip-hf",
+                        "--out", str(out), *argv], capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_generate_throughput_tensor_parallel_smoke(tmp_path):
+    """--tp 2 on CPU: two gloo processes; the same requests (seeded sampling) give the same logprobs as --tp 1."""
+    tp2, tp1 = _bench(tmp_path, "--tp", "2"), _bench(tmp_path)
+    assert tp2["tensor_parallel_size"] == tp2["forge"]["tensor_parallel_size"] == 2
+    assert tp2["forge"]["tokens"] == 8 * 16 and tp2["forge"]["tokens_per_s"] > 0
+    assert abs(tp2["forge"]["logprob_mean"] - tp1["forge"]["logprob_mean"]) < 1e-5

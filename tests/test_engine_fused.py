@@ -345,3 +345,73 @@ def test_fused_engine_folded_norms_interpreted():
     """fold_norms=True: the norm weights folded into copies of the q/k/v and gate/up weights (6 launches
     per layer): greedy == HF, logprobs == the full forward's, and in-place weight updates re-fold."""
     run_interpreted(FOLDED, timeout=600)
+
+
+TENSOR_PARALLEL = r"""
+import multiprocessing as mp
+import os
+import socket
+
+import torch
+from forge.engine import EngineConfig, LLMEngine, SamplingParams
+from forge.models import build_tiny_model
+from test_engine import prompts
+
+CFG = dict(max_num_seqs=8, max_model_len=128, block_size=16, fused_decode=True, fast_sampler=True,
+           max_num_batched_tokens=64)
+SEED = int(os.environ["TP_SEED"])
+
+def reqs():
+    ps = prompts([5, 37, 70, 13], seed=SEED)  # 70 tokens > the 64-token budget: a chunked prefill
+    return [(ps[0], SamplingParams(temperature=0.0, max_tokens=6)),
+            (ps[1], SamplingParams(temperature=0.9, max_tokens=8, seed=SEED, n=2)),  # forked blocks
+            (ps[2], SamplingParams(temperature=0.0, max_tokens=5)),
+            (ps[3], SamplingParams(temperature=1.1, top_k=20, max_tokens=3, seed=SEED + 1))]  # torch sampling
+
+def res(outs):
+    return [(s.token_ids, s.logprobs) for o in outs for s in o.outputs]
+
+def worker(rank, port, q):
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    eng = LLMEngine(build_tiny_model("qwen3", seed=SEED), EngineConfig(**CFG, tensor_parallel_size=2),
+                    eos_token_ids=[])
+    assert eng.runner.fused is not None and eng.runner.fused.num_kv == 1
+    if rank:
+        eng.follow()
+    else:
+        q.put((res(eng.generate(reqs())), dict(eng.stats)))
+        eng.shutdown()
+    torch.distributed.destroy_process_group()
+
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+ctx = mp.get_context("fork")
+q = ctx.Queue()
+procs = [ctx.Process(target=worker, args=(r, port, q)) for r in range(2)]
+for p in procs:
+    p.start()
+got, stats = q.get(timeout=900)
+for p in procs:
+    p.join(60)
+assert [p.exitcode for p in procs] == [0, 0]
+# overlapped steps, a decode joining a prefill and batches that lost rows all ran at TP=2
+assert stats["overlapped_steps"] > 0 and stats["decodes_joining_prefill"] > 0, stats
+eng = LLMEngine(build_tiny_model("qwen3", seed=SEED), EngineConfig(**CFG), eos_token_ids=[])
+want = res(eng.generate(reqs()))
+assert [t for t, _ in got] == [t for t, _ in want], (got, want)
+for (_, a), (_, b) in zip(got, want):
+    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_fused_engine_tensor_parallel_interpreted(monkeypatch):
+    """The fused decode at TP=2 (two gloo processes, kernels interpreted): the same tokens and logprobs
+    as one process, through overlap, decode joining a prefill, compaction, forks, torch and in-graph sampling."""
+    import random
+
+    monkeypatch.setenv("TP_SEED", str(random.randrange(10_000)))
+    run_interpreted(TENSOR_PARALLEL, timeout=900)

@@ -167,3 +167,53 @@ def test_truncated_long_prompt_returns_the_kept_ids_and_trains():
     # same weights, same context: the trainer's logprobs are the generator's
     kl = [r.value for r in drain() if r.key == "loss/mismatch_kl"]
     assert kl and abs(kl[0]) < 1e-3, kl
+
+
+def test_tensor_parallel_size_must_match_the_replica_and_the_transport():
+    with pytest.raises(ValueError, match=r"procs=1 .*tensor_parallel_size=2 must equal procs"):
+        make(engine_args={"tensor_parallel_size": 2})  # vLLM's key is honoured, never ignored
+    with pytest.raises(ValueError, match=r"procs=1 .*tensor_parallel_size=2 must equal procs"):
+        Generator(model=build_tiny_model("qwen2"), engine={**ENGINE, "tensor_parallel_size": 2})
+    from forge.controller.actor import construct_actor
+
+    with pytest.raises(ValueError, match="transport 'broadcast' .*tensor_parallel_size=2 use shm, cuda_ipc"):
+        construct_actor(Generator, {"model": build_tiny_model("qwen2"), "engine": {**ENGINE, "tensor_parallel_size": 2},
+                                    "weight_sync": {"transport": "broadcast"}},
+                        rank=0, world_size=2, replica_id=0, device=torch.device("cpu"))
+
+
+@pytest.mark.monarch
+def test_tensor_parallel_generator_on_two_monarch_procs(tmp_path):
+    """A Generator replica of procs=2 at tensor_parallel_size=2 (gloo between two Monarch procs): the same
+    tokens and logprobs as one process, and update_weights on every rank == a fresh engine of the new weights."""
+    pytest.importorskip("monarch")
+    from forge.controller import init_provisioner, shutdown
+
+    seed = int(torch.randint(0, 10_000, (1,)))
+    path = write_tiny_checkpoint(tmp_path / "m", "qwen2", seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (5, 19)]
+    new = build_tiny_model("qwen2", seed=seed + 1).state_dict()
+
+    async def main():
+        init_provisioner("monarch")
+        try:
+            svc = await Generator.options(procs=2).as_service(
+                model=str(path), engine={**ENGINE, "tensor_parallel_size": 2}, sampling={**GREEDY, "ignore_eos": True})
+            before = [(await svc.generate.route(token_ids=p))[0] for p in prompts]
+            assert await svc.update_weights.fanout(7, new) == [7]
+            after = [(await svc.generate.route(token_ids=p))[0] for p in prompts]
+            return before, after
+        finally:
+            await shutdown()
+
+    before, after = asyncio.run(main())
+    from forge.models.hf_io import load_model
+
+    for model, got in ((load_model(path), before), (build_tiny_model("qwen2", seed=seed + 1), after)):
+        eng = LLMEngine(model, EngineConfig(**ENGINE), eos_token_ids=[])
+        want = eng.generate([(p, SamplingParams(**GREEDY, ignore_eos=True)) for p in prompts])
+        for c, w in zip(got, want):
+            assert c.token_ids.tolist() == w.outputs[0].token_ids
+            torch.testing.assert_close(c.logprobs, torch.tensor(w.outputs[0].logprobs), atol=1e-5, rtol=0)
+    assert {c.generator_version for c in after} == {7}

@@ -100,6 +100,28 @@ def test_monarch_fsdp_trainer_broadcasts_to_two_generator_replicas(tiny_model, t
     assert len(trained) == 4 and all(r["time/weight_sync_s"] > 0 for r in trained)
 
 
+@pytest.mark.monarch
+def test_monarch_tensor_parallel_generator(tiny_model, tmp_path):
+    """The generator at TP=2: one replica of 2 Monarch procs (gloo on CPU), rank 0 schedules and samples,
+    rank 1 runs its shard; each rank loads its own shard of the trainer's published weights (shm)."""
+    pytest.importorskip("monarch")
+    run = tmp_path / "tp"
+    versions: list = []
+
+    async def check_versions(step: int, services) -> None:
+        versions.append(await services.policy.get_version.fanout())
+
+    cfg = config("--model", tiny_model, "--provisioner", "monarch", "--output_dir", str(run), "--steps", "2",
+                 "--eval.num_samples", "4", "--local_batch_size", "8", "--advantage.filter_zero_variance", "false",
+                 "--off_by_n", "0", "--services.policy.procs", "2", "--policy.engine_args.tensor_parallel_size", "2")
+    out = asyncio.run(main(cfg, on_step=check_versions))
+    assert out["steps"] == 2
+    assert versions == [[1], [2]]
+    rows = metrics(run)
+    trained = [r for r in rows if "rl_trainer/avg_loss" in r]
+    assert len(trained) == 2 and all(r["generator/generate/sum_tokens_generated"] > 0 for r in trained)
+
+
 def flaky_math(prompt, response, target):
     """The math reward, except that its backend "fails" on about one response in ten."""
     import zlib

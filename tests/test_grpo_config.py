@@ -28,10 +28,10 @@ def test_torchforge_layout_parses_and_reports_unused_keys_once():
     assert cfg.trainer.optimizer.lr == pytest.approx(2e-6)
     # ${model} interpolation reaches the nested blocks (engine_args.model must repeat the model: checked,
     # then the engine_args are forge's EngineConfig keys, vLLM's translated by forge.config.compat)
-    assert cfg.policy.engine_args == {"enable_cuda_graphs": True, "max_model_len": 1024}
+    assert cfg.policy.engine_args == {"enable_cuda_graphs": True, "max_model_len": 1024, "tensor_parallel_size": 1}
     assert cfg.ref_model.model.path == "/models/q3"
     assert cfg.dataset["split"] == "train" and cfg.dataset["name"] == "main"
-    assert "policy.engine_args.tensor_parallel_size" in report.unused
+    assert "policy.engine_args.tensor_parallel_size" not in report.unused  # honoured: the generator's TP degree
     assert "trainer.training.gc_freq" in report.unused
     assert len(report.unused) == len(set(report.unused))
     assert cfg.steps == 1000000  # trainer.training.steps (torchforge) -> forge's steps
@@ -79,9 +79,19 @@ def test_weight_sync_transport_follows_the_placement():
     multi = weight_sync_config(load("--config", str(APPS / "default.yaml"), "--config", str(APPS / "multi_gpu.yaml"),
                                     "--services.policy.num_replicas", "2")[0])
     assert multi["transport"] == "broadcast" and multi["num_receivers"] == 2
-    with pytest.raises(ConfigError, match="forge's engine has no tensor parallelism yet"):
+    with pytest.raises(ConfigError, match=r"'services.policy.procs: 2' must equal "
+                                          r"'policy.engine_args.tensor_parallel_size: 1'"):
         (load("--config", str(APPS / "default.yaml"), "--config", str(APPS / "multi_gpu.yaml"),
                                 "--services.policy.procs", "2")[0])
+    # a tensor-parallel generator (procs == tensor_parallel_size): each rank reads its own shard of the
+    # published weights, so the default is not the one-copy-per-replica broadcast
+    tp = load("--config", str(APPS / "default.yaml"), "--config", str(APPS / "multi_gpu.yaml"),
+              "--services.policy.procs", "2", "--policy.engine_args.tensor_parallel_size", "2")[0]
+    assert weight_sync_config(tp)["transport"] == "shm"
+    with pytest.raises(ValueError, match="transport=broadcast: services.policy.procs must be 1"):
+        weight_sync_config(load("--config", str(APPS / "default.yaml"), "--config", str(APPS / "multi_gpu.yaml"),
+                                "--services.policy.procs", "2", "--policy.engine_args.tensor_parallel_size", "2",
+                                "--trainer.weight_sync.transport", "broadcast")[0])
     with pytest.raises(ValueError, match=r"trainer.weight_sync.transport must be one of .* got 'nccl'"):
         weight_sync_config(load("--trainer.weight_sync.transport", "nccl")[0])
     with pytest.raises(ValueError, match="needs separate processes"):

@@ -89,9 +89,16 @@ def test_qwen3_8b_batch_not_a_multiple_of_group_size_is_filled_with_episodes(pat
     assert any("episodes, not whole groups" in n for n in report.notes)
 
 
-def test_qwen3_8b_tensor_parallel_generator_is_refused_at_config_time(paths):
-    with pytest.raises(ConfigError, match="tensor parallelism yet.*tensor_parallel_size=1"):
+def test_qwen3_8b_tensor_parallel_generator_needs_monarch_and_matching_procs(paths):
+    with pytest.raises(ConfigError, match=r"'services.policy.procs: 4' \(tensor_parallel_size 4\).*provisioner: monarch"):
         load(tf_argv("qwen3_8b", paths))
+    # under monarch: one generator proc per tensor-parallel rank (and FSDP across the trainer's procs)
+    cfg, report = load(tf_argv("qwen3_8b", paths, "provisioner=monarch"))
+    assert cfg.services.policy.procs == cfg.policy.engine_args["tensor_parallel_size"] == 4
+    assert "policy.engine_args.tensor_parallel_size" not in report.unused  # honoured, not ignored
+    with pytest.raises(ConfigError, match=r"'services.policy.procs: 1' must equal "
+                                          r"'policy.engine_args.tensor_parallel_size: 4'"):
+        load(tf_argv("qwen3_8b", paths, "provisioner=monarch", "services.policy.procs=1"))
 
 
 def test_trainer_procs_under_local_provisioner_is_refused_at_config_time(paths):

@@ -4,7 +4,7 @@ Top-level and placement keys are typed here; the `dataset`, `policy`, `trainer` 
 blocks are validated against the typed configs of the parts that consume them (forge.data,
 forge.engine, forge.trainer), so every wrong key fails at start with its full dotted path and
 the closest valid key. Keys that torchforge configs carry but forge has no use for (vLLM/
-torchtitan knobs such as `tensor_parallel_size` or `gc_freq`) are accepted and reported once.
+torchtitan knobs such as `pipeline_parallel_size` or `gc_freq`) are accepted and reported once.
 """
 
 from __future__ import annotations
@@ -484,12 +484,17 @@ def _validate_placement(cfg: GRPOConfig) -> None:
                                   f"host(s) per group ({'group ' + repr(p.mesh_name) if p.mesh_name else 'largest group'}:"
                                   f" {room})")
     _validate_parallelism(cfg)
-    if cfg.services.policy.procs != 1:
+    # the generator runs tensor-parallel over its replica's procs (forge.engine.tp): one rank per proc
+    procs, tp = cfg.services.policy.procs, cfg.policy.engine_args.get("tensor_parallel_size", 1)
+    if procs != tp:
         raise ConfigError(
-            f"'services.policy.procs: {cfg.services.policy.procs}': in torchforge this is the generator's tensor-"
-            "parallel degree (procs: ${policy.engine_args.tensor_parallel_size}); forge's engine has no tensor "
-            "parallelism yet. Use procs: 1 (torchforge's layout: policy.engine_args.tensor_parallel_size=1), and "
-            "num_replicas for more engines")
+            f"'services.policy.procs: {procs}' must equal 'policy.engine_args.tensor_parallel_size: {tp}': a generator "
+            "replica runs its engine tensor-parallel, one rank per proc (torchforge's layout: "
+            "procs: ${policy.engine_args.tensor_parallel_size}); num_replicas gives more engines")
+    if procs > 1 and prov.kind == "local":
+        raise ConfigError(
+            f"'services.policy.procs: {procs}' (tensor_parallel_size {tp}) needs one process per rank: use "
+            "provisioner: monarch; the local provisioner runs everything in this process")
     if prov.kind == "local":
         for path, p in (("actors.trainer", cfg.actors.trainer), ("services.ref_model", cfg.services.ref_model)):
             if p.procs != 1:

@@ -84,7 +84,9 @@ def weight_sync_config(cfg: GRPOConfig) -> dict[str, Any]:
         elif (shared and cfg.services.policy.with_gpus and cfg.actors.trainer.with_gpus and _cuda_available()
               and job in (None, "process")):  # process hosts are this machine's processes
             sync["transport"] = "cuda_ipc"  # processes sharing one GPU: device-to-device, no host copy
-        elif own_gpus or job is not None:  # GPUs of their own, or other hosts: NCCL broadcast (gloo on CPU)
+        elif (own_gpus or job is not None) and cfg.services.policy.procs == 1:
+            # GPUs of their own, or other hosts: NCCL broadcast (gloo on CPU); a tensor-parallel
+            # generator's ranks each read their own shard, which broadcast does not serve
             sync["transport"] = "broadcast"
         else:  # CPU processes (or a GPU generator fed by a CPU trainer): through /dev/shm
             sync["transport"] = "shm"

@@ -31,8 +31,10 @@ from typing import Any
 
 import torch
 
+from forge.config.compat import ENGINE_ARGS_MODEL, translate_engine_args, translate_sampling_params
 from forge.controller import ForgeActor, endpoint
 from forge.engine import EngineConfig, LLMEngine, RequestOutput, SamplingParams
+from forge.engine.tp import load_shards
 from forge.models.decoder import CausalLM
 from forge.models.lora import AdapterMerger, is_adapter_update
 from forge.observability import Reduce, record_metric
@@ -40,11 +42,6 @@ from forge.types import Completion
 from forge.weight_sync import WeightSyncError, available_version
 
 log = logging.getLogger(__name__)
-
-# vLLM engine_args -> EngineConfig (torchforge YAML: policy.engine_args)
-_VLLM_ENGINE = {"gpu_memory_utilization": "gpu_memory_fraction", "max_num_seqs": "max_num_seqs",
-                "max_model_len": "max_model_len", "max_num_batched_tokens": "max_num_batched_tokens",
-                "block_size": "block_size", "dtype": "dtype", "seed": "seed"}
 
 
 class Generator(ForgeActor):
@@ -57,14 +54,28 @@ class Generator(ForgeActor):
                  engine_args: dict | None = None, sampling_params: dict | None = None,
                  weight_sync: dict | None = None):
         cfg = _engine_config(engine, engine_args)
-        if model is None and engine_args and "model" in engine_args:
-            model = engine_args["model"]
+        if cfg.tensor_parallel_size != self.world_size:
+            raise ValueError(f"Generator: a replica of procs={self.world_size} runs the engine tensor-parallel over its "
+                             f"procs; tensor_parallel_size={cfg.tensor_parallel_size} must equal procs "
+                             f"(engine_args.tensor_parallel_size / engine.tensor_parallel_size)")
+        if cfg.tensor_parallel_size > 1 and (weight_sync or {}).get("transport") == "broadcast":
+            raise ValueError("Generator: weight_sync transport 'broadcast' sends one full copy per replica; with "
+                             f"tensor_parallel_size={cfg.tensor_parallel_size} use shm, cuda_ipc or inproc (each rank "
+                             "copies its own shard of the published weights)")
+        if model is None and engine_args and ENGINE_ARGS_MODEL in engine_args:
+            model = engine_args[ENGINE_ARGS_MODEL]
         if model is None:
             raise ValueError("Generator needs `model`: a local checkpoint directory or a CausalLM")
         if cfg.device is None and self.device.type == "cuda":
             cfg.device = self.device
         if isinstance(model, CausalLM):
             net = model
+        elif cfg.tensor_parallel_size > 1:  # each rank reads only its shard of the checkpoint
+            from forge.engine.tp import TPGroup, load_model_shard
+
+            dev = torch.device(cfg.device or self.device)
+            net = load_model_shard(model, TPGroup.join(cfg.tensor_parallel_size, dev), device=dev)
+            tokenizer = model if tokenizer is None else tokenizer
         else:
             from forge.models.hf_io import load_model
 
@@ -82,7 +93,12 @@ class Generator(ForgeActor):
         self._cv = threading.Condition()
         self._futures: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future, int]] = {}
         self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="forge-generator", daemon=True)
+        # tensor parallel: rank 0 drives the engine; the other ranks run its forwards (LLMEngine.follow)
+        # and their endpoints only follow rank 0's (generate returns nothing, updates load this rank's shard)
+        self.follower = self.engine.tp is not None and not self.engine.tp.leader
+        self._updates: dict[int, Any] = {}  # follower: version -> its weights (or the error fetching them)
+        loop_fn = self._follow if self.follower else self._loop
+        self._thread = threading.Thread(target=loop_fn, name="forge-generator", daemon=True)
         self._thread.start()
         self.weight_sync = dict(weight_sync or {})
         self._receiver: Any = None  # broadcast: joins the trainer's group at the first update
@@ -100,6 +116,8 @@ class Generator(ForgeActor):
         `n`, else the per-call sampling's `n`, else the configured `sampling_params.n` (torchforge's
         `policy.generate.route(prompt)` gets the group). `sampling_params=` is torchforge's name
         for `sampling=`; `priority` (vLLM's) must be 0: forge's scheduler serves requests in order."""
+        if self.follower:
+            return []  # rank 0 answers for the replica; this rank ran its forwards in `_follow`
         given = [x is not None for x in (prompt, messages, token_ids)]
         if sum(given) != 1:
             raise ValueError("generate: pass exactly one of prompt=, messages=, token_ids=")
@@ -142,6 +160,8 @@ class Generator(ForgeActor):
         broadcast takes part in that push (call both at once: it is a collective).
         """
         fetched = state_dict is None
+        if self.follower:
+            return await self._follower_update(int(version), state_dict)
         if fetched:
             state_dict = await asyncio.to_thread(self._fetch_weights, int(version))
         await self._submit("update", (int(version), state_dict))
@@ -196,14 +216,59 @@ class Generator(ForgeActor):
             self._cv.notify()
         await asyncio.to_thread(self._thread.join, 10.0)
 
+    # ---- tensor-parallel followers (ranks > 0) ----------------------------------------------
+    async def _follower_update(self, version: int, state_dict: Any) -> int:
+        """Hand this rank's weights of `version` to `_follow`, which loads its shard when rank 0's engine
+        thread reaches that update (between two forwards); returns once loaded."""
+        if state_dict is None:
+            try:
+                state_dict = await asyncio.to_thread(self._fetch_weights, version)
+            except Exception as e:  # noqa: BLE001 (rank 0 fails the same fetch; the error is this call's too)
+                state_dict = e
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        with self._cv:
+            self._updates[version] = (state_dict, loop, fut)
+            self._cv.notify_all()
+        await fut
+        self._fetched = True
+        return self.version
+
+    def _follow(self) -> None:
+        try:
+            self.engine.follow(on_update=self._load_follower_update)
+        except Exception:
+            log.exception("tensor-parallel follower rank %d stopped", self.engine.tp.rank)
+            raise
+
+    def _load_follower_update(self, version: int) -> None:
+        with self._cv:
+            if not self._cv.wait_for(lambda: version in self._updates, timeout=600.0):
+                raise RuntimeError(f"rank 0 loaded weights version {version}; this rank's update_weights({version}) "
+                                   "never came (a tensor-parallel replica's update is called on every rank)")
+            sd, loop, fut = self._updates.pop(version)
+        if isinstance(sd, BaseException):
+            loop.call_soon_threadsafe(_set, fut, None, sd)
+            raise sd
+        try:
+            n = self._load_weights(sd, version)
+            self.version = version
+        except Exception as e:
+            loop.call_soon_threadsafe(_set, fut, None, e)
+            raise
+        loop.call_soon_threadsafe(_set, fut, n, None)
+
     # ---- helpers ----------------------------------------------------------------------------
-    def _load_weights(self, sd: Any) -> int:
+    def _load_weights(self, sd: Any, version: int) -> int:
         """Full weights are copied in place; LoRA adapters (a trainer with `model.lora` publishes
         only those) are merged into the base weights, so generation runs at the base model's speed."""
         if isinstance(sd, Mapping) and is_adapter_update(sd.keys()):
+            if self.engine.tp is not None:
+                raise ValueError("update_weights: LoRA adapter updates are not supported with tensor_parallel_size="
+                                 f"{self.engine.tp.size}; publish merged full weights")
             return self._merger.apply(sd)
         self._merger.forget_base()  # full weights are the new base
-        return load_weights_in_place(self.engine.model, sd)
+        return self.engine.load_weights(sd, version)
 
     def _fetch_weights(self, version: int) -> Any:
         """The published weights of `version`, by the configured transport (see forge.weight_sync).
@@ -256,6 +321,7 @@ class Generator(ForgeActor):
                 while not self._stop and not self._commands and not eng.has_unfinished():
                     self._cv.wait()
                 if self._stop:
+                    eng.shutdown()  # tensor parallel: releases the followers
                     break
                 ready = []
                 while self._commands and self._commands[0][0] == "add":
@@ -273,7 +339,7 @@ class Generator(ForgeActor):
                 _, (version, sd), loop, fut = update
                 try:
                     t0 = time.perf_counter()
-                    n = self._load_weights(sd)
+                    n = self._load_weights(sd, version)
                     self.version = version
                     record_metric("generator/update_weights/time_s", time.perf_counter() - t0, Reduce.MEAN)
                     loop.call_soon_threadsafe(_set, fut, n, None)
@@ -326,27 +392,12 @@ def _set(fut: asyncio.Future, value: Any, exc: BaseException | None) -> None:
         fut.set_result(value)
 
 
-@torch.no_grad()
 def load_weights_in_place(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor] | Iterable) -> int:
     """`copy_` each given tensor into the parameter/buffer of that name; returns how many were copied.
 
     Unknown names and shape mismatches are errors (nothing partial is silently accepted).
     """
-    params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
-    items = state_dict.items() if isinstance(state_dict, Mapping) else state_dict
-    n = 0
-    for name, t in items:
-        p = params.get(name)
-        if p is None:
-            raise KeyError(f"update_weights: unknown parameter '{name}' (see get_model_state_dict_keys)")
-        if p.shape != t.shape:
-            raise ValueError(f"update_weights: '{name}' has shape {tuple(t.shape)}, model has {tuple(p.shape)}")
-        p.copy_(t, non_blocking=True)
-        n += 1
-    first = next(model.parameters())
-    if n and first.is_cuda:  # this stream only: a device-wide sync would also wait on other streams' work
-        torch.cuda.current_stream(first.device).synchronize()
-    return n
+    return load_shards(model, state_dict)
 
 
 def _load_tokenizer(tok: Any) -> Any:
@@ -365,14 +416,9 @@ def _engine_config(engine: Any, engine_args: dict | None) -> EngineConfig:
     if isinstance(engine, EngineConfig):
         return engine
     d = dict(engine or {})
-    unused = []
-    for k, v in (engine_args or {}).items():
-        if k in _VLLM_ENGINE:
-            d.setdefault(_VLLM_ENGINE[k], v)
-        elif k == "enforce_eager":
-            d.setdefault("enable_cuda_graphs", not v)
-        elif k != "model":
-            unused.append(k)
+    mapped, unused = translate_engine_args(engine_args or {})  # vLLM's names (forge.config.compat)
+    for k, v in mapped.items():
+        d.setdefault(k, v)
     if unused:
         log.warning("Generator: engine_args keys not used by forge's engine: %s", sorted(unused))
     return EngineConfig.from_dict(d)
@@ -382,12 +428,8 @@ def _sampling_params(sampling: Any, sampling_params: dict | None) -> SamplingPar
     if isinstance(sampling, SamplingParams):
         return sampling
     d = dict(sampling or {})
-    for k, v in (sampling_params or {}).items():  # vLLM names
-        if k == "top_k":
-            d.setdefault("top_k", max(0, int(v)))  # vLLM: -1 = off
-        elif k == "logprobs":
-            d.setdefault("logprobs", v is not None and v is not False)
-        elif k in SamplingParams.__dataclass_fields__:
+    for k, v in translate_sampling_params(sampling_params or {}).items():  # vLLM's names (forge.config.compat)
+        if k in SamplingParams.__dataclass_fields__:
             d.setdefault(k, v)
         else:
             log.warning("Generator: sampling_params key '%s' is not used by forge's engine", k)

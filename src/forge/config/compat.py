@@ -9,9 +9,8 @@ A key maps to forge's key (`Rename.dest`, with an optional conversion of its val
 None: accepted, not used, reported once as unused (`Rename.why` says why). A key in none of
 these tables is an error where the config is checked (the closest valid key named).
 
-The parallelism keys (`tensor_parallel_size`, `pipeline_parallel_size`, `data_parallel_size`)
-keep the meaning they have elsewhere (the generator's placement, `services.policy.procs`):
-here they are listed, not interpreted.
+`tensor_parallel_size` is the engine's tensor-parallel degree (forge.engine.tp; the GRPO app
+checks it equals `services.policy.procs`); `data_parallel_size` is what `num_replicas` says.
 """
 
 from __future__ import annotations
@@ -58,7 +57,8 @@ VLLM_ENGINE_ARGS: dict[str, Rename] = {
     "dtype": Rename("dtype"),
     "seed": Rename("seed"),
     "enforce_eager": Rename("enable_cuda_graphs", _not, "vLLM's enforce_eager turns CUDA graphs off"),
-    "tensor_parallel_size": Rename(None, why="the generator's tensor-parallel degree is services.policy.procs"),
+    # the engine's tensor-parallel degree; a replica has one proc per rank (services.policy.procs)
+    "tensor_parallel_size": Rename("tensor_parallel_size"),
     "pipeline_parallel_size": Rename(None, why="forge's engine has no pipeline parallelism"),
     "data_parallel_size": Rename(None, why="generator replicas are services.policy.num_replicas"),
     "trust_remote_code": Rename(None, why="forge builds its own model classes (no remote code runs)"),

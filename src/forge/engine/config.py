@@ -47,9 +47,13 @@ class EngineConfig:
     fold_norms: bool | None = None
     long_prompt: str = "reject"  # reject | truncate
     seed: int = 0  # for requests without their own seed
+    # shard the model over this many procs of one replica (forge.engine.tp): rank 0 schedules and samples,
+    # the others run `LLMEngine.follow`; the replica's RANK / WORLD_SIZE / MASTER_* env forms the group
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size", "tune_gemms_min_rows"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size", "tune_gemms_min_rows",
+                     "tensor_parallel_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:

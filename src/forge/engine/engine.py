@@ -40,6 +40,7 @@ from __future__ import annotations
 import itertools
 import numbers
 import time
+from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -51,6 +52,7 @@ from forge.engine.runner import ModelRunner
 from forge.engine.sampler import Sampler, SamplingBatch
 from forge.engine.scheduler import Scheduler
 from forge.engine.sequence import Request, RequestOutput, SampleOutput, Sequence, SeqStatus
+from forge.engine.tp import TPGroup, check_tp_degree, load_shards, shard_model
 from forge.models.decoder import CausalLM
 
 
@@ -71,7 +73,12 @@ class LLMEngine:
         self.args = model.args
         # RoPE tables (and the model's training length) bound the usable context
         self.max_model_len = min(c.max_model_len, model.args.max_position_embeddings)
-        self.runner = ModelRunner(model, c, device, dtype, self.max_model_len)
+        self.tp: TPGroup | None = None  # tensor parallel (forge.engine.tp): this rank's place in the replica
+        if c.tensor_parallel_size > 1:
+            check_tp_degree(model.args, c.tensor_parallel_size)
+            self.tp = TPGroup.join(c.tensor_parallel_size, device)
+            shard_model(model, self.tp)
+        self.runner = ModelRunner(model, c, device, dtype, self.max_model_len, self.tp)
         self.model = self.runner.model
         self.device = device
         self.blocks = BlockManager(self.runner.num_blocks, c.block_size)
@@ -146,6 +153,8 @@ class LLMEngine:
     # ---- the loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One forward pass; returns the requests that finished in it."""
+        if self.tp is not None and not self.tp.leader:
+            raise RuntimeError(f"tensor-parallel rank {self.tp.rank} follows rank 0: run follow(), not step()")
         done, self._done_early = self._done_early, []
         t0 = time.perf_counter()
         pend, self._pending = self._pending, None
@@ -334,6 +343,50 @@ class LLMEngine:
                 req.num_finished += 1
                 if req.finished:
                     done.append(self._finalize(req))
+
+    # ---- tensor parallelism (forge.engine.tp) --------------------------------------------------
+    def follow(self, on_update: Callable[[int], Any] | None = None) -> None:
+        """Ranks other than 0 of a tensor-parallel replica: run rank 0's forwards on this rank's shard
+        until rank 0 calls `shutdown`. Rank 0's `load_weights(..., version)` calls `on_update(version)`
+        here between two forwards; it must load this rank's weights of that version (`load_weights`)."""
+        tp = self.tp
+        if tp is None or tp.leader:
+            raise RuntimeError("follow() is for tensor-parallel ranks other than 0")
+        r = self.runner
+        while True:
+            op, *args = tp.recv_plan()
+            if op == "prefill":
+                r.run_prefill(*args)
+            elif op == "prefill_graph":
+                with torch.inference_mode():
+                    r._prefill_replay(*args)
+            elif op == "decode":
+                r.run_decode(*args)
+            elif op == "fused_decode":
+                r.run_fused_decode(*args)
+            elif op == "copy_blocks":
+                r.copy_blocks(*args)
+            elif op == "update":
+                if on_update is None:
+                    raise RuntimeError(f"rank 0 loaded weights version {args[0]}; this follower has no on_update")
+                on_update(args[0])
+            elif op == "stop":
+                return
+            else:
+                raise RuntimeError(f"tensor-parallel follower: unknown plan {op!r}")
+
+    def shutdown(self) -> None:
+        """Rank 0 of a tensor-parallel replica: release the followers from `follow` (idempotent)."""
+        if self.tp is not None and self.tp.leader and not getattr(self, "_shut", False):
+            self._shut = True
+            self.tp.send_plan(("stop",))
+
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor] | Iterable, version: int = 0) -> int:
+        """Copy full-size weights (HF names) into the model in place; under tensor parallelism each
+        rank copies only its shard, and rank 0 first has every follower load `version` (`follow`)."""
+        if self.tp is not None and self.tp.leader:
+            self.tp.send_plan(("update", int(version)))
+        return load_shards(self.model, state_dict, self.tp)
 
     def drop_in_flight(self) -> None:
         """Forget an overlapped decode step that was launched but not read (after a failure, when the

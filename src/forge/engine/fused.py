@@ -84,10 +84,16 @@ def fold_bytes(model) -> int:
 
 
 class FusedDecode:
-    def __init__(self, model, max_positions: int, fold_norms: bool = False):
+    def __init__(self, model, max_positions: int, fold_norms: bool = False, group=None):
         a = model.args
-        self.num_heads, self.num_kv, self.head_dim = a.num_attention_heads, a.num_key_value_heads, a.head_dim
-        self.intermediate = a.intermediate_size
+        # head counts and MLP width of this model's layers (a tensor-parallel shard holds its part of them)
+        at0, mlp0 = model.model.layers[0].self_attn, model.model.layers[0].mlp
+        self.num_heads, self.num_kv, self.head_dim = at0.n_heads, at0.n_kv, a.head_dim
+        self.intermediate = mlp0.gate_proj.weight.shape[0]
+        # tensor parallel (forge.engine.tp): o / down are row-parallel, their partial products summed over `group`
+        self.group = group
+        if group is not None and fold_norms:
+            raise ValueError("fold_norms is not supported with tensor parallelism")
         self.layers: list[_Layer] = []
         for layer in model.model.layers:
             at, mlp = layer.self_attn, layer.mlp
@@ -175,6 +181,17 @@ class FusedDecode:
             return F.linear(x, w, b)
         return self.gemm_tuner.linear(kind, x, w, b)
 
+    def _row(self, kind: str | None, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """o / down: `_linear` (kind None: F.linear, the prefill), or under tensor parallelism the partial
+        product summed over the group (one all-reduce, captured in the CUDA graphs), then the bias."""
+        if self.group is None:
+            return F.linear(x, w, b) if kind is None else self._linear(kind, x, w, b)
+        import torch.distributed as dist
+
+        y = F.linear(x, w)
+        dist.all_reduce(y, group=self.group)
+        return y if b is None else y + b
+
     def _add_linear(self, kind: str, h: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
                     b: torch.Tensor | None) -> None:
         """h += x @ w.T (+ b), in place (the residual add in the GEMM's epilogue: beta = 1)."""
@@ -220,10 +237,10 @@ class FusedDecode:
                                 self.cos, self.sin, self.num_heads, q_norm=lw.q_norm, k_norm=lw.k_norm, eps=lw.qk_eps)
             attn = prefill_attention(q.view(b, t, self.num_heads, hd), k.view(b, t, self.num_kv, hd),
                                      v.view(b, t, self.num_kv, hd), k_cache[i], v_cache[i], meta)
-            o = F.linear(attn.reshape(b * t, nq), lw.o_w, lw.o_b)
+            o = self._row(None, attn.reshape(b * t, nq), lw.o_w, lw.o_b)
             h, y = K.add_rmsnorm(h, lw.ln2, lw.ln2_eps, residual=o, h_out=h)
             gu = F.linear(y, lw.gu_w, lw.gu_b)
-            d = F.linear(K.silu_mul(gu[:, :inter], gu[:, inter:]), lw.down_w, lw.down_b)
+            d = self._row(None, K.silu_mul(gu[:, :inter], gu[:, inter:]), lw.down_w, lw.down_b)
         rows = torch.arange(b, device=tokens.device) * t + last
         _, y = K.add_rmsnorm(h[rows], self.norm, self.norm_eps, residual=d[rows])
         return F.linear(y, self.lm_head_w, self.lm_head_b)
@@ -247,10 +264,10 @@ class FusedDecode:
             attn = K.attention(qkv[:, :nq], qkv[:, nq:nq + nk], qkv[:, nq + nk:], k_cache[i], v_cache[i],
                                block_tables, pos, self.cos, self.sin, self.num_heads,
                                q_norm=lw.q_norm, k_norm=lw.k_norm, eps=lw.qk_eps, workspace=self.attn_workspace)
-            o = self._linear("o", attn, lw.o_w, lw.o_b)
+            o = self._row("o", attn, lw.o_w, lw.o_b)
             h, y = K.add_rmsnorm(h, lw.ln2, lw.ln2_eps, residual=o, h_out=h)
             gu = self._linear("gate_up", y, lw.gu_w, lw.gu_b)
-            d = self._linear("down", K.silu_mul(gu[:, :inter], gu[:, inter:]), lw.down_w, lw.down_b)
+            d = self._row("down", K.silu_mul(gu[:, :inter], gu[:, inter:]), lw.down_w, lw.down_b)
         if return_hidden:
             return h + d
         h, y = K.add_rmsnorm(h, self.norm, self.norm_eps, residual=d, h_out=h)

@@ -18,6 +18,7 @@ import os
 import time
 
 import torch
+import torch.distributed as dist
 
 from forge.engine import kernels as K
 from forge.engine.attention import AttnMeta
@@ -99,7 +100,8 @@ class FusedDecodeRunner:
     def _setup_fused(self) -> None:
         from forge.engine.fused import FusedDecode
 
-        self.fused = FusedDecode(self.model, self.model.args.max_position_embeddings, fold_norms=self.fold_norms)
+        self.fused = FusedDecode(self.model, self.model.args.max_position_embeddings, fold_norms=self.fold_norms,
+                                 group=self.tp.group if self.tp is not None else None)
         self.fused.reserve(self.config.max_num_seqs)
         self._alloc_state(self.config.max_num_seqs)
         err = self._check_fused()
@@ -151,7 +153,8 @@ class FusedDecodeRunner:
 
         self.graphs.clear()
         self._prefill_graphs.clear()
-        self.fused = FusedDecode(self.model, self.model.args.max_position_embeddings, fold_norms=self.fold_norms)
+        self.fused = FusedDecode(self.model, self.model.args.max_position_embeddings, fold_norms=self.fold_norms,
+                                 group=self.tp.group if self.tp is not None else None)
         self.fused.reserve(self.config.max_num_seqs)
         self._key = None
         if self.device.type == "cuda" and self.config.enable_cuda_graphs:
@@ -179,6 +182,8 @@ class FusedDecodeRunner:
         logits = self.fused.forward(self.st_tok[:b], self.st_pos[:b], self.st_tables[:b], self.k_cache, self.v_cache)
         K.sample(logits, self.st_temp[:b], self.st_seed[:b], self.st_stream[:b], self.st_counter[:b],
                  any_greedy=True, out_tokens=self.st_out_tok[:b], out_logprobs=self.st_out_lp[:b])
+        if self.tp is not None:  # rank 0's tokens are every rank's next inputs (captured in the graph)
+            dist.broadcast(self.st_out_tok[:b], src=0, group=self.tp.group)
         return logits
 
     @torch.inference_mode()
@@ -201,7 +206,8 @@ class FusedDecodeRunner:
             self.st_tables[:b].zero_()  # scratch block 0
             self._fused_step(b)  # warm-up: kernel selection, triton compilation
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool):
+            # tensor parallel: NCCL's watchdog queries events while this thread captures the collectives
+            with torch.cuda.graph(g, pool, capture_error_mode="thread_local" if self.tp is not None else "global"):
                 out = self._fused_step(b)
             pool = pool or g.pool()
             self.graphs[b] = (g, out)
@@ -216,7 +222,7 @@ class FusedDecodeRunner:
     def _gemm_tuner(self):
         """The runner's cuBLASLt tuner (kept across fused-path rebuilds: its choices are per shape)."""
         want = self.config.tune_gemms
-        if want is False:
+        if want is False or self.tp is not None:
             return None
         if self.gemm_tuner is None:
             from forge.engine.cublaslt import GemmTuner
@@ -260,8 +266,8 @@ class FusedDecodeRunner:
             return float("inf")
         return err.item()
 
-    def _state_upload(self, seqs: list[Sequence], rows: list[tuple], gb: int) -> None:
-        """Write the whole decode state for this batch (padded to gb rows)."""
+    def _state_upload(self, seqs: list[Sequence], rows: list[tuple], gb: int) -> tuple[list, list, list]:
+        """The whole decode state for this batch (padded to gb rows), as host lists for `_apply_upload`."""
         mbps = self.max_blocks_per_seq
         ints, temps, tables = [], [], []
         for s, r in zip(seqs, rows):
@@ -273,6 +279,10 @@ class FusedDecodeRunner:
         ints += [0, 0, 0, 0, 0] * pad
         temps += [1.0] * pad
         tables += [0] * (pad * mbps)
+        return ints, temps, tables
+
+    def _apply_upload(self, gb: int, ints: list[int], temps: list[float], tables: list[int]) -> None:
+        mbps = self.max_blocks_per_seq
         i = self._tensor(ints, torch.int64).view(gb, 5)
         self.st_tok[:gb].copy_(i[:, 0])
         self.st_pos[:gb].copy_(i[:, 1])
@@ -307,7 +317,8 @@ class FusedDecodeRunner:
                 t[b:gb].zero_()
             self.st_temp[b:gb].fill_(1.0)
 
-    def _table_update(self, seqs: list[Sequence], nblk: list[int]) -> None:
+    def _table_update(self, seqs: list[Sequence], nblk: list[int]) -> tuple[list[int], list[int]]:
+        """The block-table entries that changed since the last step, as (flat index, block) lists."""
         idx, val = [], []
         mbps = self.max_blocks_per_seq
         for i, (s, old, new) in enumerate(zip(seqs, self._nblk, nblk)):
@@ -315,7 +326,48 @@ class FusedDecodeRunner:
                 for j in range(old, new):
                     idx.append(i * mbps + j)
                     val.append(s.block_table[j])
-        self.st_tables.view(-1).index_copy_(0, self._tensor(idx, torch.int64), self._tensor(val, torch.int32))
+        return idx, val
+
+    def _apply_ops(self, ops: list[tuple], first_tok: torch.Tensor | None) -> None:
+        """Move the device decode state as `decode_launch` planned (a tensor-parallel follower replays
+        rank 0's plan here). `first_tok`: rank 0's unread first tokens of prefilled rows (followers
+        receive them by broadcast)."""
+        for op in ops:
+            kind = op[0]
+            if kind == "compact":
+                self._compact(*op[1:])
+            elif kind == "upload":
+                self._apply_upload(*op[1:])
+            elif kind == "first_tokens":
+                idx = op[1]
+                if self.tp is not None:
+                    first_tok = (torch.empty(len(idx), dtype=torch.int64, device=self.device) if first_tok is None
+                                 else first_tok.to(torch.int64).contiguous())
+                    dist.broadcast(first_tok, src=0, group=self.tp.group)
+                self.st_tok.index_copy_(0, self._tensor(idx, torch.int64), first_tok.to(self.st_tok.dtype))
+            elif kind == "advance":
+                K.advance(self.st_tok, self.st_pos, self.st_counter, self.st_out_tok, op[1])
+            elif kind == "tables":
+                self.st_tables.view(-1).index_copy_(0, self._tensor(op[1], torch.int64),
+                                                    self._tensor(op[2], torch.int32))
+            else:
+                raise RuntimeError(f"fused decode: unknown state op {kind!r}")
+
+    def _fused_run(self, gb: int) -> torch.Tensor:
+        if gb in self.graphs:
+            graph, logits = self.graphs[gb]
+            graph.replay()
+            return logits
+        return self._fused_step(gb)
+
+    @torch.inference_mode()
+    def run_fused_decode(self, ops: list[tuple], b: int, gb: int, torch_sample: bool) -> None:
+        """A tensor-parallel follower's copy of rank 0's `decode_launch`: the same state moves, forward and
+        sampling; the tokens are rank 0's (broadcast), so every rank's decode state stays the same."""
+        self._apply_ops(ops, None)
+        self._fused_run(gb)
+        if torch_sample:
+            dist.broadcast(self.st_out_tok[:b], src=0, group=self.tp.group)
 
     @torch.inference_mode()
     def decode_launch(self, seqs: list[Sequence], rows_fn, sampler, keep: list[int] | None = None,
@@ -334,41 +386,43 @@ class FusedDecodeRunner:
         gb = next((x for x in sorted(self.graphs) if x >= b), b)
         key = tuple(s.seq_id for s in seqs)
         nblk = [len(s.block_table) for s in seqs]
+        ops: list[tuple] = []  # the device state's moves, planned here (host state only), applied below
         if key != self._key and keep is not None and self._key is not None and len(keep) == b:
             rows = rows_fn()
-            self._compact(keep, b, gb)
+            ops.append(("compact", keep, b, gb))
             self._rows_sb = SamplingBatch.build(rows, self.device, state=(
                 self.st_temp[:b], self.st_seed[:b], self.st_stream[:b], self.st_counter[:b]))
             self._key, self._gb = key, gb
             self._nblk = [self._nblk[i] for i in keep]
             if nblk != self._nblk:
-                self._table_update(seqs, nblk)
+                ops.append(("tables", *self._table_update(seqs, nblk)))
         elif key != self._key:
             rows = rows_fn()
             self._key = None
-            self._state_upload(seqs, rows, gb)
+            ops.append(("upload", gb, *self._state_upload(seqs, rows, gb)))
             if first_tokens is not None:
-                self.st_tok.index_copy_(0, self._tensor(first_tokens[0], torch.int64),
-                                        first_tokens[1].to(self.st_tok.dtype))
+                ops.append(("first_tokens", list(first_tokens[0])))
             self._rows_sb = SamplingBatch.build(rows, self.device, state=(
                 self.st_temp[:b], self.st_seed[:b], self.st_stream[:b], self.st_counter[:b]))
             self._key, self._gb = key, gb
         else:
             gb = self._gb
-            K.advance(self.st_tok, self.st_pos, self.st_counter, self.st_out_tok, gb)
+            ops.append(("advance", gb))
             if nblk != self._nblk:
-                self._table_update(seqs, nblk)
+                ops.append(("tables", *self._table_update(seqs, nblk)))
         self._nblk = nblk
-        if gb in self.graphs:
-            graph, logits = self.graphs[gb]
-            graph.replay()
-        else:
-            logits = self._fused_step(gb)
         sb = self._rows_sb
-        if not sb.fast_ok or not sampler.fast:
+        torch_sample = not sb.fast_ok or not sampler.fast
+        if self.tp is not None:
+            self.tp.send_plan(("fused_decode", ops, b, gb, torch_sample))
+        self._apply_ops(ops, first_tokens[1] if first_tokens is not None else None)
+        logits = self._fused_run(gb)
+        if torch_sample:
             tok, lp = sampler(logits[:b], sb)
             self.st_out_tok[:b].copy_(tok)
             self.st_out_lp[:b].copy_(lp)
+            if self.tp is not None:
+                dist.broadcast(self.st_out_tok[:b], src=0, group=self.tp.group)
         host = self._host_out[self._flip]
         self._flip ^= 1
         host.copy_(self.st_out, non_blocking=self.pin)

@@ -26,6 +26,7 @@ from forge.engine.config import EngineConfig
 from forge.engine.fused_decode import FusedDecodeRunner, _layer_post, _layer_pre
 from forge.engine.scheduler import PrefillChunk
 from forge.engine.sequence import Sequence
+from forge.engine.tp import TPGroup
 from forge.engine.triton_decode import paged_decode_attention, triton_supported
 from forge.models.decoder import CausalLM, apply_rope
 
@@ -34,15 +35,21 @@ log = logging.getLogger(__name__)
 
 class ModelRunner(FusedDecodeRunner):
     def __init__(self, model: CausalLM, config: EngineConfig, device: torch.device, dtype: torch.dtype,
-                 max_model_len: int):
+                 max_model_len: int, tp: TPGroup | None = None):
         self.config, self.device, self.dtype = config, device, dtype
+        self.tp = tp  # tensor parallel: `model` is this rank's shard (forge.engine.tp); None: one process
+        if tp is not None:
+            _check_tp_config(config, tp)
         self.model = model.to(device=device, dtype=dtype).eval()
         a = model.args
-        self.num_layers, self.num_kv, self.head_dim = a.num_hidden_layers, a.num_key_value_heads, a.head_dim
+        tp_size = tp.size if tp is not None else 1
+        self.num_layers, self.num_kv, self.head_dim = a.num_hidden_layers, a.num_key_value_heads // tp_size, a.head_dim
+        self.num_heads = a.num_attention_heads // tp_size
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
-        self.fold_norms = self._want_fold()  # before the KV budget: the folded copies take memory
+        # before the KV budget: the folded copies take memory
+        self.fold_norms = self._want_fold() if tp is None else False
         self.num_blocks = self._num_blocks(max_model_len)
         shape = (self.num_layers, self.num_blocks, self.block_size, self.num_kv, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
@@ -75,11 +82,14 @@ class ModelRunner(FusedDecodeRunner):
             except Exception as e:  # noqa: BLE001
                 if config.fused_decode:
                     raise
+                if tp is not None:  # the ranks must agree on the path; a fallback on one rank would not
+                    raise RuntimeError(f"fused decode unavailable on tensor-parallel rank {tp.rank} ({e}); set "
+                                       "EngineConfig.fused_decode=False to run the unfused decode on every rank") from e
                 log.warning("fused decode unavailable (%s); using the unfused path", e)
                 self.fused, self.graphs = None, {}
         if self.fused is None:
             self.use_triton = self._pick_backend()
-            if config.compile or (config.compile is None and device.type == "cuda"):
+            if config.compile or (config.compile is None and device.type == "cuda" and tp is None):
                 self.compiled = self._try_compile(strict=bool(config.compile))
             if device.type == "cuda" and config.enable_cuda_graphs:
                 self._capture_with_fallback()
@@ -109,6 +119,8 @@ class ModelRunner(FusedDecodeRunner):
         if tokens < max_model_len:
             raise ValueError(f"KV cache budget of {tokens} tokens cannot hold one sequence of max_model_len="
                              f"{max_model_len}; raise kv_cache_tokens / gpu_memory_fraction or lower max_model_len")
+        if self.tp is not None:  # rank 0 hands out the block ids: every rank's cache must hold them
+            tokens = self.tp.min_int(tokens)
         return -(-tokens // self.block_size) + 1  # +1: scratch block 0
 
     def _pick_backend(self) -> bool:
@@ -133,7 +145,7 @@ class ModelRunner(FusedDecodeRunner):
     def _check_triton(self) -> float:
         g = torch.Generator(device=self.device).manual_seed(0)
         nb, bs, hkv, d = 9, self.block_size, self.num_kv, self.head_dim
-        hq = self.model.args.num_attention_heads
+        hq = self.num_heads
         kc = torch.randn(nb, bs, hkv, d, device=self.device, generator=g).to(self.dtype)
         vc = torch.randn(nb, bs, hkv, d, device=self.device, generator=g).to(self.dtype)
         q = torch.randn(3, 1, hq, d, device=self.device, generator=g).to(self.dtype)
@@ -196,14 +208,28 @@ class ModelRunner(FusedDecodeRunner):
             pos += [0] * (extra * t)
             slots += [0] * (extra * t)
             last += [0] * extra
+            if self.tp is not None:
+                self.tp.send_plan(("prefill_graph", key, tokens, pos, slots, last))
             return self._prefill_replay(key, tokens, pos, slots, last)[: len(chunks)]
         width = -(-max(c.end for c in chunks) // bs)
+        tables = self._tables([c.seq for c in chunks], width) if has_prefix else None
+        plan = ("prefill", tokens, pos, slots, last, [c.start for c in chunks], tables, b, t, width)
+        if self.tp is not None:
+            self.tp.send_plan(plan)
+        return self.run_prefill(*plan[1:])
+
+    @torch.inference_mode()
+    def run_prefill(self, tokens: list[int], pos: list[int], slots: list[int], last: list[int], starts: list[int],
+                    tables: list[int] | None, b: int, t: int, width: int) -> torch.Tensor:
+        """The eager prefill of `b` right-padded rows of `t` tokens (what `prefill` plans; a tensor-parallel
+        follower runs rank 0's plan through here). `tables`: the rows' block tables when some row
+        continues cached context."""
+        has_prefix = tables is not None
         self.meta = AttnMeta(
             slot_mapping=self._tensor(slots, torch.int64),
-            block_tables=self._tensor(self._tables([c.seq for c in chunks], width), torch.int32).view(b, width)
-            if has_prefix else None,
+            block_tables=self._tensor(tables, torch.int32).view(b, width) if has_prefix else None,
             context_lens=None, decode=False,
-            starts=self._tensor([c.start for c in chunks], torch.int64), has_prefix=has_prefix,
+            starts=self._tensor(starts, torch.int64), has_prefix=has_prefix,
         )
         tok = self._tensor(tokens, torch.int64).view(b, t)
         pos_t = self._tensor(pos, torch.int64).view(b, t)
@@ -299,8 +325,20 @@ class ModelRunner(FusedDecodeRunner):
         """Unfused path: one new token per sequence (its k/v goes into the cache); logits [len(seqs), V]."""
         b = len(seqs)
         gb = next((x for x in sorted(self.graphs) if x >= b), None)
+        width = self.max_blocks_per_seq if gb is not None else max(len(s.block_table) for s in seqs)
+        plan = ("decode", b, gb, width, *self._decode_inputs(seqs, gb or b, width))
+        if self.tp is not None:
+            self.tp.send_plan(plan)
+        return self.run_decode(*plan[1:])
+
+    @torch.inference_mode()
+    def run_decode(self, b: int, gb: int | None, width: int, tokens: list[int], pos: list[int], slots: list[int],
+                   lens: list[int], tables: list[int]) -> torch.Tensor:
+        """One decode step of `b` rows from their inputs (`_decode_inputs`), in the captured graph of batch
+        size `gb` when there is one; what `decode` plans, and what a tensor-parallel follower runs."""
+        if gb is not None and gb not in self.graphs:  # a follower without that graph: the same rows, eagerly
+            b, gb = gb, None
         if gb is not None:
-            tokens, pos, slots, lens, tables = self._decode_inputs(seqs, gb, self.max_blocks_per_seq)
             st = self._static
             st["tokens"][:gb].copy_(self._tensor(tokens, torch.int64).view(gb, 1))
             st["pos"][:gb].copy_(self._tensor(pos, torch.int64).view(gb, 1))
@@ -310,8 +348,6 @@ class ModelRunner(FusedDecodeRunner):
             graph, out = self.graphs[gb]
             graph.replay()
             return out[:b]
-        width = max(len(s.block_table) for s in seqs)
-        tokens, pos, slots, lens, tables = self._decode_inputs(seqs, b, width)
         self.meta = AttnMeta(self._tensor(slots, torch.int64), self._tensor(tables, torch.int32).view(b, width),
                              self._tensor(lens, torch.int32), decode=True)
         return self.decode_forward(self._tensor(tokens, torch.int64).view(b, 1), self._tensor(pos, torch.int64).view(b, 1))
@@ -424,7 +460,9 @@ class ModelRunner(FusedDecodeRunner):
         for b in sizes:  # largest first, so smaller graphs reuse its memory pool
             self.run_static(b)  # warm-up: kernel selection, triton compilation
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool):
+            # tensor parallel: the NCCL all-reduces are captured; NCCL's watchdog thread queries events while
+            # this thread captures, which the default ("global") capture mode would turn into an error
+            with torch.cuda.graph(g, pool, capture_error_mode="thread_local" if self.tp is not None else "global"):
                 out = self.run_static(b)
             pool = pool or g.pool()
             self.graphs[b] = (g, out)
@@ -433,6 +471,8 @@ class ModelRunner(FusedDecodeRunner):
 
     @torch.inference_mode()
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        if pairs and self.tp is not None and self.tp.leader:
+            self.tp.send_plan(("copy_blocks", pairs))
         if pairs:
             src = torch.tensor([p[0] for p in pairs], device=self.device)
             dst = torch.tensor([p[1] for p in pairs], device=self.device)
@@ -482,3 +522,13 @@ def _post_fn(x, attn, wo, bo, ln_w, ln_eps, wg, bg, wu, bu, wd, bd):
     h = x + F.linear(attn.reshape(x.shape[0], x.shape[1], -1), wo, bo)
     y = _rms(h, ln_w, ln_eps)
     return h + F.linear(F.silu(F.linear(y, wg, bg)) * F.linear(y, wu, bu), wd, bd)
+
+
+def _check_tp_config(config: EngineConfig, tp: TPGroup) -> None:
+    """Tensor parallelism runs the fused decode (all-reduces and rank 0's sampled tokens captured in its
+    CUDA graphs) or the unfused one; torch.compile of the decode layers, norm folding and cuBLASLt tuning
+    are not supported with it: asking for them is an error, not a silent fallback (unset, they are off)."""
+    for key in ("compile", "fold_norms", "tune_gemms"):
+        if getattr(config, key):
+            raise ValueError(f"EngineConfig.{key}=True is not supported with tensor_parallel_size={tp.size}; "
+                             f"leave {key} unset")
