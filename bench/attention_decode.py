@@ -32,8 +32,8 @@ from forge.engine import kernels as K  # noqa: E402
 from forge.engine.timing import graph_time_us  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import kernel_settings  # noqa: E402
 import _record  # noqa: E402  (bench/_record.py: commit, command, device, date in every result file)
+import kernel_settings  # noqa: E402
 
 
 def setup(b: int, ctx: int, layers: int, dev: torch.device, dtype: torch.dtype, hq=14, hkv=2, d=64, bs=64,

@@ -332,7 +332,7 @@ async def run_in_process(scenario: str, model: str, work: Path, steps: int, kill
         out = await asyncio.wait_for(main(cfg, on_step=on_step), RUN_BOUND_S)
         row.outcome, row.steps_done = "finished", out["steps"]
         row.steps_lost = steps - out["steps"]
-    except asyncio.TimeoutError:
+    except TimeoutError:
         row.outcome, row.error = "timeout", f"no end within {RUN_BOUND_S:.0f}s (a hang)"
     except Exception as e:  # noqa: BLE001 - the outcome is what the bench reports
         row.outcome, row.error = "error", first_line(e)

@@ -28,9 +28,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+import _record  # noqa: E402  (bench/_record.py: commit, command, device, date in every result file)
+
 from forge.engine.cublaslt import GemmTuner, LtMatmul  # noqa: E402
 from forge.engine.timing import graph_time_us  # noqa: E402
-import _record  # noqa: E402  (bench/_record.py: commit, command, device, date in every result file)
 
 SHAPES = {"qkv": (1152, 896, True), "o": (896, 896, False), "gate_up": (9728, 896, False),
           "down": (896, 4864, False), "lm_head": (151936, 896, False)}

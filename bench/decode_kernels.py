@@ -22,9 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+import _record  # noqa: E402  (bench/_record.py: commit, command, device, date in every result file)
+
 from forge.engine import kernels as K  # noqa: E402
 from forge.engine.timing import graph_time_us  # noqa: E402
-import _record  # noqa: E402  (bench/_record.py: commit, command, device, date in every result file)
 
 CONFIGS = [(4096, 1, 8), (4096, 2, 8), (8192, 1, 16), (2048, 4, 8), (16384, 1, 16)]
 

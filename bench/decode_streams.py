@@ -26,12 +26,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+import _record  # noqa: E402  (bench/_record.py: commit, command, device, date in every result file)
+
 from forge.engine import kernels as K  # noqa: E402
 from forge.engine.fused import FusedDecode  # noqa: E402
 from forge.engine.timing import graph_time_us  # noqa: E402
 from forge.models.args import ModelArgs  # noqa: E402
 from forge.models.decoder import CausalLM  # noqa: E402
-import _record  # noqa: E402  (bench/_record.py: commit, command, device, date in every result file)
 
 
 def build(layers: int, vocab: int, dev: torch.device) -> CausalLM:

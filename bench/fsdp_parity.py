@@ -20,10 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import _record  # noqa: E402  (bench/_record.py: commit, command, device, date in every result file)
 import torch  # noqa: E402
 
 from bench.grpo_step import SHAPES, write_checkpoint  # noqa: E402
-import _record  # noqa: E402  (bench/_record.py: commit, command, device, date in every result file)
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}  # relative, on the loss
 

@@ -38,8 +38,9 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from forge.engine.timing import graph_time_us  # noqa: E402
 import _record  # noqa: E402  (bench/_record.py: commit, command, device, date in every result file)
+
+from forge.engine.timing import graph_time_us  # noqa: E402
 
 
 @triton.jit

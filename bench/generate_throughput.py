@@ -44,9 +44,9 @@ from forge.models.args import ModelArgs  # noqa: E402
 from forge.models.decoder import CausalLM  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _record  # noqa: E402  (bench/_record.py: commit, command, device, date in every result file)
 from kernel_settings import apply as apply_kernel_settings  # noqa: E402
 from kernel_settings import parse as parse_kernel_settings  # noqa: E402
-import _record  # noqa: E402  (bench/_record.py: commit, command, device, date in every result file)
 
 
 def qwen25_05b(smoke: bool) -> ModelArgs:

@@ -25,11 +25,13 @@ import platform
 import random
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _record  # noqa: E402  (bench/_record.py: commit, command, device, date in every result file)
+
 from forge.actors.reward import RewardActor  # noqa: E402
 from forge.controller import ForgeActor, endpoint, get_provisioner, init_provisioner, shutdown  # noqa: E402
 from forge.observability.metrics import drain  # noqa: E402

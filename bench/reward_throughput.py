@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT), str(ROOT / "bench")]
 
 import _record  # noqa: E402  (bench/_record.py: commit, command, device, date in every result file)
+
 from forge.data.rewards import MathReward, RewardTimeout, RewardWorkers, ThinkingReward  # noqa: E402
 
 WORDS = ["so", "we", "get", "then", "the", "sum", "is", "therefore", "multiply", "by", "and", "divide", "hence"]

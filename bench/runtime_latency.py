@@ -18,10 +18,10 @@ import statistics
 import time
 from typing import Any
 
+import _record  # noqa: E402  (bench/_record.py: commit, command, device, date in every result file)
 import torch
 
 from forge.controller import ForgeActor, endpoint, init_provisioner, shutdown
-import _record  # noqa: E402  (bench/_record.py: commit, command, device, date in every result file)
 
 
 class Echo(ForgeActor):

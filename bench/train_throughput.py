@@ -35,9 +35,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+import _record  # noqa: E402  (bench/_record.py: commit, command, device, date in every result file)
+
 from forge.models import CausalLM, ModelArgs, enable_activation_checkpointing, logprobs_from_hidden, maybe_compile  # noqa: E402
 from forge.models.attention import make_training_attention  # noqa: E402
-import _record  # noqa: E402  (bench/_record.py: commit, command, device, date in every result file)
 
 # *-cg: per-block compile with CUDA graphs (mode="reduce-overhead"): fixed shapes, one GPU (not with FSDP)
 # forge-compilefull-*: the whole CausalLM.forward as one graph (no faster here; kept to compare)
@@ -200,9 +201,8 @@ def run_variant(variant: str, precision: str, a, args: ModelArgs, device) -> Res
 
 
 def settings(a) -> str:
-    from forge.models import attention as A
-
     import forge.models.logprobs as LP
+    from forge.models import attention as A
 
     return (f"chunk={a.chunk_size} recompute={not a.no_recompute} gqa={A.SDPA_GQA} sdpa={A.SDPA_BACKEND} "
             f"flex_opts={A.FLEX_KERNEL_OPTIONS} lp_kernels={LP.CUDA_KERNELS} compile_mode={COMPILE_MODE}")
@@ -356,7 +356,8 @@ def micro(args: ModelArgs, a, device) -> None:
             o.backward(go)
         return f
 
-    for name, be in [] if "attn" not in parts else [("default", None), ("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+    for name, be in [] if "attn" not in parts else [("default", None), ("flash", SDPBackend.FLASH_ATTENTION),
+                                                     ("cudnn", SDPBackend.CUDNN_ATTENTION),
                      ("efficient", SDPBackend.EFFICIENT_ATTENTION), ("math", SDPBackend.MATH)]:
         rec(f"sdpa fwd+bwd gqa-native {name}", sdpa_step(k, v, True, be), attn_flops)
         rec(f"sdpa fwd+bwd gqa-expanded {name}", sdpa_step(ke, ve, False, be), attn_flops)

@@ -12,7 +12,6 @@ its generator model). Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import statistics
 import sys
@@ -24,9 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+import _record  # noqa: E402  (bench/_record.py: commit, command, device, date in every result file)
+
 from forge.models.args import ModelArgs  # noqa: E402
 from forge.models.decoder import CausalLM  # noqa: E402
-import _record  # noqa: E402  (bench/_record.py: commit, command, device, date in every result file)
 
 QWEN25_05B = dict(family="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,

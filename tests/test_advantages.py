@@ -39,7 +39,7 @@ def test_grpo_and_drgrpo():
     dr = compute_advantages(r, ids, "drgrpo")
     nostd = compute_advantages(r, ids, "grpo", normalize_std=False)
     biased = compute_advantages(r, ids, "grpo", unbiased_std=False, eps=0.0)
-    for g, idx in members(ids).items():
+    for _g, idx in members(ids).items():
         vals = [float(r[i]) for i in idx]
         m, s, ps = statistics.mean(vals), statistics.stdev(vals), statistics.pstdev(vals)
         for i in idx:

@@ -24,13 +24,14 @@ import os
 import random
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from test_grpo_failures import config, run  # tiny_model: the conftest fixture
 
 from forge.config import ConfigError
 from forge.controller import init_provisioner, shutdown
@@ -45,7 +46,6 @@ from forge.models.tokenizer import load_tokenizer, tiny_tokenizer_path
 from forge.trainer import CheckpointError, latest_checkpoint
 from forge.trainer.engine import TrainEngine
 from forge.trainer.testing import random_rl_batch
-from test_grpo_failures import config, run  # tiny_model: the conftest fixture
 
 RNG = random.Random()  # fresh inputs each run; the failing seed is in the assertion message
 SEED = RNG.randrange(10**6)

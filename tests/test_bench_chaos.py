@@ -26,7 +26,7 @@ def test_short_chaos_run_loses_no_episode(tiny_model, tmp_path):
     assert body["record"]["command"] and body["record"]["date"]
     rows = {s["scenario"]: s for s in body["scenarios"]}
     assert sorted(rows) == ["generator", "reward"]
-    for name, row in rows.items():
+    for _name, row in rows.items():
         assert row["killed_pid"] and row["outcome"] == "finished", row
         assert row["steps_done"] == row["steps_requested"] == 4, row
         assert row["episodes_generated"] > 0 and row["episodes_trained"] == 4 * 16, row

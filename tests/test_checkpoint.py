@@ -93,7 +93,7 @@ def test_interrupted_save_never_hides_the_last_good_one(tmp_path):
 
 def test_keep_last_n_prunes(tmp_path):
     e = make(tmp_path, keep_last_n=2)
-    for i, b in enumerate(batches(4, 11)):
+    for _i, b in enumerate(batches(4, 11)):
         e.train_step(*b)
         e.save()
     assert [s for s, _ in list_checkpoints(tmp_path / "ck")] == [3, 4]

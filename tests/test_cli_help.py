@@ -98,7 +98,7 @@ def test_meanings_come_from_comments_and_metadata(tmp_path):
     (tmp_path / "a.yaml").write_text("# first line\nname: y\n")
     v = random.randint(10, 99)
     text = format_help("prog", "Does a thing.", _Outer, _Outer(inner=_Inner(depth=v)), tmp_path)
-    assert f"inner.depth" in text and f"= {v}" in text and "how deep" in text and "a.yaml" in text
+    assert "inner.depth" in text and f"= {v}" in text and "how deep" in text and "a.yaml" in text
     rows = {r[0]: r for r in config_rows(_Outer, _Outer())}
     assert set(rows) == {"name", "inner", "inner.depth", "inner.width", "extra", "bare"}
     assert rows["bare"][1:4] == ("7", "int", "")

@@ -188,7 +188,7 @@ def test_wrong_adverbs_and_unknown_endpoint(rt: Runtime) -> None:
             with pytest.raises(AdverbError, match=r"as_actor"):
                 await getattr(rt.actor.incr, adverb)()
         with pytest.raises(AttributeError, match="no endpoint 'nope'"):
-            rt.svc.nope
+            _ = rt.svc.nope
 
     rt.run(main())
 

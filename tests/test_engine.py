@@ -292,7 +292,7 @@ def test_graph_decode_path_static_buffers():
     with torch.inference_mode():
         for b in (8, 4, 2):  # 5, 3 live sequences pad up to 8 and 4
             r.graphs[b] = (_EagerGraph(r, b, r.run_static(b).clone()), r.run_static(b).clone())
-    for b, (g, out) in r.graphs.items():
+    for g, out in r.graphs.values():
         g.out = out
     ps = prompts([3, 19, 7, 30, 11], seed=14)
     outs = eng.generate([(p, greedy(12 + 3 * i)) for i, p in enumerate(ps)])

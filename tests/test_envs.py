@@ -8,8 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from forge.config import registry
-from forge.envs import (CalculatorEnv, CalculatorTask, CodingEnv, CodingTask, Environment, Observation, build_env,
-                        env_factory, register_env)
+from forge.envs import CalculatorEnv, CalculatorTask, CodingEnv, CodingTask, Environment, Observation, build_env, env_factory, register_env
 from forge.envs.code import CodeReward
 from forge.envs.sandbox import sandbox_mode
 from forge.errors import InfraError

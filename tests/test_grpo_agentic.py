@@ -13,8 +13,7 @@ from types import SimpleNamespace as NS
 import pytest
 import torch
 
-from apps.grpo.agentic import (EnvSampler, _gold_batch, _gold_pool, ensure_env_warmup, evaluate_env,
-                               rollout_env_group, split_env_config)
+from apps.grpo.agentic import EnvSampler, _gold_batch, _gold_pool, ensure_env_warmup, evaluate_env, rollout_env_group, split_env_config
 from apps.grpo.config import load_grpo_config
 from apps.grpo.main import main
 from forge.config import compose, parse_cli, to_container

@@ -277,7 +277,7 @@ def test_value_and_grad_match_reference(name, token_adv):
     ref = ref or kl_cov_ref_with_k
     d = make_batch(token_adv=token_adv)
     loss = make()
-    v, g = value_and_grad(lambda x: call(loss, x), d)
+    v, g = value_and_grad(lambda x, loss=loss: call(loss, x), d)
     rv, rg = value_and_grad(ref, d)
     assert torch.isfinite(v)
     torch.testing.assert_close(v, rv, rtol=1e-10, atol=1e-12)
@@ -328,7 +328,7 @@ def test_ratio_one_zero_advantage_zero_gradient(name):
     d["advantages"] = torch.zeros_like(d["advantages"])
     loss = make()
     loss.beta = 0.0  # the policy gradient alone
-    _, g = value_and_grad(lambda x: call(loss, x), d)
+    _, g = value_and_grad(lambda x, loss=loss: call(loss, x), d)
     assert g.abs().max() == 0
 
 
@@ -353,7 +353,7 @@ def test_on_policy_gradient_is_policy_gradient():
                          (GSPOLoss(), expect_seq), (SAPOLoss(), expect_seq), (GMPOLoss(), expect_seq),
                          (DAPOLoss(), expect_tok), (CISPOLoss(), expect_tok), (ReinforceLoss(0.2), expect_tok),
                          (GPGLoss(), expect_tok)]:
-        _, g = value_and_grad(lambda x: call(loss, x), d)
+        _, g = value_and_grad(lambda x, loss=loss: call(loss, x), d)
         torch.testing.assert_close(g, expect, msg=type(loss).__name__)
 
 
@@ -436,7 +436,7 @@ def test_clip_cov_detaches_k_eligible_tokens():
     d = make_batch(B=6, T=8, token_adv=True)
     n = int(d["padding_mask"].sum())
     loss = ClipCovLoss(cov_ratio=2 / n, cov_lb=0.0, cov_ub=10.0, clip_low=None, clip_high=None, seed=0)
-    _, g = value_and_grad(lambda x: call(loss, x), d)
+    _, g = value_and_grad(lambda x, loss=loss: call(loss, x), d)
     cov = covariances(d)
     zero = {(b, t) for (b, t) in cov if g[b, t] == 0}
     assert len(zero) == 2 and all(cov[bt] > 0 for bt in zero)
@@ -448,7 +448,7 @@ def test_kl_cov_penalises_top_covariance_tokens():
     base = KLCovLoss(kl_ratio=0.0, kl_coef=0.0)
     loss = KLCovLoss(kl_ratio=3 / n, kl_coef=2.0)
     _, g0 = value_and_grad(lambda x: call(base, x), d)
-    _, g1 = value_and_grad(lambda x: call(loss, x), d)
+    _, g1 = value_and_grad(lambda x, loss=loss: call(loss, x), d)
     cov = covariances(d)
     top = sorted(cov, key=lambda bt: -cov[bt])[:3]
     changed = {(b, t) for (b, t) in cov if g0[b, t] != g1[b, t]}
@@ -464,7 +464,7 @@ def test_grpo_aggregation_and_kl(agg, kl):
     d = make_batch(B=5, T=6)
     max_len = 11 if agg == "seq-mean-token-sum-norm" else None
     loss = GRPOLoss(0.2, 0.3, beta=0.05, agg=agg, kl_estimator=kl, max_len=max_len)
-    v, g = value_and_grad(lambda x: call(loss, x), d)
+    v, g = value_and_grad(lambda x, loss=loss: call(loss, x), d)
     rv, rg = value_and_grad(lambda x: ref_grpo(x, 0.2, 0.3, 0.05, agg, kl=kl, max_len=max_len), d)
     torch.testing.assert_close(v, rv)
     torch.testing.assert_close(g, rg)

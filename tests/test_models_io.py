@@ -10,7 +10,13 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from forge.models import (
-    CheckpointError, UnknownArchitectureError, build_tiny_model, load_args, load_model, load_tokenizer, save_model,
+    CheckpointError,
+    UnknownArchitectureError,
+    build_tiny_model,
+    load_args,
+    load_model,
+    load_tokenizer,
+    save_model,
     write_tiny_checkpoint,
 )
 from forge.models.hf_io import resolve_model_path

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.distributed as dist
 
-from forge.models import build_tiny_model, compute_logprobs, save_model, load_model
+from forge.models import build_tiny_model, compute_logprobs, load_model, save_model
 from forge.trainer.parallel import apply_fsdp  # the one FSDP2 wrapping: the trainer's
 
 

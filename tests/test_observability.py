@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import random
 import asyncio
 import builtins
 import json
 import math
+import random
 import statistics
 import sys
 from pathlib import Path

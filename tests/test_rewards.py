@@ -346,9 +346,9 @@ def test_math_reward_answer_first_or_last():
 
 
 def test_torchforge_layout_takes_the_first_answer():
-    import yaml
-
     from pathlib import Path
+
+    import yaml
 
     cfg = yaml.safe_load((Path(__file__).parents[1] / "apps/grpo/qwen3_1_7b.yaml").read_text())
     combo = build_rewards(cfg["rewards"])

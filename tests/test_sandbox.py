@@ -19,7 +19,6 @@ from forge.envs import sandbox
 from forge.envs.sandbox import SandboxUnavailableError, run_python, sandbox_mode, stray_processes
 from forge.errors import InfraError
 
-
 # sandbox_mode() always finds something ("rlimits" at worst); a sandbox that then cannot run raises
 # InfraError with its cause, which must fail these tests, not skip them
 MODE = sandbox_mode()

@@ -13,8 +13,8 @@ from apps.sft.config import load_sft_config
 from apps.sft.main import encode_example, make_batch, run_sft
 from apps.sft.warmup import ensure_warmup_checkpoint
 from forge.config import ConfigError, compose, parse_cli, to_container
-from forge.models.tokenizer import load_tokenizer, tiny_tokenizer_path
 from forge.models.logprobs import compute_logprobs
+from forge.models.tokenizer import load_tokenizer, tiny_tokenizer_path
 from forge.trainer.engine import TrainEngine
 from forge.trainer.step import sft_loss
 

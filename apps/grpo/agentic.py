@@ -23,9 +23,10 @@ import hashlib
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -262,7 +263,7 @@ def ensure_env_warmup(env: dict[str, Any], *, steps: int, lr: float, batch_size:
         }, device)
         rng = random.Random(seed)
         loss = float("nan")
-        for step in range(steps):
+        for _step in range(steps):
             loss = engine.sft_step(_gold_batch(rng.sample(pool, min(batch_size, len(pool))), tok.pad_token_id))
         _drop_metrics("sft_trainer/")  # the warm-up's step metrics do not belong in the RL run's log
         save_model(engine.model, tmp / "model", tokenizer=tok)

@@ -145,7 +145,7 @@ class RefTrainingSection:
     # torchtitan's keys here (seq_len, gc_freq, ...) go through forge.config.compat: reported as unused
 
 
-def ref_training(cfg: "GRPOConfig") -> dict[str, Any]:
+def ref_training(cfg: GRPOConfig) -> dict[str, Any]:
     """The ReferenceModel's `training` options."""
     return dataclasses.asdict(cfg.ref_model.training)
 

@@ -17,8 +17,9 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import torch
 
@@ -36,6 +37,9 @@ from apps.grpo.support import (
     weight_sync_config,
     write_learning_curve,
 )
+
+# torchforge's apps/grpo/main.py defines these; code importing them from here gets forge's (forge.compat)
+from forge.compat import ComputeAdvantages, DatasetActor, RewardActor, collate, simple_grpo_loss  # noqa: E402,F401,I001
 from forge.config import compose, parse_cli, run_cli, to_container
 from forge.config.help import format_help, wants_help, without_help
 from forge.controller import ReplicaLostError, init_provisioner, shutdown
@@ -44,12 +48,11 @@ from forge.data.datasets import DatasetConfig
 from forge.engine.config import EngineConfig, SamplingParams
 from forge.observability import MetricLogger, Reduce, build_backends, drain, record_metric, truncate_jsonl
 from forge.trainer.checkpoint import latest_checkpoint
-from forge.types import Episode
+from forge.types import (
+    Episode,
+    Group,  # noqa: F401
+)
 from forge.weight_sync import cleanup_run
-
-# torchforge's apps/grpo/main.py defines these; code importing them from here gets forge's (forge.compat)
-from forge.compat import ComputeAdvantages, DatasetActor, RewardActor, collate, simple_grpo_loss  # noqa: E402,F401,I001
-from forge.types import Group  # noqa: F401
 
 log = logging.getLogger("forge.grpo")
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
@@ -186,7 +189,7 @@ async def _train(cfg: GRPOConfig, sync: dict[str, Any], resume: bool,
             t0 = time.perf_counter()
             # bounded: raises if the rollouts died (too many reward/sandbox failures among them) or
             # filter everything, or the buffer was lost
-            batch = await wait_for_batch(sup, lambda: s.replay_buffer.sample.call_one(curr_policy_version=step))
+            batch = await wait_for_batch(sup, lambda step=step: s.replay_buffer.sample.call_one(curr_policy_version=step))
             if batch is None:
                 log.warning("the rollouts finished (dataset exhausted) after %d of %d steps", step, max_steps)
                 break

@@ -36,8 +36,9 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from forge.controller import ForgeActor, endpoint
 from forge.data.rewards import CombinedReward, build_rewards, reward_name
@@ -124,7 +125,7 @@ class RewardActor(ForgeActor):
         fut, thread = _call_in_daemon_thread(lambda: _call_reward(fn, prompt, response, target), self._slots)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(fut), self.timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._hung.append(thread)
             raise RewardTimeout(f"no result in {self.timeout_s}s (its thread cannot be stopped: "
                                 f"isolation='process' can)") from None

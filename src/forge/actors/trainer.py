@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,7 +25,6 @@ from torch import nn
 from forge.controller import ForgeActor, endpoint
 from forge.observability import Reduce, record_metric
 from forge.trainer.config import TrainerConfig
-
 
 _PUBLISHER_KEYS = {
     "inproc": ("name", "mode"),
@@ -172,9 +172,8 @@ class Trainer(ForgeActor):
     # ------------------------------------------------------------------ weight sync
     def _get_publisher(self) -> Any:
         if self._publisher is None:
-            from forge.weight_sync import WeightPublisher, manifest
-
             from forge.models.hf_io import to_dtype
+            from forge.weight_sync import WeightPublisher, manifest
 
             kw = dict(self.weight_sync_cfg)
             transport = kw.pop("transport", "inproc")

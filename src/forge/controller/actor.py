@@ -20,8 +20,9 @@ and `self.device` are set before `__init__`.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -118,7 +119,7 @@ class ForgeActor:
     device: torch.device = torch.device("cpu")
 
     @classmethod
-    def options(cls, **kwargs: Any) -> type["ForgeActor"]:
+    def options(cls, **kwargs: Any) -> type[ForgeActor]:
         """A new subclass carrying these placement options (two services never share them)."""
         valid = {f.name for f in fields(ActorOptions)}
         if "hosts_per_replica" in kwargs:  # torchforge's ServiceConfig name
@@ -138,7 +139,7 @@ class ForgeActor:
                                             "__qualname__": cls.__qualname__, "_forge_base": _base_of(cls)})
 
     @classmethod
-    async def as_service(cls, **init_kwargs: Any) -> "ServiceHandle":
+    async def as_service(cls, **init_kwargs: Any) -> ServiceHandle:
         from forge.controller.provisioner import get_provisioner
         from forge.controller.service import Service, ServiceHandle
 
@@ -147,7 +148,7 @@ class ForgeActor:
         return ServiceHandle(service)
 
     @classmethod
-    async def as_actor(cls, **init_kwargs: Any) -> "ActorHandle":
+    async def as_actor(cls, **init_kwargs: Any) -> ActorHandle:
         from forge.controller.provisioner import get_provisioner
         from forge.controller.service import ActorHandle, Service
 

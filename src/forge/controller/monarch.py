@@ -75,7 +75,7 @@ class RemoteFailure:
     exc_bytes: bytes | None  # the exception itself, when it pickles
 
     @classmethod
-    def of(cls, rank: int, e: BaseException) -> "RemoteFailure":
+    def of(cls, rank: int, e: BaseException) -> RemoteFailure:
         try:
             exc_bytes: bytes | None = pickle.dumps(e)
         except Exception:
@@ -185,7 +185,7 @@ class _ForgeHost(Actor):
 # fails; its default exits the process. forge restarts dead replicas instead, so while a
 # MonarchProvisioner exists the hook marks the replica dead and returns (= handled).
 
-_live_meshes: dict[str, "MonarchReplica"] = {}  # proc/actor mesh name -> replica
+_live_meshes: dict[str, MonarchReplica] = {}  # proc/actor mesh name -> replica
 _retired_meshes: set[str] = set()
 _job_meshes: set[str] = set()  # the host meshes of multi-host jobs: a host's death is its replicas' (watchdog)
 _previous_hook: Any = None
@@ -241,7 +241,7 @@ async def _await(fut: Any) -> Any:
 
 class MonarchReplica(Replica):
     def __init__(self, actor_cls: type, init_kwargs: dict[str, Any], options: ActorOptions, replica_id: int,
-                 provisioner: "MonarchProvisioner", gpus: list[str]):
+                 provisioner: MonarchProvisioner, gpus: list[str]):
         super().__init__(actor_cls, init_kwargs, options, replica_id)
         self.provisioner = provisioner
         self.gpus = gpus  # held from creation to stop(), so GPU errors come before any spawn

@@ -37,7 +37,7 @@ class GpuAllocator:
         self._load: dict[str, int] = {g: 0 for g in self.gpu_ids}
 
     @classmethod
-    def with_count(cls, count: int, share: bool = False) -> "GpuAllocator":
+    def with_count(cls, count: int, share: bool = False) -> GpuAllocator:
         if count < 0:
             raise ValueError(f"gpu count must be >= 0, got {count}")
         return cls([str(i) for i in range(count)], share=share)

@@ -31,10 +31,10 @@ class Provisioner:
     def create_replica(self, actor_cls: type, init_kwargs: dict[str, Any], options: ActorOptions, replica_id: int) -> Replica:
         raise NotImplementedError
 
-    def register(self, service: "Service") -> None:
+    def register(self, service: Service) -> None:
         self.services.append(service)
 
-    def unregister(self, service: "Service") -> None:
+    def unregister(self, service: Service) -> None:
         if service in self.services:
             self.services.remove(service)
 

@@ -7,7 +7,8 @@ this interface; `forge.controller.local` and `forge.controller.monarch` implemen
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from forge.controller.actor import ActorOptions
 
@@ -26,7 +27,7 @@ class Replica(abc.ABC):
         self.generation = 0
         # Set by the Service: called when the backend notices on its own (a watchdog, a kill)
         # that this replica died, so an idle dead replica is restarted too.
-        self.on_death: Callable[["Replica"], None] | None = None
+        self.on_death: Callable[[Replica], None] | None = None
         # Why this replica is gone for good (its restart policy is 'fail', or restoring its state
         # failed); the Service never routes to a lost replica again. None while it serves.
         self.lost: str | None = None
@@ -54,7 +55,7 @@ class Replica(abc.ABC):
     async def kill(self) -> None:
         """Kill the replica abruptly (what a crash looks like); used by failure tests."""
 
-    async def probe(self, timeout: float) -> None:
+    async def probe(self, timeout: float) -> None:  # noqa: B027 (optional: backends that can tell override it)
         """Return if the replica's processes answer within `timeout`; raise (`CallTimeoutError`,
         `ReplicaDeadError`) if not. The Service asks after a call timed out, to tell a slow
         endpoint (the replica answers) from a hung or stopped process (it does not: replaced).

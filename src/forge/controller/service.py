@@ -32,7 +32,8 @@ import itertools
 import logging
 import random
 import uuid
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 from forge.controller.actor import ActorOptions, endpoint_names, state_changing_endpoints
 from forge.controller.errors import (
@@ -57,7 +58,7 @@ _current_session: contextvars.ContextVar[str | None] = contextvars.ContextVar("f
 
 
 class Service:
-    def __init__(self, actor_cls: type, init_kwargs: dict[str, Any], options: ActorOptions, provisioner: "Provisioner"):
+    def __init__(self, actor_cls: type, init_kwargs: dict[str, Any], options: ActorOptions, provisioner: Provisioner):
         self.actor_cls = actor_cls
         self.init_kwargs = init_kwargs
         self.options = options
@@ -102,7 +103,7 @@ class Service:
         self.provisioner.register(self)
 
     # ---- replica choice -------------------------------------------------------------------
-    def _healthy(self) -> list["Replica"]:
+    def _healthy(self) -> list[Replica]:
         return [r for r in self.replicas if r.healthy and r.replica_id not in self._catching_up]
 
     def _no_replica(self, what: str) -> NoHealthyReplicaError:
@@ -111,7 +112,7 @@ class Service:
             return ReplicaLostError(f"{self.name}: {what}; " + "; ".join(f"{r.name} is lost: {r.lost}" for r in lost))
         return NoHealthyReplicaError(f"{self.name}: {what}")
 
-    def _pick(self, sess_id: str | None, exclude: set[int]) -> "Replica":
+    def _pick(self, sess_id: str | None, exclude: set[int]) -> Replica:
         healthy = [r for r in self._healthy() if r.replica_id not in exclude]
         if not healthy:
             raise self._no_replica(f"no healthy replica (of {len(self.replicas)}) is available")
@@ -133,7 +134,7 @@ class Service:
             return
         await asyncio.wait(list(self._restarting.values()), return_when=asyncio.FIRST_COMPLETED)
 
-    def _on_dead(self, replica: "Replica", generation: int | None = None) -> None:
+    def _on_dead(self, replica: Replica, generation: int | None = None) -> None:
         if generation is not None and generation != replica.generation:
             return  # a late report about an incarnation that was already replaced
         replica.healthy = False
@@ -146,12 +147,12 @@ class Service:
         if replica.replica_id not in self._restarting:
             self._restarting[replica.replica_id] = asyncio.ensure_future(self._restart(replica))
 
-    def _lose(self, replica: "Replica", why: str) -> None:
+    def _lose(self, replica: Replica, why: str) -> None:
         replica.healthy = False
         replica.lost = why
         log.error("%s is lost: %s", replica.name, why)
 
-    async def _restart(self, replica: "Replica") -> None:
+    async def _restart(self, replica: Replica) -> None:
         try:
             log.warning("%s died; restarting it (restart policy '%s')", replica.name, self.restart)
             replica.generation += 1
@@ -175,7 +176,7 @@ class Service:
         finally:
             self._restarting.pop(replica.replica_id, None)
 
-    async def _restore(self, replica: "Replica") -> None:
+    async def _restore(self, replica: Replica) -> None:
         """Bring a restarted replica back to the state kept from its previous incarnation (none
         kept: it died before any state-changing call, so its fresh state is the right one)."""
         snap = self._snapshots.get(replica.replica_id)
@@ -185,25 +186,25 @@ class Service:
             await asyncio.wait_for(replica.call("load_state_dict", (state,), {}, rank), self.options.timeout_s)
         log.warning("%s restored to its state before it died", replica.name)
 
-    async def _after_call(self, replica: "Replica", endpoint: str) -> None:
+    async def _after_call(self, replica: Replica, endpoint: str) -> None:
         """Under restart='restore': keep the replica's state after a call that changed it."""
         if endpoint not in self._state_endpoints:
             return
         seq = next(self._snap_seq)
         try:
             state = await asyncio.wait_for(replica.call("state_dict", (), {}, None), self.options.timeout_s)
-        except (ReplicaDeadError, asyncio.TimeoutError):
+        except (TimeoutError, ReplicaDeadError):
             return  # died right after the call: restored to the previous snapshot
         if seq > self._snapshots.get(replica.replica_id, (-1, None))[0]:  # concurrent calls: the latest wins
             self._snapshots[replica.replica_id] = (seq, list(state))
 
     # ---- calls ----------------------------------------------------------------------------
-    async def _call_replica(self, replica: "Replica", endpoint: str, args: tuple, kwargs: dict, rank: int | None) -> list[Any]:
+    async def _call_replica(self, replica: Replica, endpoint: str, args: tuple, kwargs: dict, rank: int | None) -> list[Any]:
         replica.inflight += 1
         gen = replica.generation
         try:
             return await asyncio.wait_for(replica.call(endpoint, args, kwargs, rank), self.options.timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             err = CallTimeoutError(
                 f"{self.name}.{endpoint} on replica {replica.replica_id} did not answer within "
                 f"{self.options.timeout_s:g}s (options(timeout_s=...) sets the bound)"
@@ -217,18 +218,19 @@ class Service:
         finally:
             replica.inflight -= 1
 
-    async def _unresponsive(self, replica: "Replica") -> str | None:
+    async def _unresponsive(self, replica: Replica) -> str | None:
         """None if the replica answers a probe in time, else why not."""
         timeout = min(PROBE_TIMEOUT_S, self.options.timeout_s)
         try:
             await asyncio.wait_for(replica.probe(timeout), timeout + 1.0)
-        except (asyncio.TimeoutError, CallTimeoutError):
+        except (TimeoutError, CallTimeoutError):
             return f"no answer within {timeout:g}s"
         except ReplicaDeadError as e:
             return str(e)
         return None
 
-    async def route(self, endpoint: str, args: tuple, kwargs: dict, sess_id: str | None = None, rank: int | None = None, all_ranks: bool = False) -> Any:
+    async def route(self, endpoint: str, args: tuple, kwargs: dict, sess_id: str | None = None,
+                    rank: int | None = None, all_ranks: bool = False) -> Any:
         """One replica (sticky for a session, else least loaded); retried if it dies."""
         self._check_endpoint(endpoint)
         sess_id = sess_id if sess_id is not None else _current_session.get()
@@ -275,7 +277,7 @@ class Service:
             raise self._no_replica(f"no healthy replica for fanout of '{endpoint}'")
         dead: list[str] = []
 
-        async def one(r: "Replica") -> tuple[bool, Any]:
+        async def one(r: Replica) -> tuple[bool, Any]:
             gen = r.generation
             try:
                 out = (await self._call_replica(r, endpoint, args, kwargs, None))[0]

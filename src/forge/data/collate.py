@@ -13,7 +13,8 @@ response tokens that get gradient (multi-turn episodes zero out environment toke
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

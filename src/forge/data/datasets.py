@@ -18,8 +18,9 @@ up to `index` (exact, at the cost of reading those items again).
 from __future__ import annotations
 
 import string
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import datasets
 import numpy as np
@@ -55,7 +56,7 @@ class DatasetConfig:
     max_epochs: int | None = None  # None: cycle forever (the RL loop); else stop after that many
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | "DatasetConfig") -> "DatasetConfig":
+    def from_dict(cls, d: Mapping[str, Any] | DatasetConfig) -> DatasetConfig:
         """From a config mapping; torchforge's `data_split` / `revision` spellings are accepted."""
         if isinstance(d, DatasetConfig):
             return d

@@ -12,8 +12,9 @@ whole timeout. Rewards additionally bound the text they look at (`max_chars`, th
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
-from typing import Callable, Literal
+from typing import Literal
 
 AnswerPick = Literal["first", "last"]
 ANSWER_PICKS = ("first", "last")
@@ -120,8 +121,8 @@ def extract_answer_tag(text: str, pick: AnswerPick = "last") -> str | None:
 def extract_last_number(text: str) -> str | None:
     """The last number in free text ("so she has 1,200 apples." -> "1200")."""
     last = None
-    for last in _NUMBER.finditer(text):
-        pass
+    for match in _NUMBER.finditer(text):
+        last = match
     return last.group().replace(",", "") if last is not None else None
 
 

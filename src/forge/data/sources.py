@@ -8,10 +8,11 @@ files whose name starts with the requested split are taken; otherwise every data
 from __future__ import annotations
 
 import glob as _glob
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import datasets
+
 
 # extension -> the `datasets` builder that reads it
 class DatasetError(ValueError):

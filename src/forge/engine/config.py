@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -67,7 +67,7 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.attention_backend must be auto|triton|torch, got {self.attention_backend!r}")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | "EngineConfig" | None) -> "EngineConfig":
+    def from_dict(cls, d: dict[str, Any] | EngineConfig | None) -> EngineConfig:
         return _from_dict(cls, d)
 
 
@@ -121,10 +121,10 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.n must be >= 1, got {self.n}")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | "SamplingParams" | None) -> "SamplingParams":
+    def from_dict(cls, d: dict[str, Any] | SamplingParams | None) -> SamplingParams:
         return _from_dict(cls, d)
 
-    def replace(self, **kw: Any) -> "SamplingParams":
+    def replace(self, **kw: Any) -> SamplingParams:
         return _from_dict(type(self), {**{f.name: getattr(self, f.name) for f in fields(self)}, **kw})
 
 

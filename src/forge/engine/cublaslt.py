@@ -348,7 +348,7 @@ class GemmTuner:
                 err = float((got.float() - ref).abs().max() / scale)
                 if not err < 2e-2:  # a bf16 ulp or two from summation order; anything else is not this GEMM
                     continue
-                us = graph_time_us(lambda: [op(x, w, b, algo, out=out) for w, b in weights]) / len(weights)
+                us = graph_time_us(lambda algo=algo: [op(x, w, b, algo, out=out) for w, b in weights]) / len(weights)
             except RuntimeError as e:
                 log.debug("cuBLASLt candidate for %s failed: %s", key, e)
                 continue

@@ -51,7 +51,7 @@ from forge.engine.config import EngineConfig, SamplingParams
 from forge.engine.runner import ModelRunner
 from forge.engine.sampler import Sampler, SamplingBatch
 from forge.engine.scheduler import Scheduler
-from forge.engine.sequence import Request, RequestOutput, SampleOutput, Sequence, SeqStatus
+from forge.engine.sequence import Request, RequestOutput, SampleOutput, SeqStatus, Sequence
 from forge.engine.tp import TPGroup, check_tp_degree, load_shards, shard_model
 from forge.models.decoder import CausalLM
 
@@ -186,7 +186,7 @@ class LLMEngine:
         self.stats["forward_s"] += time.perf_counter() - t0
         return done
 
-    def _launch_prefill(self, chunks: list) -> "_PrefillHandle | None":
+    def _launch_prefill(self, chunks: list) -> _PrefillHandle | None:
         """Queue the prefill of these prompt chunks and the sampling of each completed prompt's first
         token (nothing waits for the device); None when no prompt completes in this step."""
         logits = self.runner.prefill(chunks)
@@ -264,12 +264,12 @@ class LLMEngine:
                 return True, self._launch_prefill(chunks)
         return False, None
 
-    def _may_join(self, h: "_PrefillHandle") -> bool:
+    def _may_join(self, h: _PrefillHandle) -> bool:
         """Can the decode step after this prefill be queued before its first tokens are read (fused path)?"""
         return (self.join_prefilled and self.config.overlap_decode and self.runner.fused is not None
                 and all(s.request.max_new_tokens - s.num_generated > 1 for s in h.seqs))  # not its last token
 
-    def _decode_joining(self, pend: "_PrefillHandle"):
+    def _decode_joining(self, pend: _PrefillHandle):
         """After a prefill step whose first tokens are not read yet, with no prompt left to prefill:
         queue the decode of every running sequence now, the prefilled rows' inputs being those first
         tokens, copied on the device (`decode_launch(first_tokens=)`), so that the device does not

@@ -196,7 +196,7 @@ class ModelRunner(FusedDecodeRunner):
             b, t = key
         tokens, pos, slots = [], [], []
         for c in chunks:
-            n, pad = c.end - c.start, t - (c.end - c.start)
+            pad = t - (c.end - c.start)
             tokens += c.seq.token_ids[c.start : c.end] + [0] * pad
             pos += list(range(c.start, c.end)) + [0] * pad
             tbl = c.seq.block_table

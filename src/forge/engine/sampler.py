@@ -78,7 +78,7 @@ class SamplingBatch:
         return not (self.any_top_k or self.any_top_p or self.any_min_p or self.truncated_logprobs is not None)
 
     @classmethod
-    def build(cls, rows: list[tuple], device: torch.device, state: tuple | None = None) -> "SamplingBatch":
+    def build(cls, rows: list[tuple], device: torch.device, state: tuple | None = None) -> SamplingBatch:
         """rows: (temperature, top_k, top_p, min_p, seed or None, stream, counter, truncated_logprobs).
         `state`: device tensors (temperature, seed, stream, counter) already holding these rows
         (the fused decode state, which moves `counter` on by itself); used instead of new copies."""

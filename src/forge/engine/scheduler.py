@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from forge.engine.block_manager import BlockManager
 from forge.engine.config import EngineConfig
-from forge.engine.sequence import Sequence, SeqStatus
+from forge.engine.sequence import SeqStatus, Sequence
 
 
 @dataclass

@@ -22,7 +22,7 @@ class SeqStatus(Enum):
 class Sequence:
     """One sample. `token_ids` = prompt + generated; `num_computed` of them have KV in the cache."""
 
-    request: "Request"
+    request: Request
     index: int  # sample index within the request (0..n-1)
     token_ids: list[int]
     num_prompt_tokens: int

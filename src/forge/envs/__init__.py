@@ -16,8 +16,7 @@ from forge.envs.code import CodeReward, extract_code, python_tool
 from forge.envs.openenv import OpenEnvEnvironment
 from forge.envs.rollout import Trajectory, record_trajectory_metrics, run_episode, scripted_generate_fn
 from forge.envs.sandbox import SandboxConfig, SandboxResult, SandboxUnavailableError, run_python
-from forge.envs.tasks import (CalculatorEnv, CalculatorTask, CodingEnv, CodingTask, agold_trajectory,
-                              calculator_tool, gold_trajectory)
+from forge.envs.tasks import CalculatorEnv, CalculatorTask, CodingEnv, CodingTask, agold_trajectory, calculator_tool, gold_trajectory
 from forge.envs.tool_env import ToolEnvironment
 from forge.envs.tools import Tool, ToolCall, ToolCallStats, ToolRegistry, parse_tool_calls, tool
 

@@ -58,7 +58,7 @@ class Environment(abc.ABC):
     async def close(self) -> None:
         return None
 
-    async def __aenter__(self) -> "Environment":
+    async def __aenter__(self) -> Environment:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:

@@ -168,7 +168,7 @@ class SandboxConfig:
     python: str = field(default_factory=lambda: sys.executable)
 
     @classmethod
-    def from_spec(cls, spec: "SandboxConfig | dict | str | None") -> "SandboxConfig":
+    def from_spec(cls, spec: SandboxConfig | dict | str | None) -> SandboxConfig:
         if spec is None:
             return cls()
         if isinstance(spec, cls):

@@ -121,7 +121,7 @@ class Tool:
 
     @classmethod
     def from_function(cls, fn: Callable[..., Any], *, name: str | None = None, description: str | None = None,
-                      timeout_s: float | None = 30.0) -> "Tool":
+                      timeout_s: float | None = 30.0) -> Tool:
         """A tool whose schema comes from `fn`'s type hints and docstring (Google or reST params)."""
         if not callable(fn):
             raise TypeError(f"Tool.from_function needs a callable, got {type(fn).__name__}")
@@ -306,7 +306,7 @@ class ToolCallStats:
     errored: int = 0
     sandbox_limit_hits: int = 0
 
-    def add(self, other: "ToolCallStats") -> None:
+    def add(self, other: ToolCallStats) -> None:
         self.ok += other.ok
         self.malformed += other.malformed
         self.errored += other.errored
@@ -360,7 +360,7 @@ class ToolRegistry:
             return ToolResult(call, f"Error: bad arguments for {t.name}: {why}", "malformed")
         try:
             out = await t(call.arguments or {})
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return ToolResult(call, f"Error: {t.name} timed out after {t.timeout_s}s", "errored")
         except InfraError:
             raise  # the machinery failed (e.g. the sandbox could not start): not the model's observation

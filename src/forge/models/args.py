@@ -91,7 +91,7 @@ class ModelArgs:
         return 6 * n + attn
 
     @classmethod
-    def from_hf_config(cls, cfg: dict[str, Any], source: str = "config.json") -> "ModelArgs":
+    def from_hf_config(cls, cfg: dict[str, Any], source: str = "config.json") -> ModelArgs:
         archs = cfg.get("architectures") or []
         family = None
         for a in archs:

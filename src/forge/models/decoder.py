@@ -14,7 +14,7 @@ run exactly the same weights and math.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

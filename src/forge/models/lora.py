@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -92,7 +93,7 @@ class LoraConfig:
         return any(module_name == t or module_name.endswith("." + t) for t in self.targets())
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | "LoraConfig", where: str = "lora") -> "LoraConfig":
+    def from_dict(cls, d: Mapping[str, Any] | LoraConfig, where: str = "lora") -> LoraConfig:
         if isinstance(d, LoraConfig):
             return d
         if not isinstance(d, Mapping):
@@ -114,7 +115,7 @@ class LoraLinear(nn.Linear):
     lora_enabled: bool
 
     @classmethod
-    def wrap(cls, linear: nn.Linear, r: int, scale: float, dropout: float) -> "LoraLinear":
+    def wrap(cls, linear: nn.Linear, r: int, scale: float, dropout: float) -> LoraLinear:
         dev = linear.weight.device
         linear.__class__ = cls  # keep the object: its parameters and hooks stay where they are
         linear.lora_A = nn.Linear(linear.in_features, r, bias=False, device=dev, dtype=torch.float32)
@@ -332,7 +333,7 @@ def load_peft_adapter(model: nn.Module, path: str | Path, cfg: LoraConfig | None
     if not is_lora(model):
         cfg = cfg or peft_cfg
         apply_lora(model, cfg)
-    have = getattr(_causal_lm(model), "lora_config")
+    have = _causal_lm(model).lora_config
     if (have.r, float(have.alpha), have.rslora) != (peft_cfg.r, float(peft_cfg.alpha), peft_cfg.rslora):
         raise ValueError(f"peft adapter '{path}' has r={peft_cfg.r} alpha={peft_cfg.alpha} rslora={peft_cfg.rslora}; "
                          f"the configured lora has r={have.r} alpha={have.alpha} rslora={have.rslora}")

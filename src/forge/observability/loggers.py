@@ -300,7 +300,7 @@ def build_backends(spec: dict[str, Any], total_steps: int | None, run_dir: str |
     """`spec` is the config's `metric_logging` block: {console: {...}, jsonl: {...}, tensorboard: {...}, wandb: {...}}."""
     out: list[LoggerBackend] = []
     run_dir = Path(run_dir)
-    for name, opts in validate_metric_logging(spec).items():
+    for _name, opts in validate_metric_logging(spec).items():
         if not opts.enabled:
             continue
         if isinstance(opts, ConsoleSpec):

@@ -3,7 +3,8 @@ over forge's controller-side `MetricLogger`; `forge.compat` re-exports it."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from forge.observability.loggers import MetricLogger, build_backends
 

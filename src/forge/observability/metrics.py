@@ -13,9 +13,9 @@ import logging
 import math
 import threading
 from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Awaitable, Callable, Iterable
 
 import torch
 

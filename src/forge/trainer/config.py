@@ -67,7 +67,8 @@ class TrainingConfig:
     temperature: float = 1.0  # the generator's sampling temperature: logprobs are taken at it
     compile: bool = False
     activation_checkpoint: bool = False
-    logprob_chunk_size: int = 8192  # tokens per lm_head chunk (bounds the [N, V] logits; >= a micro-batch keeps logits instead of recomputing)
+    # tokens per lm_head chunk (bounds the [N, V] logits; >= a micro-batch keeps logits instead of recomputing)
+    logprob_chunk_size: int = 8192
     pad_id: int | None = None  # to find left padding when a batch carries no prompt_mask
     seed: int = 0
 
@@ -155,7 +156,7 @@ class TrainerConfig:
             raise ValueError(f"trainer.model needs `path` (HF directory) or `tiny` (family), got {self.model}")
 
     @classmethod
-    def from_dict(cls, cfg: dict[str, Any] | None) -> "TrainerConfig":
+    def from_dict(cls, cfg: dict[str, Any] | None) -> TrainerConfig:
         """Accept forge's and torchforge's trainer blocks (`trainer.{model,optimizer,lr_scheduler,
         training,parallelism,checkpoint,activation_checkpoint,compile}`)."""
         cfg = dict(_plain(cfg or {}))

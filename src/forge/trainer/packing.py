@@ -42,7 +42,7 @@ class MicroBatch:
     def num_tokens(self) -> int:
         return self.tokens.shape[1]
 
-    def to(self, device: torch.device) -> "MicroBatch":
+    def to(self, device: torch.device) -> MicroBatch:
         return MicroBatch(*(getattr(self, f).to(device, non_blocking=True) for f in self.__dataclass_fields__))
 
 

@@ -92,7 +92,7 @@ class ShmPublisher:
                     f.truncate(total)
                     f.write(MAGIC + struct.pack("<Q", len(header)) + header)
                 buf = torch.from_file(str(tmp), shared=True, size=total, dtype=torch.uint8)
-            for (name, t), e, h in zip(iter_full_params(self.model), entries, header_entries):
+            for (_name, t), e, h in zip(iter_full_params(self.model), entries, header_entries):
                 if buf is not None:
                     start = data_start + h[3]
                     buf[start:start + e.nbytes].view(e.dtype).view(e.shape).copy_(t)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 # built-in rewards register themselves (`forge.config.registry`, kind "reward") when
 # `forge.data.rewards` is imported (its __init__ imports every reward module); tasks when

@@ -22,8 +22,9 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import pickle
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from forge.errors import InfraError
 
