@@ -177,7 +177,7 @@ class TrainerSection:
     lr_scheduler: LRSchedulerConfig = field(default_factory=LRSchedulerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    # tensor_parallel_degree x data_parallel_shard_degree must equal actors.trainer.procs
+    # tensor_parallel_degree x data_parallel_shard_degree must equal the trainer's ranks (actors.trainer.procs x hosts)
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
     compile: Any = None
     activation_checkpoint: Any = None
@@ -202,7 +202,7 @@ class GRPOConfig:
     # target_modules: all-linear} (null: full fine-tuning). LoRA wants ~10x the full-FT learning rate
     lora: LoraConfig | None = None
     seed: int = 0
-    provisioner: Any = "local"  # local | monarch (or {kind: monarch, ...})
+    provisioner: Any = "local"  # local | monarch, or {kind: monarch, job: process | attach | slurm | kubernetes, hosts: N, ...}
     group_size: int = 8
     local_batch_size: int = 32  # episodes per training step (per data-parallel rank)
     prompts_per_step: int | None = None  # alternative to local_batch_size: groups per step
