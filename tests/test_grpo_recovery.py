@@ -104,10 +104,12 @@ def test_resume_after_a_crash_redoes_steps_without_duplicate_rows(tiny_model, tm
     assert [r["step"] for r in rows if "rl_trainer/avg_loss" in r] == [1, 2, 3, 4, 5]
     samples = [json.loads(x)["step"] for x in (run / "samples.jsonl").read_text().splitlines()]
     per_step = {st: samples.count(st) for st in set(samples)}
-    # samples.jsonl shows the most recently *generated* groups; the first step after a resume may
-    # train only on restored buffer groups before any rollout completes, and then writes none
+    # samples.jsonl shows the most recently *generated* groups; the first step after a resume (3)
+    # may train on restored buffer groups before its rollouts complete, and then writes fewer or none
     assert {1, 2} <= set(per_step) <= {1, 2, 3, 4, 5}, per_step
-    assert len(set(per_step.values())) == 1 and samples == sorted(samples), per_step  # no step written twice
+    full = per_step[1]
+    assert all(n == full for st, n in per_step.items() if st != 3) and per_step.get(3, 0) <= full, per_step
+    assert samples == sorted(samples), per_step  # no step written twice (a redone step would repeat)
     assert [h["step"] for h in curves[0] if "rl_trainer/avg_loss" in h] == [1, 2, 3, 4, 5]
 
 

@@ -275,9 +275,11 @@ def test_fork_bomb_is_bounded_while_it_runs(mode):
     t0 = time.perf_counter()
     r = run_python(code, timeout_s=3, max_procs=max_procs, memory_mb=256)
     assert time.perf_counter() - t0 < 12
-    # max_procs counts main.py too: at most max_procs - 1 forks succeed
+    # max_procs counts main.py too, so max_procs - 1 forks is the exact figure; pids.max also holds
+    # the wrapper's own processes, and one of those slots can be free while the bomb runs (a CI run
+    # under load saw 12 forks): the bound under test is that the bomb stays at max_procs
     forks = r.stdout.count("f")
-    assert r.limit_hit == "time" and max_procs // 2 < forks <= max_procs - 1, (forks, r.stderr[-300:])
+    assert r.limit_hit == "time" and max_procs // 2 < forks <= max_procs, (forks, r.stderr[-300:])
     deadline = time.time() + 5
     while stray_processes(r.run_id) and time.time() < deadline:
         time.sleep(0.1)
