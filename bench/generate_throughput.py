@@ -106,9 +106,7 @@ def build_model(args: ModelArgs, dev: torch.device, dtype: torch.dtype) -> Causa
 
 # engine settings per variant: each switches on one more optimisation (docs/perf/NOTES_generate.md)
 VARIANTS = {
-    "baseline": dict(fused_decode=False, fast_sampler=False, compile=False, overlap_decode=False),
-    "compile": dict(fused_decode=False, fast_sampler=False, compile=True, overlap_decode=False),
-    "compile+fast_sampler": dict(fused_decode=False, fast_sampler=True, compile=True, overlap_decode=False),
+    "baseline": dict(fused_decode=False, fast_sampler=False, overlap_decode=False),
     "fused": dict(fused_decode=True, fast_sampler=True, overlap_decode=False, fused_prefill=False),
     "fused+overlap": dict(fused_prefill=False),
     "fused+overlap+prefill": dict(prefill_cuda_graphs=False),
@@ -197,7 +195,7 @@ def _bench_forge(args, model, dev, dtype, o, engine_attrs: dict, **over) -> dict
     r = eng.runner
     res = {"tokens": n, "seconds": dt, "tokens_per_s": n / dt, "setup_s": setup_s, "steps": eng.stats["steps"],
            "attention": "fused-triton" if r.fused is not None else ("triton" if r.use_triton else "torch"),
-           "fused_decode": r.fused is not None, "compiled": r.compiled, "fast_sampler": eng.sampler.fast,
+           "fused_decode": r.fused is not None, "fast_sampler": eng.sampler.fast,
            "overlapped_steps": eng.stats["overlapped_steps"], "cuda_graphs": sorted(r.graphs),
            "prefills_ahead_of_decode": eng.stats["prefills_ahead_of_decode"],
            "decodes_joining_prefill": eng.stats["decodes_joining_prefill"],

@@ -38,7 +38,19 @@ def _value(key: str, rng: random.Random):
         return rng.choice([8, 16, 32])
     if key == "tensor_parallel_size":
         return rng.choice([2, 4])
+    if VLLM_ENGINE_ARGS[key].only is not None:  # accepted at this value only (test below)
+        return VLLM_ENGINE_ARGS[key].only
     return rng.randint(1, 4096)
+
+
+@pytest.mark.parametrize("key", sorted(k for k, r in VLLM_ENGINE_ARGS.items() if r.only is not None))
+def test_a_parallelism_forge_lacks_is_refused_not_ignored(key):
+    """pipeline_parallel_size: 2 would run a different layout silently: the app and the Generator refuse it."""
+    v = random.randint(2, 8)
+    with pytest.raises(ConfigError, match=rf"policy.engine_args.{key}={v}: only 1 is supported"):
+        _app({key: v})
+    with pytest.raises(ValueError, match=rf"engine_args.{key}={v}: only 1 is supported"):
+        _engine_config(None, {key: v})
 
 
 def _app(engine_args=None, sampling_params=None, **top):

@@ -368,7 +368,10 @@ def engine_config_args(cfg: GRPOConfig, report: BuildReport) -> dict[str, Any]:
             f"'policy.engine_args.model: {foreign[ENGINE_ARGS_MODEL]}' differs from 'model: {cfg.model}': the "
             "generator serves the top-level model (the one the trainer trains); remove policy.engine_args.model "
             "or set it to ${model}")
-    mapped, unused = translate_engine_args(foreign)
+    try:
+        mapped, unused = translate_engine_args(foreign)
+    except ValueError as e:  # a value forge cannot honour (pipeline_parallel_size: 2, ...)
+        raise ConfigError(f"policy.{e}") from e
     report.unused.extend(f"policy.engine_args.{k}" for k in unused)
     out = {k: v for k, v in given.items() if k in own}
     for dest, v in mapped.items():

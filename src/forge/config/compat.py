@@ -28,9 +28,17 @@ class Rename:
     dest: str | None
     convert: Callable[[Any], Any] | None = None
     why: str = ""
+    # a key accepted only at this value (a degree of a parallelism forge does not have): another value is an
+    # error, never a silently different experiment; None: every value
+    only: Any = None
 
     def value(self, v: Any) -> Any:
         return self.convert(v) if self.convert is not None else v
+
+    def check(self, key: str, v: Any) -> None:
+        """Raise if `v` asks for something forge does not do (see `only`)."""
+        if self.only is not None and v != self.only:
+            raise ValueError(f"{key}={v!r}: only {self.only!r} is supported ({self.why})")
 
 
 def _not(v: Any) -> bool:
@@ -59,8 +67,8 @@ VLLM_ENGINE_ARGS: dict[str, Rename] = {
     "enforce_eager": Rename("enable_cuda_graphs", _not, "vLLM's enforce_eager turns CUDA graphs off"),
     # the engine's tensor-parallel degree; a replica has one proc per rank (services.policy.procs)
     "tensor_parallel_size": Rename("tensor_parallel_size"),
-    "pipeline_parallel_size": Rename(None, why="forge's engine has no pipeline parallelism"),
-    "data_parallel_size": Rename(None, why="generator replicas are services.policy.num_replicas"),
+    "pipeline_parallel_size": Rename(None, why="forge's engine has no pipeline parallelism", only=1),
+    "data_parallel_size": Rename(None, why="generator replicas are services.policy.num_replicas", only=1),
     "trust_remote_code": Rename(None, why="forge builds its own model classes (no remote code runs)"),
     "disable_custom_all_reduce": Rename(None, why="a vLLM kernel choice"),
     "enable_prefix_caching": Rename(None, why="forge's block manager has no prefix cache"),
@@ -119,6 +127,8 @@ def translate_engine_args(engine_args: Mapping[str, Any]) -> tuple[dict[str, Any
         rule = VLLM_ENGINE_ARGS.get(k)
         if k == ENGINE_ARGS_MODEL:
             continue
+        if rule is not None:
+            rule.check(f"engine_args.{k}", v)
         if rule is None or rule.dest is None:
             unused.append(k)
         else:

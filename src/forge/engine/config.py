@@ -31,7 +31,6 @@ class EngineConfig:
     enable_cuda_graphs: bool = True
     cuda_graph_batch_sizes: list[int] | None = None  # None: 1, 2, 4, 8, 16, 32, ... up to max_num_seqs
     attention_backend: str = "auto"  # auto | triton | torch
-    compile: bool | None = None  # torch.compile the unfused decode layers; None = on CUDA when not fused
     fused_decode: bool | None = None  # Triton decode layers + in-graph sampling (forge.engine.fused); None = on CUDA
     fused_prefill: bool | None = None  # with fused decode: the same kernels for prefill; None = on
     prefill_cuda_graphs: bool = True  # fused prefill of fresh prompts: replay graphs of padded (rows, length) buckets

@@ -4,9 +4,10 @@ The cache is allocated once, here. Two decode paths:
 
 - fused (CUDA with Triton, the default there): `forge.engine.fused_decode.FusedDecodeRunner`,
   this class's mixin (the Triton decode layers and in-graph sampling, one CUDA graph per batch size).
-- unfused (CPU, or CUDA without Triton): the model's own modules layer by layer (optionally
-  torch.compile'd), attention through `forge.engine.attention` / the Triton paged kernel,
-  CUDA graphs of the forward, the sampler outside.
+- unfused (CPU: the reference; CUDA with `fused_decode=False` or without Triton): the model's own
+  modules layer by layer, attention through `forge.engine.attention` / the Triton paged kernel,
+  CUDA graphs of the forward, the sampler outside. (A torch.compile'd copy of the layer math was
+  removed: the fused path is the fast one on CUDA, and a third copy of the layer was one too many.)
 
 Padded rows of a captured batch size write their k/v to the scratch block 0; their outputs
 are dropped.
@@ -14,12 +15,10 @@ are dropped.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 
 import torch
-import torch.nn.functional as F
 
 from forge.engine.attention import AttnMeta, decode_attention_torch, prefill_attention, store_kv
 from forge.engine.config import EngineConfig
@@ -28,7 +27,7 @@ from forge.engine.scheduler import PrefillChunk
 from forge.engine.sequence import Sequence
 from forge.engine.tp import TPGroup
 from forge.engine.triton_decode import paged_decode_attention, triton_supported
-from forge.models.decoder import CausalLM, apply_rope
+from forge.models.decoder import CausalLM
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +57,6 @@ class ModelRunner(FusedDecodeRunner):
         self.meta: AttnMeta | None = None
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pre, self._post = _layer_pre, _layer_post
-        self.compiled = False
         self.fused = None  # FusedDecode when the fused decode path is on
         self._prefill_graphs: dict[tuple[int, int], tuple] = {}
         self._prefill_pool = None
@@ -89,10 +87,8 @@ class ModelRunner(FusedDecodeRunner):
                 self.fused, self.graphs = None, {}
         if self.fused is None:
             self.use_triton = self._pick_backend()
-            if config.compile or (config.compile is None and device.type == "cuda" and tp is None):
-                self.compiled = self._try_compile(strict=bool(config.compile))
             if device.type == "cuda" and config.enable_cuda_graphs:
-                self._capture_with_fallback()
+                self._capture_or_run_without_graphs()
 
     # ---- sizing -------------------------------------------------------------------------
     def kv_bytes_per_token(self) -> int:
@@ -373,52 +369,6 @@ class ModelRunner(FusedDecodeRunner):
             x = self._post(layer, x, self._attention(i, q, k, v))
         return m.lm_head(m.model.norm(x))[:, -1]
 
-    def _try_compile(self, strict: bool) -> bool:
-        """Compile the per-layer halves once (their weights are tensor arguments, so all layers
-        share one graph: no recompilation per layer), then check layer 0's compiled halves against
-        a float32 copy of that layer on the same inputs; any failure or mismatch stays eager.
-
-        The tolerance is a low-precision one (3e-2 relative, bf16/fp16; 1e-4 in float32): bf16
-        eager and bf16 compiled both sit ~1e-2 away from float32 per step of a deep stack, so
-        comparing one against the other (the old check) rejected correct compilations."""
-        try:
-            pre = torch.compile(_pre_fn, dynamic=True)
-            post = torch.compile(_post_fn, dynamic=True)
-            err = self._check_compiled(pre, post)
-            tol = 1e-4 if self.dtype == torch.float32 else 3e-2
-            if not err < tol:
-                raise RuntimeError(f"compiled layer differs from a float32 reference (relative error {err:.3g})")
-            self._pre = lambda layer, x, cos, sin: pre(x, cos, sin, *_pre_args(layer))
-            self._post = lambda layer, x, attn: post(x, attn, *_post_args(layer))
-            log.info("compiled decode layers (relative error vs float32 %.2g)", err)
-            return True
-        except Exception as e:  # noqa: BLE001
-            self._pre, self._post = _layer_pre, _layer_post
-            if strict:
-                raise
-            log.warning("torch.compile of the decode layers failed, running them eagerly: %s", e)
-            return False
-
-    @torch.inference_mode()
-    def _check_compiled(self, pre, post) -> float:
-        layer = self.model.model.layers[0]
-        a, dev = self.model.args, self.device
-        g = torch.Generator(device="cpu").manual_seed(0)
-        rel = lambda x, y: ((x.float() - y.float()).norm() / y.float().norm().clamp_min(1e-12)).item()  # noqa: E731
-        errs = []
-        for b in (3, 5):  # two batch sizes: the second must reuse the first's graph
-            x = torch.randn(b, 1, a.hidden_size, generator=g).to(dev, self.dtype)
-            attn = torch.randn(b, 1, a.num_attention_heads, self.head_dim, generator=g).to(dev, self.dtype)
-            pos = torch.randint(0, 1000, (b, 1), generator=g).to(dev)
-            cos, sin = self.model.model.rotary_emb(pos)
-            got_pre = pre(x, cos, sin, *_pre_args(layer))
-            got_post = post(x, attn, *_post_args(layer))
-            ref32 = copy.deepcopy(layer).float()
-            ref_pre = _layer_pre(ref32, x.float(), cos, sin)
-            ref_post = _layer_post(ref32, x.float(), attn.float())
-            errs += [rel(gp, rp) for gp, rp in zip(got_pre, ref_pre)] + [rel(got_post, ref_post)]
-        return max(errs)
-
     def alloc_static(self, max_batch: int) -> None:
         """The decode inputs every captured graph reads (graph b uses the first b rows)."""
         dev, mb = self.device, max_batch
@@ -436,20 +386,13 @@ class ModelRunner(FusedDecodeRunner):
         self.meta = AttnMeta(st["slots"][:b], st["tables"][:b], st["lens"][:b], decode=True)
         return self.decode_forward(st["tokens"][:b], st["pos"][:b])
 
-    def _capture_with_fallback(self) -> None:
-        """Graphs of the compiled layers; on failure graphs of the eager layers; else no graphs."""
-        for attempt in ("compiled", "eager"):
-            if attempt == "compiled" and not self.compiled:
-                continue
-            try:
-                self.capture_graphs()
-                return
-            except Exception as e:  # noqa: BLE001
-                log.warning("CUDA graph capture (%s layers) failed: %s", attempt, e)
-                self.graphs.clear()
-                self._pre, self._post, self.compiled = _layer_pre, _layer_post, False
-                torch.cuda.synchronize(self.device)
-        log.warning("running decode without CUDA graphs")
+    def _capture_or_run_without_graphs(self) -> None:
+        try:
+            self.capture_graphs()
+        except Exception as e:  # noqa: BLE001
+            log.warning("CUDA graph capture failed, running decode without CUDA graphs: %s", e)
+            self.graphs.clear()
+            torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def capture_graphs(self) -> None:
@@ -480,55 +423,11 @@ class ModelRunner(FusedDecodeRunner):
             self.v_cache[:, dst] = self.v_cache[:, src]
 
 
-# ---- the eager halves as functions of tensors (what torch.compile sees: no module attributes,
-# so no guard on layer_idx and one graph shared by every layer) ------------------------------
-def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """`forge.models.decoder.RMSNorm.forward` as a function."""
-    if x.dtype == w.dtype:
-        return F.rms_norm(x, (x.shape[-1],), w, eps)
-    dtype = x.dtype
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return w * xf.to(dtype)
-
-
-def _pre_args(layer) -> tuple:
-    at, ln = layer.self_attn, layer.input_layernorm
-    qn = at.q_norm
-    return (ln.weight, ln.eps, at.q_proj.weight, at.q_proj.bias, at.k_proj.weight, at.k_proj.bias,
-            at.v_proj.weight, at.v_proj.bias, qn.weight if qn is not None else None,
-            at.k_norm.weight if qn is not None else None, qn.eps if qn is not None else 0.0,
-            at.n_heads, at.n_kv, at.head_dim)
-
-
-def _pre_fn(x, cos, sin, ln_w, ln_eps, wq, bq, wk, bk, wv, bv, qn_w, kn_w, qk_eps, nh, nkv, hd):
-    b, t, _ = x.shape
-    h = _rms(x, ln_w, ln_eps)
-    q = F.linear(h, wq, bq).view(b, t, nh, hd)
-    k = F.linear(h, wk, bk).view(b, t, nkv, hd)
-    v = F.linear(h, wv, bv).view(b, t, nkv, hd)
-    if qn_w is not None:
-        q, k = _rms(q, qn_w, qk_eps), _rms(k, kn_w, qk_eps)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-
-def _post_args(layer) -> tuple:
-    at, ln, mlp = layer.self_attn, layer.post_attention_layernorm, layer.mlp
-    return (at.o_proj.weight, at.o_proj.bias, ln.weight, ln.eps, mlp.gate_proj.weight, mlp.gate_proj.bias,
-            mlp.up_proj.weight, mlp.up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias)
-
-
-def _post_fn(x, attn, wo, bo, ln_w, ln_eps, wg, bg, wu, bu, wd, bd):
-    h = x + F.linear(attn.reshape(x.shape[0], x.shape[1], -1), wo, bo)
-    y = _rms(h, ln_w, ln_eps)
-    return h + F.linear(F.silu(F.linear(y, wg, bg)) * F.linear(y, wu, bu), wd, bd)
-
-
 def _check_tp_config(config: EngineConfig, tp: TPGroup) -> None:
     """Tensor parallelism runs the fused decode (all-reduces and rank 0's sampled tokens captured in its
-    CUDA graphs) or the unfused one; torch.compile of the decode layers, norm folding and cuBLASLt tuning
-    are not supported with it: asking for them is an error, not a silent fallback (unset, they are off)."""
-    for key in ("compile", "fold_norms", "tune_gemms"):
+    CUDA graphs) or the unfused one; norm folding and cuBLASLt tuning are not supported with it: asking
+    for them is an error, not a silent fallback (unset, they are off)."""
+    for key in ("fold_norms", "tune_gemms"):
         if getattr(config, key):
             raise ValueError(f"EngineConfig.{key}=True is not supported with tensor_parallel_size={tp.size}; "
                              f"leave {key} unset")

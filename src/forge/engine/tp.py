@@ -25,8 +25,8 @@ transport that hands out mapped views (shm, cuda_ipc) is read only where the sli
 rank materialises another rank's part. A checkpoint directory is read the same way
 (`load_model_shard`: safetensors slices straight into the shard).
 
-Not with tensor parallelism yet (an error when asked for, off by default): torch.compile of the
-unfused decode layers, cuBLASLt GEMM tuning and norm folding of the fused decode.
+Not with tensor parallelism yet (an error when asked for, off by default): cuBLASLt GEMM tuning
+and norm folding of the fused decode.
 """
 
 from __future__ import annotations
