@@ -154,7 +154,7 @@ def test_fused_bf16_as_close_to_float32_as_eager_bf16():
     for name, model, fused, fold in [("ref", m32, False, False), ("eager", m16, False, False),
                                      ("fused", m16, True, False), ("folded", m16, True, True)]:
         eng = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=64, block_size=16, kv_cache_tokens=1024,
-                                            fused_decode=fused, enable_cuda_graphs=fused, compile=False, fold_norms=fold,
+                                            fused_decode=fused, enable_cuda_graphs=fused, fold_norms=fold,
                                             dtype="float32" if name == "ref" else "bfloat16"), eos_token_ids=[])
         assert fused is False or eng.runner.fused.fold_norms == fold
         outs[name] = decode_logits(eng, ids)
