@@ -249,3 +249,31 @@ def test_trainer_actor_and_reference_model_agree():
         await shutdown()
 
     asyncio.run(main())
+
+
+def test_trainer_actor_takes_a_typed_config_as_is():
+    """The apps validate one TrainerConfig at start and pass that object (no dict round trip); mixing it
+    with the dict arguments is an error, not a silent merge."""
+    from forge.actors.trainer import Trainer
+    from forge.controller import shutdown
+    from forge.trainer.config import OptimizerConfig
+
+    lr = float(torch.empty(1).uniform_(1e-4, 1e-2))
+    cfg = TrainerConfig(model=dict(TINY), loss={"name": "grpo", "beta": 0.0}, optimizer=OptimizerConfig(lr=lr))
+    with pytest.raises(TypeError, match=r"takes no other config arguments, got \['optimizer'\]"):
+        Trainer(config=cfg, optimizer={"lr": 1.0})
+    with pytest.raises(TypeError, match="must be a forge.trainer.TrainerConfig"):
+        Trainer(config={"optimizer": {"lr": lr}})
+    assert Trainer(config=cfg).cfg is cfg
+
+    async def main():
+        trainer = await Trainer.as_actor(config=cfg)
+        inputs, targets = random_rl_batch(batch=2, seed=int(torch.randint(0, 10_000, (1,))), with_generator=False)
+        loss = (await trainer.train_step.call(inputs, targets))[0]
+        assert isinstance(loss, float)
+        await shutdown()
+
+    asyncio.run(main())
+    bad = TrainerConfig(model=dict(TINY), optimizer=OptimizerConfig(lr=-lr))
+    with pytest.raises(ValueError, match="optimizer.lr must be > 0"):
+        TrainEngine(bad)

@@ -23,6 +23,7 @@ from forge.engine.config import EngineConfig
 from forge.errors import InfraError
 from forge.losses import build_loss
 from forge.observability import Reduce, record_metric
+from forge.trainer.config import TrainerConfig, with_switches
 
 log = logging.getLogger("forge.grpo")
 
@@ -181,19 +182,17 @@ async def build_services(cfg: GRPOConfig, model_path: str, run_dir: Path,
     engine.setdefault("long_prompt", "truncate")  # an over-long prompt never crashes the rollout
     sync = sync or weight_sync_config(cfg)
 
-    trainer_kw = dict(
+    t = cfg.trainer
+    # typed once here and validated before any actor starts; the Trainer receives this object as it is
+    # (the app resumes and saves explicitly: it also restores/saves the data position)
+    trainer_cfg = TrainerConfig(
         # with LoRA the reference model (when the loss needs one) loads `model_path` as before: the base weights
-        model={"path": model_path, **({"lora": dataclasses.asdict(cfg.lora)} if cfg.lora is not None else {})},
-        loss=loss_spec,
-        optimizer=dataclasses.asdict(cfg.trainer.optimizer),
-        lr_scheduler=dataclasses.asdict(cfg.trainer.lr_scheduler),
-        training={**dataclasses.asdict(cfg.trainer.training), "temperature": temperature, "pad_id": pad_id},
-        checkpoint={**dataclasses.asdict(cfg.trainer.checkpoint), "dir": str(run_dir / "checkpoints")},
-        parallelism=dataclasses.asdict(cfg.trainer.parallelism), compile=cfg.trainer.compile,
-        activation_checkpoint=cfg.trainer.activation_checkpoint, weight_sync=sync,
-    )
-    # the app resumes and saves explicitly (it also restores/saves the data position)
-    trainer_kw["checkpoint"].update(resume=False, interval=0)
+        model={"path": model_path}, loss=loss_spec, optimizer=t.optimizer, lr_scheduler=t.lr_scheduler,
+        training=dataclasses.replace(with_switches(t.training, t.compile, t.activation_checkpoint),
+                                     temperature=temperature, pad_id=pad_id),
+        checkpoint=dataclasses.replace(t.checkpoint, dir=str(run_dir / "checkpoints"), resume=False, interval=0),
+        lora=cfg.lora, parallelism=t.parallelism)
+    trainer_cfg.validate()
     rb = cfg.replay_buffer
     batch_size = episodes_per_step(cfg)
     rewards = cfg.rewards
@@ -203,7 +202,7 @@ async def build_services(cfg: GRPOConfig, model_path: str, run_dir: Path,
         if cfg.env is None else _env_sampler(cfg),  # agentic: samples come from the env's task
         Generator.options(**_opts(cfg.services.policy)).as_service(
             model=model_path, engine=engine, sampling=sampling, weight_sync=sync),
-        Trainer.options(**_opts(cfg.actors.trainer)).as_actor(**trainer_kw),
+        Trainer.options(**_opts(cfg.actors.trainer)).as_actor(config=trainer_cfg, weight_sync=sync),
         ReplayBuffer.options(**_opts(cfg.actors.replay_buffer)).as_actor(
             batch_size=batch_size, dp_size=rb.dp_size,
             max_policy_age=cfg.off_by_n,  # resolved with replay_buffer.max_policy_age at load

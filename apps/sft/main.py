@@ -15,7 +15,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from forge.data.datasets import DatasetConfig, PromptDataset
 from forge.models.logprobs import compute_logprobs
 from forge.models.lora import is_lora, merged_model
 from forge.observability import MetricLogger, Reduce, build_backends, record_metric
+from forge.trainer.config import TrainerConfig
 
 log = logging.getLogger("forge.sft")
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
@@ -147,7 +148,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False, quiet: bool = False) -> dict[s
     return asyncio.run(train_sft(cfg, resume=resume, quiet=quiet))
 
 
-async def start_trainer(cfg: SFTConfig, trainer_cfg: dict[str, Any], device: torch.device, run_dir: Path
+async def start_trainer(cfg: SFTConfig, trainer_cfg: TrainerConfig, device: torch.device, run_dir: Path
                         ) -> LocalSFTTrainer | ActorSFTTrainer:
     if cfg.procs == 1:
         return LocalSFTTrainer(trainer_cfg, device)
@@ -169,15 +170,15 @@ async def train_sft(cfg: SFTConfig, resume: bool = False, quiet: bool = False) -
 
         tokenizer_src = str(resolve_model_path(cfg.model))
         model_spec = {"path": tokenizer_src}
-    if cfg.lora is not None:
-        model_spec["lora"] = asdict(cfg.lora)
     tok = load_tokenizer(tokenizer_src)
-    trainer_cfg = {
-        "model": model_spec, "loss": "grpo", "optimizer": asdict(cfg.trainer.optimizer),
-        "lr_scheduler": asdict(cfg.trainer.lr_scheduler), "training": asdict(cfg.trainer.training),
-        "checkpoint": {**asdict(cfg.trainer.checkpoint), "dir": str(run_dir / "checkpoints"), "resume": False},
-        "parallelism": asdict(cfg.trainer.parallelism),
-    }
+    # typed once and validated here; the trainer (this process or a Trainer actor) receives this object
+    trainer_cfg = TrainerConfig(
+        model=model_spec, optimizer=cfg.trainer.optimizer, lr_scheduler=cfg.trainer.lr_scheduler,
+        training=cfg.trainer.training if cfg.trainer.training.pad_id is not None else replace(
+            cfg.trainer.training, pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id),
+        lora=cfg.lora, parallelism=cfg.trainer.parallelism,
+        checkpoint=replace(cfg.trainer.checkpoint, dir=str(run_dir / "checkpoints"), resume=False))
+    trainer_cfg.validate()
     trainer = await start_trainer(cfg, trainer_cfg, device, run_dir)
     try:
         return await _train(cfg, trainer, tok, tokenizer_src, run_dir, resume, quiet)

@@ -12,13 +12,14 @@ import torch
 
 from forge.models.decoder import CausalLM
 from forge.models.hf_io import load_state_dict_into
+from forge.trainer.config import TrainerConfig
 from forge.trainer.engine import TrainEngine, build_model
 
 
 class LocalSFTTrainer:
     """A `TrainEngine` in this process."""
 
-    def __init__(self, trainer_cfg: dict[str, Any], device: torch.device):
+    def __init__(self, trainer_cfg: TrainerConfig, device: torch.device):
         self.engine = TrainEngine(trainer_cfg, device)
 
     async def sft_step(self, batch: dict[str, torch.Tensor]) -> float:
@@ -55,7 +56,7 @@ class ActorSFTTrainer:
         self._eval: CausalLM | None = None
 
     @classmethod
-    async def start(cls, trainer_cfg: dict[str, Any], procs: int, with_gpus: bool, device: torch.device,
+    async def start(cls, trainer_cfg: TrainerConfig, procs: int, with_gpus: bool, device: torch.device,
                     scratch: Path) -> ActorSFTTrainer:
         from forge.actors import Trainer
         from forge.controller import init_provisioner
@@ -65,7 +66,7 @@ class ActorSFTTrainer:
         except ImportError as e:
             raise RuntimeError(f"procs: {procs} runs the trainer's processes with Monarch: "
                                f"pip install 'forge[monarch]' ({e})") from None
-        actor = await Trainer.options(procs=procs, with_gpus=with_gpus).as_actor(**trainer_cfg)
+        actor = await Trainer.options(procs=procs, with_gpus=with_gpus).as_actor(config=trainer_cfg)
         return cls(actor, device, scratch)
 
     async def sft_step(self, batch: dict[str, torch.Tensor]) -> float:

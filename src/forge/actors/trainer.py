@@ -108,8 +108,24 @@ class Trainer(ForgeActor):
         compile: Any = None,
         activation_checkpoint: Any = None,
         weight_sync: dict[str, Any] | None = None,
+        config: TrainerConfig | None = None,
         **unused: Any,
     ):
+        self.weight_sync_cfg = dict(weight_sync or {"transport": "inproc"})
+        self.engine: Any = None
+        self._publisher: Any = None
+        self._publish_bytes = 0
+        if config is not None:  # typed and validated by the caller (the apps): passed through as it is
+            given = {k: v for k, v in dict(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, training=training,
+                                           checkpoint=checkpoint, parallelism=parallelism, compile=compile,
+                                           activation_checkpoint=activation_checkpoint, **unused).items()
+                     if v is not None}
+            if given or loss != "grpo":
+                raise TypeError(f"Trainer(config=...) takes no other config arguments, got {sorted(given) or ['loss']}")
+            if not isinstance(config, TrainerConfig):
+                raise TypeError(f"Trainer(config=...) must be a forge.trainer.TrainerConfig, got {type(config).__name__}")
+            self.cfg = config
+            return
         loss = loss_from_callable(loss)
         training = with_tokenizer_pad_id(training, model)
         raw = {"model": model or {"tiny": "qwen2", "seed": 0}, "loss": loss, "optimizer": optimizer or {},
@@ -120,10 +136,6 @@ class Trainer(ForgeActor):
         if activation_checkpoint is not None:
             raw["activation_checkpoint"] = activation_checkpoint
         self.cfg = TrainerConfig.from_dict(raw)  # fail on bad config at construction, before any weights load
-        self.weight_sync_cfg = dict(weight_sync or {"transport": "inproc"})
-        self.engine: Any = None
-        self._publisher: Any = None
-        self._publish_bytes = 0
 
     async def setup(self) -> None:
         from forge.trainer.engine import TrainEngine

@@ -17,7 +17,7 @@ Unknown keys are collected in `TrainerConfig.unused` so the caller can report th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from forge.config.compat import TORCHTITAN_TRAINER_KEYS
@@ -187,16 +187,7 @@ class TrainerConfig:
         out.lr_scheduler = _fill(LRSchedulerConfig, sched, "lr_scheduler", unused)
         training = dict(cfg.pop("training", {}) or {})
         out.training = _fill(TrainingConfig, training, "training", unused)
-        compile_ = cfg.pop("compile", None)
-        if isinstance(compile_, dict):
-            out.training.compile = bool(compile_.get("enable", False))
-        elif compile_ is not None:
-            out.training.compile = bool(compile_)
-        ac = cfg.pop("activation_checkpoint", None)
-        if isinstance(ac, dict):
-            out.training.activation_checkpoint = ac.get("mode", "none") not in ("none", None, False)
-        elif ac is not None:
-            out.training.activation_checkpoint = bool(ac)
+        out.training = with_switches(out.training, cfg.pop("compile", None), cfg.pop("activation_checkpoint", None))
         ck = dict(cfg.pop("checkpoint", {}) or {})
         out.checkpoint = _fill(CheckpointConfig, ck, "checkpoint", unused)
         out.parallelism = _fill(ParallelismConfig, cfg.pop("parallelism", {}), "parallelism", unused)
@@ -204,6 +195,21 @@ class TrainerConfig:
         out.unused = unused
         out.validate()
         return out
+
+
+def with_switches(training: TrainingConfig, compile: Any = None, activation_checkpoint: Any = None) -> TrainingConfig:
+    """`training` with torchtitan's top-level switches applied: `compile: {enable: bool}` (or a bool) and
+    `activation_checkpoint: {mode: none | full | selective}` (or a bool); None leaves the field as it is."""
+    changes: dict[str, bool] = {}
+    if isinstance(compile, dict):
+        changes["compile"] = bool(compile.get("enable", False))
+    elif compile is not None:
+        changes["compile"] = bool(compile)
+    if isinstance(activation_checkpoint, dict):
+        changes["activation_checkpoint"] = activation_checkpoint.get("mode", "none") not in ("none", None, False)
+    elif activation_checkpoint is not None:
+        changes["activation_checkpoint"] = bool(activation_checkpoint)
+    return replace(training, **changes) if changes else training
 
 
 def _torchtitan_names(cfg: dict[str, Any], unused: list[str]) -> None:

@@ -96,8 +96,9 @@ def rank_rows(n: int, rank: int, world: int) -> Tensor:
 class TrainEngine:
     def __init__(self, cfg: TrainerConfig | dict[str, Any], device: torch.device | str = "cpu", rank: int = 0,
                  world_size: int = 1, loss: nn.Module | None = None, model: CausalLM | None = None):
+        if isinstance(cfg, TrainerConfig):
+            cfg.validate()  # a typed config built by hand; from_dict validates what it builds
         self.cfg = cfg if isinstance(cfg, TrainerConfig) else TrainerConfig.from_dict(cfg)
-        self.cfg.validate()
         if self.cfg.unused:
             log.warning("trainer config keys not used by forge: %s", ", ".join(self.cfg.unused))
         self.device = torch.device(device)
