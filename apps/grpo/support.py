@@ -19,7 +19,7 @@ from apps.grpo.config import (
 )
 from forge.actors import ComputeAdvantages, DatasetActor, Generator, ReferenceModel, ReplayBuffer, RewardActor, Trainer
 from forge.controller import ActorOptions, NoHealthyReplicaError
-from forge.engine.config import EngineConfig
+from forge.engine.config import EngineConfig, SamplingParams
 from forge.errors import InfraError
 from forge.losses import build_loss
 from forge.observability import Reduce, record_metric
@@ -201,7 +201,8 @@ async def build_services(cfg: GRPOConfig, model_path: str, run_dir: Path,
         DatasetActor.options(**_opts(cfg.actors.dataset)).as_actor(model=model_path, **cfg.dataset)
         if cfg.env is None else _env_sampler(cfg),  # agentic: samples come from the env's task
         Generator.options(**_opts(cfg.services.policy)).as_service(
-            model=model_path, engine=engine, sampling=sampling, weight_sync=sync),
+            model=model_path, engine=EngineConfig.from_dict(engine), sampling=SamplingParams.from_dict(sampling),
+            weight_sync=sync),
         Trainer.options(**_opts(cfg.actors.trainer)).as_actor(config=trainer_cfg, weight_sync=sync),
         ReplayBuffer.options(**_opts(cfg.actors.replay_buffer)).as_actor(
             batch_size=batch_size, dp_size=rb.dp_size,
