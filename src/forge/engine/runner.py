@@ -77,14 +77,14 @@ class ModelRunner(FusedDecodeRunner):
         if self._want_fused():
             try:
                 self._setup_fused()
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
+                # no silent fallback to a several-times slower decode (and under TP the ranks must agree on
+                # the path): the unfused one is there when asked for
                 if config.fused_decode:
                     raise
-                if tp is not None:  # the ranks must agree on the path; a fallback on one rank would not
-                    raise RuntimeError(f"fused decode unavailable on tensor-parallel rank {tp.rank} ({e}); set "
-                                       "EngineConfig.fused_decode=False to run the unfused decode on every rank") from e
-                log.warning("fused decode unavailable (%s); using the unfused path", e)
-                self.fused, self.graphs = None, {}
+                where = f" on tensor-parallel rank {tp.rank}" if tp is not None else ""
+                raise RuntimeError(f"the fused decode failed to start{where}: {e}. Set EngineConfig.fused_decode=False "
+                                   "(policy.engine_args.fused_decode: false) to run the unfused reference decode") from e
         if self.fused is None:
             self.use_triton = self._pick_backend()
             if device.type == "cuda" and config.enable_cuda_graphs:
