@@ -92,6 +92,18 @@ def test_weight_sync_transport_follows_the_placement():
         weight_sync_config(load("--config", str(APPS / "default.yaml"), "--config", str(APPS / "multi_gpu.yaml"),
                                 "--services.policy.procs", "2", "--policy.engine_args.tensor_parallel_size", "2",
                                 "--trainer.weight_sync.transport", "broadcast")[0])
+    # a TP generator on a SLURM job's hosts: shm would reach only the trainer's machine; refused at start
+    tp_slurm = ("--provisioner", "{kind: monarch, job: slurm, hosts: 2}", "--services.policy.procs", "2",
+                "--policy.engine_args.tensor_parallel_size", "2")
+    with pytest.raises(ValueError, match=r"transport='shm' reaches only this machine's processes, but provisioner.job "
+                                         r"'slurm' .* not supported yet, got procs=2"):
+        weight_sync_config(load(*tp_slurm)[0])
+    with pytest.raises(ValueError, match=r"transport='shm' reaches only this machine's processes"):
+        weight_sync_config(load("--provisioner", "{kind: monarch, job: attach, workers: ['tcp://10.1.2.3:26600']}",
+                                "--trainer.weight_sync.transport", "shm")[0])
+    attach_lo = weight_sync_config(load("--provisioner", "{kind: monarch, job: attach, workers: ['tcp://127.0.0.1:26600']}",
+                                        "--trainer.weight_sync.transport", "shm")[0])
+    assert attach_lo["transport"] == "shm"  # loopback workers are this machine's processes
     with pytest.raises(ValueError, match=r"trainer.weight_sync.transport must be one of .* got 'nccl'"):
         weight_sync_config(load("--trainer.weight_sync.transport", "nccl")[0])
     with pytest.raises(ValueError, match="needs separate processes"):

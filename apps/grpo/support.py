@@ -94,6 +94,16 @@ def weight_sync_config(cfg: GRPOConfig) -> dict[str, Any]:
     transport = sync["transport"]
     if transport not in TRANSPORTS:  # fail at start, not at the first weight push
         raise ValueError(f"trainer.weight_sync.transport must be one of {list(TRANSPORTS)}, got {transport!r}")
+    one_machine = job in (None, "process") or (
+        job == "attach" and all(worker_host(w) in ("127.0.0.1", "localhost") for w in section.workers))
+    if transport in ("shm", "cuda_ipc") and not one_machine:
+        # /dev/shm files and CUDA IPC handles exist on one machine only: generators on other nodes would fail
+        # at the first update (a tensor-parallel generator, whose ranks read their own shards, has no
+        # cross-host transport yet)
+        raise ValueError(
+            f"trainer.weight_sync.transport={transport!r} reaches only this machine's processes, but provisioner.job "
+            f"{job!r} places services on other hosts: use 'broadcast' (services.policy.procs must then be 1; a "
+            f"tensor-parallel generator across hosts is not supported yet, got procs={cfg.services.policy.procs})")
     if transport == "cuda_ipc":
         if not (_cuda_available() and cfg.services.policy.with_gpus and cfg.actors.trainer.with_gpus):
             raise ValueError("trainer.weight_sync.transport=cuda_ipc needs the trainer and the generator on one "
@@ -112,9 +122,7 @@ def weight_sync_config(cfg: GRPOConfig) -> dict[str, Any]:
             raise ValueError(f"trainer.weight_sync.transport=broadcast: services.policy.procs must be 1 "
                              f"(one receiver per generator replica), got {cfg.services.policy.procs}")
         if "addr" not in sync:
-            loopback = job is None or job == "process" or (
-                job == "attach" and all(worker_host(w) in ("127.0.0.1", "localhost") for w in section.workers))
-            if not loopback:
+            if not one_machine:
                 raise ValueError(
                     f"trainer.weight_sync.addr: with provisioner.job {job!r} the generators on other hosts reach the "
                     "trainer's rank 0 at this address: set it to the trainer host's name (and trainer.weight_sync.port "
