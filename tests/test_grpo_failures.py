@@ -13,7 +13,7 @@ import pytest
 
 from apps.grpo.config import load_grpo_config
 from apps.grpo.main import main
-from apps.grpo.supervision import FilteredGroupsError
+from apps.grpo.supervision import FilteredGroupsError, RolloutSupervisor
 from forge.actors.generator import Generator
 from forge.config import compose, parse_cli, to_container
 from forge.controller import ActorError, ReplicaLostError, endpoint
@@ -76,6 +76,23 @@ def test_constant_rewards_stop_the_run_with_the_reason(tiny_model, tmp_path):
     cfg.rewards = [{"name": f"{__name__}:constant_reward"}]
     with pytest.raises(FilteredGroupsError, match=rf"{bound} consecutive groups were filtered out \(all 8 rewards = 0\.25\)"):
         run(cfg)
+
+
+def test_rollout_tasks_racing_past_the_filter_bound_all_report_the_bound():
+    """Rollout tasks run concurrently: one that filters again after another hit the bound used to
+    raise 'bound + 1 consecutive groups' (a CI failure); every task reports the first error."""
+    bound = random.randint(2, 9)
+    sup = RolloutSupervisor(max_consecutive_filtered=bound, batch_timeout_s=1.0)
+    for _ in range(bound - 1):
+        sup.group_filtered("all 8 rewards = 0.5")
+    errors = []
+    for _ in range(random.randint(2, 5)):  # the task that hits the bound, then the ones still running
+        with pytest.raises(FilteredGroupsError) as e:
+            sup.group_filtered("all 8 rewards = 0.5")
+        errors.append(e.value)
+    assert all(err is errors[0] for err in errors)
+    assert str(errors[0]).startswith(f"{bound} consecutive groups were filtered out (all 8 rewards = 0.5)")
+    assert sup.consecutive_filtered == bound
 
 
 def test_killed_replay_buffer_stops_the_run_naming_it(tiny_model, tmp_path):

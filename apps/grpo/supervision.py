@@ -37,6 +37,7 @@ class RolloutSupervisor:
     tasks: list[asyncio.Task] = field(default_factory=list)
     consecutive_filtered: int = 0
     last_filtered: str = ""
+    filtered_error: FilteredGroupsError | None = None  # the first one: every rollout task ends with it
     last_progress: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
@@ -52,18 +53,23 @@ class RolloutSupervisor:
         self.last_progress = time.monotonic()
 
     def group_filtered(self, why: str) -> None:
-        """Raises `FilteredGroupsError` (ending the rollout task, hence the run) at the bound."""
+        """Raises `FilteredGroupsError` (ending the rollout task, hence the run) at the bound.
+        Concurrent rollout tasks keep filtering until the run ends; they all raise the first error
+        so the run reports the bound, not how far the race got."""
+        if self.filtered_error is not None:
+            raise self.filtered_error
         self.consecutive_filtered += 1
         self.last_filtered = why
         self.last_progress = time.monotonic()
         n = self.consecutive_filtered
         if self.max_consecutive_filtered and n >= self.max_consecutive_filtered:
-            raise FilteredGroupsError(
+            self.filtered_error = FilteredGroupsError(
                 f"{n} consecutive groups were filtered out ({why}); nothing is left to train on. "
                 "Constant rewards come from a reward that fails or always scores the same, a dataset "
                 "without targets, a broken model, or a model that already solves these prompts (every "
                 "answer gets the top reward: the data is too easy for it). advantage.max_consecutive_filtered sets this bound "
                 "(0: none); advantage.filter_zero_variance: false trains on such groups instead")
+            raise self.filtered_error
 
     # ---- what the training loop asks ---------------------------------------------------------
     def check(self) -> None:
