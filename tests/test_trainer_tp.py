@@ -29,9 +29,10 @@ def _cfg(family: str, **kw) -> dict:
     return cfg
 
 
-# (family, extra trainer config): activation checkpointing, and the gathered (non loss-parallel) lm_head path
+# (family, extra trainer config): activation checkpointing, the gathered (non loss-parallel) lm_head path;
+# sequence parallelism is on (the default) but for qwen2 (the replicated residual stream)
 CASES = {"llama": {"activation_checkpoint": {"mode": "full"}},
-         "qwen2": {},
+         "qwen2": {"parallelism": {"enable_sequence_parallel": False}},
          "qwen3": {"parallelism": {"disable_loss_parallel": True}}}
 
 
@@ -63,6 +64,15 @@ def _env(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
+def _watch_sequence(e: TrainEngine) -> list[tuple[int, int]]:
+    """(packed row length, tokens of it a block's input holds on this rank) of every block call."""
+    seen: list[tuple[int, int]] = []
+    row = [0]
+    e.model.register_forward_pre_hook(lambda m, a: row.__setitem__(0, a[0].shape[1]))
+    e.model.model.layers[0].register_forward_pre_hook(lambda m, a: seen.append((row[0], a[0].shape[1])))
+    return seen
+
+
 def _tp2_worker(rank: int, port: int, seed: int, out: str) -> None:
     _env(rank, 2, port)
     results = {}
@@ -70,7 +80,11 @@ def _tp2_worker(rank: int, port: int, seed: int, out: str) -> None:
         par = {"tensor_parallel_degree": 2, **extra.get("parallelism", {})}
         e = TrainEngine(_cfg(family, **{**extra, "parallelism": par}), "cpu", rank=rank, world_size=2)
         assert (e.dp, e.tp) == (1, 2) and e.model.lm_head.weight.to_local().shape[0] == 256  # half the vocabulary
+        seen = _watch_sequence(e)
         results[family] = _train(e, random_rl_batch(batch=5, seed=seed))
+        sp = par.get("enable_sequence_parallel", True)
+        # sequence parallel: a block's input is this rank's half of the (even, padded) row; else the whole row
+        assert seen and all(t % 2 == 0 and n == t // 2 if sp else n == t for t, n in seen), (family, seen)
         e.export_hf(os.path.join(out, f"hf_{family}"))
     if rank == 0:
         torch.save(results, os.path.join(out, "r.pt"))
@@ -97,8 +111,19 @@ def _dp2tp2_worker(rank: int, port: int, seed: int, out: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+def _has_odd_row(seed: int) -> bool:
+    """Whether the test batch of `seed` packs a row of odd length (sequence parallelism pads it)."""
+    from forge.trainer.packing import pack, sequences_from_rl_batch
+
+    inp, tgt = (x[0] for x in random_rl_batch(batch=5, seed=seed))
+    seqs = sequences_from_rl_batch(inp["tokens"], tgt["response"].shape[1], tgt["padding_mask"], inp.get("prompt_mask"), 0)
+    return any(mb.num_tokens % 2 for mb in pack(seqs, _cfg("llama")["training"]["max_tokens_per_microbatch"]))
+
+
 def _spawn(target, world: int, tmp_path, free_port) -> tuple[dict, int]:
     seed, port = int(torch.randint(0, 10_000, (1,))), free_port()
+    while not _has_odd_row(seed):
+        seed += 1
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=target, args=(r, port, seed, str(tmp_path))) for r in range(world)]
     for p in procs:

@@ -121,7 +121,7 @@ class TrainEngine:
             self._apply_lora(self.lora)
         self.model.train()
         if self.mesh is not None:
-            apply_tp(self.model, self.mesh["tp"])
+            apply_tp(self.model, self.mesh["tp"], sequence_parallel=self.cfg.parallelism.enable_sequence_parallel)
         enable_activation_checkpointing(self.model, tc.activation_checkpoint)
         maybe_compile(self.model, tc.compile)
         self.module = LogprobModel(self.model, tc.temperature, tc.logprob_chunk_size,
@@ -135,6 +135,8 @@ class TrainEngine:
         self.autocast = (torch.autocast("cuda", dtype=self.compute_dtype)
                          if on_gpu and self.compute_dtype != torch.float32 and not self.fsdp else nullcontext())
         self.pad_to_multiple = 128 if on_gpu else 1  # FlexAttention block size; CPU: no padding at all
+        if self.tp > 1 and self.cfg.parallelism.enable_sequence_parallel:  # rows split evenly over the TP ranks
+            self.pad_to_multiple = math.lcm(self.pad_to_multiple, self.tp)
         if loss is None:
             from forge.losses import build_loss
 
@@ -250,7 +252,7 @@ class TrainEngine:
         for mb in mbs:
             if mb is None:
                 with self.autocast:
-                    lp, _ = self.module(*_args(dummy_microbatch().to(self.device)))
+                    lp, _ = self.module(*_args(dummy_microbatch(self.pad_to_multiple).to(self.device)))
                 (lp.sum() * 0.0).backward()
                 continue
             mb = mb.to(self.device)
@@ -336,7 +338,7 @@ class TrainEngine:
         for mb in self._microbatches(seqs):
             if mb is None:
                 with self.autocast:
-                    self.module(*_args(dummy_microbatch().to(self.device)))
+                    self.module(*_args(dummy_microbatch(self.pad_to_multiple).to(self.device)))
                 continue
             mb = mb.to(self.device)
             with self.autocast:
