@@ -1,7 +1,8 @@
 """Tensor parallelism in the trainer (gloo, real CPU processes): TP=2 and TP=2 x FSDP=2 give one
 process's losses, gradients (gathered), grad norms, weights and logprobs on the tiny Llama
-(untied lm_head), Qwen2 (q/k/v bias, tied) and Qwen3 (q/k norm); HF export from TP shards; a DCP
-checkpoint saved at TP=2 x DP=2 loads at TP=1 x DP=4 and in one process. Plus the config checks."""
+(untied lm_head), Qwen2 (q/k/v bias, tied) and Qwen3 (q/k norm), with and without sequence parallelism,
+eager and with compiled blocks; HF export from TP shards; a DCP checkpoint saved at TP=2 x DP=2 loads at
+TP=1 x DP=4 and in one process. Plus the config checks."""
 
 from __future__ import annotations
 
@@ -91,6 +92,24 @@ def _tp2_worker(rank: int, port: int, seed: int, out: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+def _tp2_compile_worker(rank: int, port: int, seed: int, out: str) -> None:
+    _env(rank, 2, port)
+    import forge.models.parallel
+
+    forge.models.parallel.COMPILE_BACKEND = "aot_eager"  # the graphs inductor would get, without a C++ build
+    results = {}
+    for family in COMPILED:
+        extra = CASES[family]
+        par = {"tensor_parallel_degree": 2, **extra.get("parallelism", {})}
+        e = TrainEngine(_cfg(family, **{**extra, "parallelism": par, "compile": {"enable": True}}), "cpu",
+                        rank=rank, world_size=2)
+        assert all(layer._compiled_call_impl is not None for layer in e.model.model.layers)  # compiled after TP
+        results[family] = _train(e, random_rl_batch(batch=5, seed=seed))
+    if rank == 0:
+        torch.save(results, os.path.join(out, "r.pt"))
+    torch.distributed.destroy_process_group()
+
+
 def _dp2tp2_worker(rank: int, port: int, seed: int, out: str) -> None:
     _env(rank, 4, port)
     ck = os.path.join(out, "ck")
@@ -158,6 +177,19 @@ def test_tp2_equals_one_process(tmp_path, free_port):
         exported = load_model(tmp_path / f"hf_{family}")
         for n, p in exported.named_parameters():
             assert torch.equal(p, got[family]["params"][n]), (family, n)
+
+
+# compiled blocks (sequence parallel): with activation checkpointing (llama), q/k norms + gathered lm_head (qwen3)
+COMPILED = ("llama", "qwen3")
+
+
+@pytest.mark.slow
+def test_tp2_compiled_blocks_equal_one_process(tmp_path, free_port):
+    """`compile: true` with TP=2 (each block compiled after TP, as torchtitan does) == one eager process."""
+    got, seed = _spawn(_tp2_compile_worker, 2, tmp_path, free_port)
+    for family in COMPILED:
+        e = TrainEngine(_cfg(family, **{k: v for k, v in CASES[family].items() if k != "parallelism"}))
+        _compare(got[family], _train(e, random_rl_batch(batch=5, seed=seed)))
 
 
 @pytest.mark.slow
@@ -235,11 +267,12 @@ def test_grpo_and_sft_configs_check_parallelism_against_procs():
 
 @pytest.mark.parametrize("extra, match", [
     ({"model": {"tiny": "qwen2", "lora": {"r": 4}}}, "trainer.model.lora with parallelism.tensor_parallel_degree=2"),
-    ({"compile": {"enable": True}}, "compile: true with parallelism.tensor_parallel_degree=2"),
+    ({"compile": {"enable": True}, "parallelism": {"tensor_parallel_degree": 2, "enable_sequence_parallel": False}},
+     "compile: true with parallelism.tensor_parallel_degree=2 and enable_sequence_parallel: false"),
 ])
 def test_tp_refuses_what_does_not_compose_before_joining_a_group(extra, match):
     with pytest.raises(ValueError, match=match):  # no process group is formed: the error comes first
-        TrainEngine({**_cfg("qwen2"), **extra, "parallelism": {"tensor_parallel_degree": 2}}, world_size=2)
+        TrainEngine({**_cfg("qwen2"), "parallelism": {"tensor_parallel_degree": 2}, **extra}, world_size=2)
 
 
 @pytest.mark.monarch

@@ -152,10 +152,12 @@ class TrainEngine:
         if self.cfg.lora is not None:
             raise ValueError(f"trainer.model.lora with parallelism.tensor_parallel_degree={self.tp}: LoRA adapters "
                              "are not tensor-parallel yet; use tensor_parallel_degree: 1 (FSDP over the procs)")
-        if self.cfg.training.compile:  # per-block compile of the DTensor blocks fails in backward (torch 2.13, CPU)
-            raise ValueError(f"compile: true with parallelism.tensor_parallel_degree={self.tp}: torch.compile of the "
-                             "tensor-parallel blocks is not supported yet (its backward fails in DTensor's "
-                             "redistribute); turn compile off or use tensor_parallel_degree: 1")
+        if self.cfg.training.compile and not self.cfg.parallelism.enable_sequence_parallel:
+            # the replicated-stream blocks: AOTAutograd's trace recurses past Python's limit (torch 2.13, CPU)
+            raise ValueError(f"compile: true with parallelism.tensor_parallel_degree={self.tp} and "
+                             "enable_sequence_parallel: false: torch.compile of the blocks without sequence "
+                             "parallelism fails (AOTAutograd's trace exceeds the recursion limit); keep "
+                             "enable_sequence_parallel: true (the default) or turn compile off")
 
     # ------------------------------------------------------------------ LoRA
     def _apply_lora(self, cfg: lora.LoraConfig) -> None:

@@ -21,7 +21,9 @@ positions / document ids need no change; the packed row's length must be a multi
 degree (the trainer pads it with a masked, never-scored document). Off: the residual stream is
 replicated on the TP ranks and o / down all-reduce.
 
-Every parameter becomes a DTensor on the TP mesh; FSDP2 over `dp_shard` then makes them 2-D.
+Every parameter becomes a DTensor on the TP mesh; `compile` then compiles each block (with sequence
+parallelism only: the replicated-stream blocks fail to trace in torch 2.13) and FSDP2 over `dp_shard`
+makes the parameters 2-D.
 The decoder itself has no parallelism code: it reads local head counts from the projections'
 output widths (`view(b, t, -1, head_dim)`).
 """
@@ -114,6 +116,10 @@ def apply_tp(model: CausalLM, tp_mesh: DeviceMesh, sequence_parallel: bool = Fal
         # a plain `model(tokens)` still returns whole logits (gathered)
         "lm_head": ColwiseParallel(output_layouts=Replicate()),
     })
+    # the embedding's output is a view of a DTensor's local tensor (`to_local`); as the input of a compiled
+    # block, AOTAutograd sends its gradient past `to_local`'s backward as a plain tensor of the global shape
+    # and DTensor's redistribute backward fails on it (torch 2.13). A copy (T/tp x hidden) cuts the view.
+    model.model.embed_tokens.register_forward_hook(lambda mod, inputs, out: out.clone())
     if tied:  # both halves were distributed as Shard(0) over the vocabulary: one parameter again
         model.model.embed_tokens.weight = model.lm_head.weight
         model.tie_weights()
