@@ -1,7 +1,8 @@
 """Tensor parallelism in the trainer (gloo, real CPU processes): TP=2 and TP=2 x FSDP=2 give one
 process's losses, gradients (gathered), grad norms, weights and logprobs on the tiny Llama
-(untied lm_head), Qwen2 (q/k/v bias, tied) and Qwen3 (q/k norm); HF export from TP shards; a DCP
-checkpoint saved at TP=2 x DP=2 loads at TP=1 x DP=4 and in one process. Plus the config checks."""
+(untied lm_head), Qwen2 (q/k/v bias, tied) and Qwen3 (q/k norm), with and without sequence parallelism,
+eager and with compiled blocks; HF export from TP shards; a DCP checkpoint saved at TP=2 x DP=2 loads at
+TP=1 x DP=4 and in one process. Plus the config checks."""
 
 from __future__ import annotations
 
@@ -29,9 +30,10 @@ def _cfg(family: str, **kw) -> dict:
     return cfg
 
 
-# (family, extra trainer config): activation checkpointing, and the gathered (non loss-parallel) lm_head path
+# (family, extra trainer config): activation checkpointing, the gathered (non loss-parallel) lm_head path;
+# sequence parallelism is on (the default) but for qwen2 (the replicated residual stream)
 CASES = {"llama": {"activation_checkpoint": {"mode": "full"}},
-         "qwen2": {},
+         "qwen2": {"parallelism": {"enable_sequence_parallel": False}},
          "qwen3": {"parallelism": {"disable_loss_parallel": True}}}
 
 
@@ -63,6 +65,15 @@ def _env(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
+def _watch_sequence(e: TrainEngine) -> list[tuple[int, int]]:
+    """(packed row length, tokens of it a block's input holds on this rank) of every block call."""
+    seen: list[tuple[int, int]] = []
+    row = [0]
+    e.model.register_forward_pre_hook(lambda m, a: row.__setitem__(0, a[0].shape[1]))
+    e.model.model.layers[0].register_forward_pre_hook(lambda m, a: seen.append((row[0], a[0].shape[1])))
+    return seen
+
+
 def _tp2_worker(rank: int, port: int, seed: int, out: str) -> None:
     _env(rank, 2, port)
     results = {}
@@ -70,8 +81,30 @@ def _tp2_worker(rank: int, port: int, seed: int, out: str) -> None:
         par = {"tensor_parallel_degree": 2, **extra.get("parallelism", {})}
         e = TrainEngine(_cfg(family, **{**extra, "parallelism": par}), "cpu", rank=rank, world_size=2)
         assert (e.dp, e.tp) == (1, 2) and e.model.lm_head.weight.to_local().shape[0] == 256  # half the vocabulary
+        seen = _watch_sequence(e)
         results[family] = _train(e, random_rl_batch(batch=5, seed=seed))
+        sp = par.get("enable_sequence_parallel", True)
+        # sequence parallel: a block's input is this rank's half of the (even, padded) row; else the whole row
+        assert seen and all(t % 2 == 0 and n == t // 2 if sp else n == t for t, n in seen), (family, seen)
         e.export_hf(os.path.join(out, f"hf_{family}"))
+    if rank == 0:
+        torch.save(results, os.path.join(out, "r.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def _tp2_compile_worker(rank: int, port: int, seed: int, out: str) -> None:
+    _env(rank, 2, port)
+    import forge.models.parallel
+
+    forge.models.parallel.COMPILE_BACKEND = "aot_eager"  # the graphs inductor would get, without a C++ build
+    results = {}
+    for family in COMPILED:
+        extra = CASES[family]
+        par = {"tensor_parallel_degree": 2, **extra.get("parallelism", {})}
+        e = TrainEngine(_cfg(family, **{**extra, "parallelism": par, "compile": {"enable": True}}), "cpu",
+                        rank=rank, world_size=2)
+        assert all(layer._compiled_call_impl is not None for layer in e.model.model.layers)  # compiled after TP
+        results[family] = _train(e, random_rl_batch(batch=5, seed=seed))
     if rank == 0:
         torch.save(results, os.path.join(out, "r.pt"))
     torch.distributed.destroy_process_group()
@@ -97,8 +130,19 @@ def _dp2tp2_worker(rank: int, port: int, seed: int, out: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+def _has_odd_row(seed: int) -> bool:
+    """Whether the test batch of `seed` packs a row of odd length (sequence parallelism pads it)."""
+    from forge.trainer.packing import pack, sequences_from_rl_batch
+
+    inp, tgt = (x[0] for x in random_rl_batch(batch=5, seed=seed))
+    seqs = sequences_from_rl_batch(inp["tokens"], tgt["response"].shape[1], tgt["padding_mask"], inp.get("prompt_mask"), 0)
+    return any(mb.num_tokens % 2 for mb in pack(seqs, _cfg("llama")["training"]["max_tokens_per_microbatch"]))
+
+
 def _spawn(target, world: int, tmp_path, free_port) -> tuple[dict, int]:
     seed, port = int(torch.randint(0, 10_000, (1,))), free_port()
+    while not _has_odd_row(seed):
+        seed += 1
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=target, args=(r, port, seed, str(tmp_path))) for r in range(world)]
     for p in procs:
@@ -133,6 +177,19 @@ def test_tp2_equals_one_process(tmp_path, free_port):
         exported = load_model(tmp_path / f"hf_{family}")
         for n, p in exported.named_parameters():
             assert torch.equal(p, got[family]["params"][n]), (family, n)
+
+
+# compiled blocks (sequence parallel): with activation checkpointing (llama), q/k norms + gathered lm_head (qwen3)
+COMPILED = ("llama", "qwen3")
+
+
+@pytest.mark.slow
+def test_tp2_compiled_blocks_equal_one_process(tmp_path, free_port):
+    """`compile: true` with TP=2 (each block compiled after TP, as torchtitan does) == one eager process."""
+    got, seed = _spawn(_tp2_compile_worker, 2, tmp_path, free_port)
+    for family in COMPILED:
+        e = TrainEngine(_cfg(family, **{k: v for k, v in CASES[family].items() if k != "parallelism"}))
+        _compare(got[family], _train(e, random_rl_batch(batch=5, seed=seed)))
 
 
 @pytest.mark.slow
@@ -210,11 +267,12 @@ def test_grpo_and_sft_configs_check_parallelism_against_procs():
 
 @pytest.mark.parametrize("extra, match", [
     ({"model": {"tiny": "qwen2", "lora": {"r": 4}}}, "trainer.model.lora with parallelism.tensor_parallel_degree=2"),
-    ({"compile": {"enable": True}}, "compile: true with parallelism.tensor_parallel_degree=2"),
+    ({"compile": {"enable": True}, "parallelism": {"tensor_parallel_degree": 2, "enable_sequence_parallel": False}},
+     "compile: true with parallelism.tensor_parallel_degree=2 and enable_sequence_parallel: false"),
 ])
 def test_tp_refuses_what_does_not_compose_before_joining_a_group(extra, match):
     with pytest.raises(ValueError, match=match):  # no process group is formed: the error comes first
-        TrainEngine({**_cfg("qwen2"), **extra, "parallelism": {"tensor_parallel_degree": 2}}, world_size=2)
+        TrainEngine({**_cfg("qwen2"), "parallelism": {"tensor_parallel_degree": 2}, **extra}, world_size=2)
 
 
 @pytest.mark.monarch

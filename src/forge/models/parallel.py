@@ -7,6 +7,8 @@ from typing import Any
 
 from forge.models.decoder import CausalLM
 
+COMPILE_BACKEND = "inductor"  # tests swap in "aot_eager" to trace the same graphs without a C++ build
+
 
 def enable_activation_checkpointing(model: CausalLM, enabled: bool = True) -> CausalLM:
     """Recompute each DecoderLayer's activations in backward (trades ~1/3 more compute for memory)."""
@@ -26,6 +28,7 @@ def maybe_compile(model: CausalLM, enabled: bool = True, whole_model: bool = Fal
     if not enabled:
         return model
     compile_kwargs.setdefault("fullgraph", False)
+    compile_kwargs.setdefault("backend", COMPILE_BACKEND)
     if whole_model:
         # build the RoPE tables now: filling the cache inside the traced forward would cost a recompile
         rope = model.model.rotary_emb

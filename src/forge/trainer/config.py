@@ -106,6 +106,8 @@ class ParallelismConfig:
     context_parallel_degree: int = 1
     expert_parallel_degree: int = 1
     disable_loss_parallel: bool = False  # True: gather the whole lm_head for the logprobs instead of a vocab-parallel softmax
+    # TP > 1: the residual stream and the norms split over the sequence (torchtitan's default); False: replicated
+    enable_sequence_parallel: bool = True
 
     def validate(self) -> None:
         tp, dp = self.tensor_parallel_degree, self.data_parallel_shard_degree

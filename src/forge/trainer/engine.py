@@ -121,7 +121,7 @@ class TrainEngine:
             self._apply_lora(self.lora)
         self.model.train()
         if self.mesh is not None:
-            apply_tp(self.model, self.mesh["tp"])
+            apply_tp(self.model, self.mesh["tp"], sequence_parallel=self.cfg.parallelism.enable_sequence_parallel)
         enable_activation_checkpointing(self.model, tc.activation_checkpoint)
         maybe_compile(self.model, tc.compile)
         self.module = LogprobModel(self.model, tc.temperature, tc.logprob_chunk_size,
@@ -135,6 +135,8 @@ class TrainEngine:
         self.autocast = (torch.autocast("cuda", dtype=self.compute_dtype)
                          if on_gpu and self.compute_dtype != torch.float32 and not self.fsdp else nullcontext())
         self.pad_to_multiple = 128 if on_gpu else 1  # FlexAttention block size; CPU: no padding at all
+        if self.tp > 1 and self.cfg.parallelism.enable_sequence_parallel:  # rows split evenly over the TP ranks
+            self.pad_to_multiple = math.lcm(self.pad_to_multiple, self.tp)
         if loss is None:
             from forge.losses import build_loss
 
@@ -150,10 +152,12 @@ class TrainEngine:
         if self.cfg.lora is not None:
             raise ValueError(f"trainer.model.lora with parallelism.tensor_parallel_degree={self.tp}: LoRA adapters "
                              "are not tensor-parallel yet; use tensor_parallel_degree: 1 (FSDP over the procs)")
-        if self.cfg.training.compile:  # per-block compile of the DTensor blocks fails in backward (torch 2.13, CPU)
-            raise ValueError(f"compile: true with parallelism.tensor_parallel_degree={self.tp}: torch.compile of the "
-                             "tensor-parallel blocks is not supported yet (its backward fails in DTensor's "
-                             "redistribute); turn compile off or use tensor_parallel_degree: 1")
+        if self.cfg.training.compile and not self.cfg.parallelism.enable_sequence_parallel:
+            # the replicated-stream blocks: AOTAutograd's trace recurses past Python's limit (torch 2.13, CPU)
+            raise ValueError(f"compile: true with parallelism.tensor_parallel_degree={self.tp} and "
+                             "enable_sequence_parallel: false: torch.compile of the blocks without sequence "
+                             "parallelism fails (AOTAutograd's trace exceeds the recursion limit); keep "
+                             "enable_sequence_parallel: true (the default) or turn compile off")
 
     # ------------------------------------------------------------------ LoRA
     def _apply_lora(self, cfg: lora.LoraConfig) -> None:
@@ -250,7 +254,7 @@ class TrainEngine:
         for mb in mbs:
             if mb is None:
                 with self.autocast:
-                    lp, _ = self.module(*_args(dummy_microbatch().to(self.device)))
+                    lp, _ = self.module(*_args(dummy_microbatch(self.pad_to_multiple).to(self.device)))
                 (lp.sum() * 0.0).backward()
                 continue
             mb = mb.to(self.device)
@@ -336,7 +340,7 @@ class TrainEngine:
         for mb in self._microbatches(seqs):
             if mb is None:
                 with self.autocast:
-                    self.module(*_args(dummy_microbatch().to(self.device)))
+                    self.module(*_args(dummy_microbatch(self.pad_to_multiple).to(self.device)))
                 continue
             mb = mb.to(self.device)
             with self.autocast:

@@ -126,7 +126,8 @@ def pack(seqs: list[PackedSeq], max_tokens: int, pad_to_multiple: int = 1) -> li
     """Pack sequences into single-row micro-batches of about `max_tokens` real tokens.
 
     `pad_to_multiple` > 1 appends a few padding tokens (their own document, never scored) so
-    that the row length suits a fused attention kernel; on CPU it is 1 (no padding at all).
+    that the row length suits a fused attention kernel and, under sequence parallelism, splits
+    evenly over the TP ranks; on CPU without it, 1 (no padding at all).
     """
     bins = plan_bins([s.tokens.numel() for s in seqs], max_tokens)
     out = []
@@ -159,10 +160,12 @@ def pack(seqs: list[PackedSeq], max_tokens: int, pad_to_multiple: int = 1) -> li
     return out
 
 
-def dummy_microbatch() -> MicroBatch:
-    """Two tokens, one scored: what a rank with no data runs so FSDP collectives stay matched."""
-    z = torch.zeros(1, 2, dtype=torch.long)
-    return MicroBatch(tokens=z, positions=torch.arange(2)[None], document_ids=z.clone(),
+def dummy_microbatch(pad_to_multiple: int = 1) -> MicroBatch:
+    """Two tokens (padded up to a multiple of `pad_to_multiple`), one scored: what a rank with no data
+    runs so FSDP collectives stay matched."""
+    n = 2 + (-2) % pad_to_multiple
+    z = torch.zeros(1, n, dtype=torch.long)
+    return MicroBatch(tokens=z, positions=torch.arange(n)[None], document_ids=z.clone(),
                       gather_idx=torch.zeros(1, dtype=torch.long), targets=torch.zeros(1, dtype=torch.long),
                       rows=torch.zeros(0, dtype=torch.long), out_row=torch.zeros(1, dtype=torch.long),
                       out_col=torch.zeros(1, dtype=torch.long))
