@@ -116,8 +116,12 @@ def test_jsonl_and_console_write(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert rows[0]["reward/mean"] == 0.25 and "time" in rows[0]
 
     c = ConsoleBackend(total_steps=2, keys=["loss", "reward/mean"])
+    c.log({"eval/accuracy": 0.5}, step=0)  # the apps' evaluation rows before step 1 and after the last
+    assert c.bar.n == 0
     c.log({"loss": 1.5, "reward/mean": 0.25, "hidden": 9.0}, step=1)
     c.log({"loss": 1e-7}, step=2)
+    c.log({"eval/accuracy": 0.6}, step=3)
+    assert c.bar.n == 2  # the bar counts steps, never past its total
     c.close()
     out = capsys.readouterr()
     text = out.out + out.err

@@ -32,7 +32,11 @@ class ConsoleBackend:
         self.bar = tqdm(total=total_steps, desc=desc, unit="step", dynamic_ncols=True, leave=True)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        self.bar.update(1)
+        # the bar shows the step reached, not rows logged: the apps log an evaluation row before step 1
+        # and after the last step, and a resumed run starts past 0
+        reached = min(step, self.bar.total) if self.bar.total else step
+        if reached > self.bar.n:
+            self.bar.update(reached - self.bar.n)
         if step % self.every:
             return
         keys = [k for k in (self.keys or sorted(metrics)) if k in metrics]
