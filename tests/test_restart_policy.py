@@ -119,6 +119,66 @@ def test_failed_restore_loses_the_replica_and_the_others_serve():
     run(main())
 
 
+def test_a_restart_whose_start_up_fails_once_is_tried_again():
+    """A backend failure while the new incarnation boots (a CI run: the replacement generator's
+    start raised inside Monarch) is retried, and the replica comes back restored; before, one such
+    failure left it out of service for the rest of the run."""
+    from forge.controller.errors import ForgeRuntimeError
+
+    fails = random.randint(1, 2)  # RESTART_ATTEMPTS is 3: one or two failed start-ups are absorbed
+
+    async def main() -> None:
+        c = await Counter.options().as_actor(start=0)
+        x = random.randint(1, 1000)
+        await c.add.call_one(x)
+        r = c._service.replicas[0]
+        real_start, tries = r.start, []
+
+        async def flaky_start() -> None:
+            tries.append(r.generation)
+            if len(tries) <= fails:
+                raise ForgeRuntimeError(f"{r.name}: failed to start: boot {len(tries)} lost its proc")
+            await real_start()
+
+        r.start = flaky_start
+        await c.kill_replica()
+        await _wait_restarted(c, 0)
+        assert len(tries) == fails + 1 and tries == sorted(set(tries))  # a new generation per try
+        assert await c.get.call_one() == x
+
+    run(main())
+
+
+def test_a_restart_whose_actor_setup_raises_is_not_retried():
+    """The actor's own construction/setup error would fail the same way again: one try, then the
+    replica stays out of service and the other replica serves."""
+
+    starts = []
+
+    class SetupFailsOnRestart(ForgeActor):
+        async def setup(self) -> None:
+            starts.append(1)
+            if len(starts) > 2:  # the two first incarnations start; every restart fails
+                raise RuntimeError("bad setup")
+
+        @endpoint
+        async def ping(self) -> int:
+            return 1
+
+    async def main() -> None:
+        svc = await SetupFailsOnRestart.options(num_replicas=2).as_service()
+        await svc.kill_replica(0)
+        deadline = time.monotonic() + 20
+        while 0 in svc._service._restarting or len(starts) < 3:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        assert len(starts) == 3 and not svc._service.replicas[0].healthy
+        assert [await svc.ping.route() for _ in range(3)] == [1, 1, 1]
+
+    run(main())
+
+
 def test_restore_needs_state_endpoints():
     class Bare(ForgeActor):
         @endpoint

@@ -300,24 +300,27 @@ class MonarchReplica(Replica):
                 per_host={"procs": self.options.procs}, name=self._mesh_name,
                 bootstrap_command=lambda point: default_bootstrap_cmd().with_env(self._env(point.rank)),
             )
-            self._mesh = self._procs.spawn(self._mesh_name, _ForgeHost, portable_class(_base_of(self.actor_cls)), self.init_kwargs,
-                                           self.replica_id, bool(self.gpus))
+            mesh = self._mesh = self._procs.spawn(self._mesh_name, _ForgeHost, portable_class(_base_of(self.actor_cls)),
+                                                  self.init_kwargs, self.replica_id, bool(self.gpus))
             _live_meshes[self._mesh_name] = self
-            booted = sorted(
-                (await self._guard(self._mesh.boot.call(), prov.boot_timeout_s, "start-up")).values())
+            booted = sorted((await self._guard(mesh.boot.call(), prov.boot_timeout_s, "start-up")).values())
+            if self._mesh is not mesh:  # stop() ran while the procs booted: this start-up is void
+                raise ReplicaDeadError(f"{self.name} was stopped during start-up")
             self.pids = [b[1] for b in booted]
             here = socket.gethostname()
             self.local_pids = [b[1] for b in booted if b[2] == here]
             procs = self.options.procs
-            self._rank_meshes = [self._mesh.slice(hosts=r // procs, procs=r % procs) if self.hosts
-                                 else self._mesh.slice(procs=r) for r in range(self.world_size)]
+            self._rank_meshes = [mesh.slice(hosts=r // procs, procs=r % procs) if self.hosts
+                                 else mesh.slice(procs=r) for r in range(self.world_size)]
             if self.hosts:  # rank 0's host, as the others reach it, and a port free there
                 self.master_addr, self.master_port = self.hosts[0].address or booted[0][2], booted[0][3]
             else:
                 self.master_addr = "127.0.0.1"
             self._watch = asyncio.ensure_future(self._watchdog(self._dead, list(self.local_pids)))
-            outcomes = await self._guard(self._mesh.construct.call(self.master_addr, self.master_port),
+            outcomes = await self._guard(mesh.construct.call(self.master_addr, self.master_port),
                                          self.options.timeout_s, "construction/setup")
+            if self._mesh is not mesh:
+                raise ReplicaDeadError(f"{self.name} was stopped during start-up")
             failures = [o for o in self._in_rank_order(outcomes) if o is not None]
             if failures:
                 f = failures[0]
@@ -345,21 +348,23 @@ class MonarchReplica(Replica):
                 return
 
     def _mark_dead_threadsafe(self, reason: str) -> None:
-        """From Monarch's fault hook, which may run off the controller's event loop thread."""
-        loop = self._loop
-        if loop is None or loop.is_closed():
+        """From Monarch's fault hook, which may run off the controller's event loop thread. The
+        report is about the incarnation live now: by the time the loop runs it, a restart may have
+        replaced that one, and the new one must not be marked dead for it."""
+        loop, dead = self._loop, self._dead
+        if loop is None or loop.is_closed() or dead is None:
             return
         try:
             if asyncio.get_running_loop() is loop:
-                self._mark_dead(reason)
+                self._mark_dead(reason, dead)
                 return
         except RuntimeError:
             pass
-        loop.call_soon_threadsafe(self._mark_dead, reason)
+        loop.call_soon_threadsafe(self._mark_dead, reason, dead)
 
-    def _mark_dead(self, reason: str) -> None:
+    def _mark_dead(self, reason: str, incarnation: asyncio.Future | None = None) -> None:
         dead = self._dead
-        if dead is None or dead.done():
+        if dead is None or dead.done() or (incarnation is not None and incarnation is not dead):
             return
         dead.set_result(reason)
         self.healthy = False

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from forge.controller.actor import ActorOptions, endpoint_names, state_changing_endpoints
 from forge.controller.errors import (
+    ActorError,
     AdverbError,
     CallTimeoutError,
     NoHealthyReplicaError,
@@ -52,6 +53,9 @@ log = logging.getLogger(__name__)
 
 # How long a replica whose call timed out has to answer a liveness probe (capped by timeout_s).
 PROBE_TIMEOUT_S = 10.0
+# Start-up tries of a replica being restarted, and the pause before the n-th retry (n x this).
+RESTART_ATTEMPTS = 3
+RESTART_BACKOFF_S = 1.0
 
 
 _current_session: contextvars.ContextVar[str | None] = contextvars.ContextVar("forge_session", default=None)
@@ -155,9 +159,7 @@ class Service:
     async def _restart(self, replica: Replica) -> None:
         try:
             log.warning("%s died; restarting it (restart policy '%s')", replica.name, self.restart)
-            replica.generation += 1
-            await replica.stop()
-            await replica.start()
+            await self._start_again(replica)
             self._catching_up.add(replica.replica_id)  # not routable until it holds the live state
             try:
                 if self.restart == "restore":
@@ -175,6 +177,27 @@ class Service:
             await replica.stop()  # never half-alive: a replica that could not take the live state holds nothing
         finally:
             self._restarting.pop(replica.replica_id, None)
+
+    async def _start_again(self, replica: Replica) -> None:
+        """Stop what is left of the replica and start a new incarnation. A start-up that fails for a
+        reason outside the actor's code (a proc that died while booting, the backend's own error) is
+        tried again, up to RESTART_ATTEMPTS times: one transient failure must not leave a replica
+        out of service for the rest of the run. The actor's own construction/setup error
+        (`ActorError`) would fail the same way again, so it is not retried."""
+        for attempt in range(1, RESTART_ATTEMPTS + 1):
+            replica.generation += 1
+            await replica.stop()
+            try:
+                await replica.start()
+                return
+            except ActorError:
+                raise
+            except Exception as e:
+                if attempt == RESTART_ATTEMPTS or self._closed:
+                    raise
+                log.warning("%s: restart attempt %d of %d failed (%s: %s); trying again", replica.name, attempt,
+                            RESTART_ATTEMPTS, type(e).__name__, e)
+                await asyncio.sleep(RESTART_BACKOFF_S * attempt)
 
     async def _restore(self, replica: Replica) -> None:
         """Bring a restarted replica back to the state kept from its previous incarnation (none
