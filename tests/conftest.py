@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -30,5 +33,13 @@ def tiny_model(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def warmup_cache(tmp_path_factory):
-    """One SFT warm-up (the embedded default's `tiny-sft` start) shared by the learning tests of a session."""
-    return tmp_path_factory.mktemp("warmup")
+    """One SFT warm-up (the embedded default's `tiny-sft` start) shared by the learning tests of a
+    session, built in a fresh process by the app's own `resolve_model`, as a user's first run builds
+    it: the warm-up's outcome is sensitive to numerics (held-out 0.29-0.47 seen across CPU kernels
+    and thread counts), so it must not depend on what the test process did before."""
+    cache = tmp_path_factory.mktemp("warmup")
+    code = ("import sys; from tests.test_grpo_app import config; from apps.grpo.support import resolve_model; "
+            "print(resolve_model(config('--warmup.cache_dir', sys.argv[1])))")
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-c", code, str(cache)], cwd=root, check=True, timeout=1800)
+    return cache
