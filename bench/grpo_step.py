@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import statistics
 import sys
@@ -216,8 +217,8 @@ def main() -> None:
             ckpt = write_checkpoint(shape, Path(tmp) / f"model_{shape}", torch.bfloat16 if gpu else torch.float32)
             per_mode: dict = {}
             runs = [(m, m, 0) for m in a.modes.split(",")]
-            if a.lora:
-                runs += [(f"{m}+lora{a.lora}", m, a.lora) for m in a.modes.split(",")]
+            if a.lora:  # LoRA first: a full fine-tuning run that does not fit must not crowd it out
+                runs = [(f"{m}+lora{a.lora}", m, a.lora) for m in a.modes.split(",")] + runs
             for label, mode, lora_r in runs:
                 run_dir = Path(tmp) / f"run_{shape}_{label}"
                 cfg, _ = load_grpo_config(app_config(str(ckpt), mode, a, run_dir, gpu, lora_r))
@@ -229,6 +230,8 @@ def main() -> None:
                         raise
                     per_mode[label] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
                     print(f"{shape} {label}: {per_mode[label]['error']}")
+                if "error" in per_mode.get(label, {}):
+                    gc.collect()  # the failed run's tensors live on in the exception's frames until now
                     if gpu:
                         torch.cuda.empty_cache()
                     continue
