@@ -125,7 +125,7 @@ def test_a_restart_whose_start_up_fails_once_is_tried_again():
     failure left it out of service for the rest of the run."""
     from forge.controller.errors import ForgeRuntimeError
 
-    fails = random.randint(1, 2)  # RESTART_ATTEMPTS is 3: one or two failed start-ups are absorbed
+    fails = random.randint(1, 2)  # restart_attempts is 3 by default: one or two failed start-ups are absorbed
 
     async def main() -> None:
         c = await Counter.options().as_actor(start=0)
@@ -147,6 +147,35 @@ def test_a_restart_whose_start_up_fails_once_is_tried_again():
         assert await c.get.call_one() == x
 
     run(main())
+
+
+def test_restart_attempts_bounds_the_start_up_tries():
+    """`restart_attempts` (a service option, like max_retries) is the number of start-up tries:
+    at 2, two failed boots leave the replica out of service and its twin serves."""
+    from forge.controller.errors import ForgeRuntimeError
+
+    async def main() -> None:
+        svc = await Counter.options(num_replicas=2, restart_attempts=2).as_service(start=0)
+        r = svc._service.replicas[0]
+        tries = []
+
+        async def failing_start() -> None:
+            tries.append(r.generation)
+            raise ForgeRuntimeError(f"{r.name}: failed to start: boot {len(tries)} lost its proc")
+
+        r.start = failing_start
+        await svc.kill_replica(0)
+        deadline = time.monotonic() + 20
+        while 0 in svc._service._restarting or not tries:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        assert len(tries) == 2 and not r.healthy
+        x = random.randint(1, 1000)
+        assert await svc.add.route(x) == x  # replica 1 serves
+
+    run(main())
+    with pytest.raises(ValueError, match="restart_attempts must be >= 1, got 0"):
+        Counter.options(restart_attempts=0)
 
 
 def test_a_restart_whose_actor_setup_raises_is_not_retried():

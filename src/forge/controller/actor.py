@@ -81,6 +81,7 @@ class ActorOptions:
     hosts: int | None = None  # hosts per replica (torchforge's hosts_per_replica); None: 1. World size = hosts x procs
     timeout_s: float = 1800.0  # per call; a generous bound so nothing ever hangs forever
     max_retries: int = 2  # retries on a *dead* replica; user exceptions are never retried
+    restart_attempts: int = 3  # start-up tries of a replica being restarted (its actor's own errors: one)
     # what happens when a replica's process dies (RESTART_POLICIES); None: the actor class's `restart_policy`
     restart: str | None = None
 
@@ -91,6 +92,8 @@ class ActorOptions:
             raise ValueError(f"{who}: num_replicas must be >= 1, got {self.num_replicas}")
         if self.hosts is not None and self.hosts < 1:
             raise ValueError(f"{who}: hosts (per replica) must be >= 1, got {self.hosts}")
+        if self.restart_attempts < 1:
+            raise ValueError(f"{who}: restart_attempts must be >= 1, got {self.restart_attempts}")
         if self.timeout_s <= 0:
             raise ValueError(f"{who}: timeout_s must be > 0, got {self.timeout_s}")
         if self.restart is not None and self.restart not in RESTART_POLICIES:

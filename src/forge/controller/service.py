@@ -53,8 +53,8 @@ log = logging.getLogger(__name__)
 
 # How long a replica whose call timed out has to answer a liveness probe (capped by timeout_s).
 PROBE_TIMEOUT_S = 10.0
-# Start-up tries of a replica being restarted, and the pause before the n-th retry (n x this).
-RESTART_ATTEMPTS = 3
+# The pause before the n-th start-up retry of a replica being restarted (n x this; the number of
+# tries is the service's `restart_attempts` option).
 RESTART_BACKOFF_S = 1.0
 
 
@@ -181,10 +181,11 @@ class Service:
     async def _start_again(self, replica: Replica) -> None:
         """Stop what is left of the replica and start a new incarnation. A start-up that fails for a
         reason outside the actor's code (a proc that died while booting, the backend's own error) is
-        tried again, up to RESTART_ATTEMPTS times: one transient failure must not leave a replica
+        tried again, up to `options.restart_attempts` times in all: one transient failure must not leave a replica
         out of service for the rest of the run. The actor's own construction/setup error
         (`ActorError`) would fail the same way again, so it is not retried."""
-        for attempt in range(1, RESTART_ATTEMPTS + 1):
+        attempts = self.options.restart_attempts
+        for attempt in range(1, attempts + 1):
             replica.generation += 1
             await replica.stop()
             try:
@@ -193,10 +194,10 @@ class Service:
             except ActorError:
                 raise
             except Exception as e:
-                if attempt == RESTART_ATTEMPTS or self._closed:
+                if attempt == attempts or self._closed:
                     raise
                 log.warning("%s: restart attempt %d of %d failed (%s: %s); trying again", replica.name, attempt,
-                            RESTART_ATTEMPTS, type(e).__name__, e)
+                            attempts, type(e).__name__, e)
                 await asyncio.sleep(RESTART_BACKOFF_S * attempt)
 
     async def _restore(self, replica: Replica) -> None:
