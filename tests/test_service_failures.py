@@ -164,3 +164,33 @@ def test_monarch_sigkill_during_fanout_and_sigstop_during_a_call(monarch_loop):
         await svc.shutdown()
 
     monarch_loop.run_until_complete(asyncio.wait_for(main(), 180))
+
+
+class Crasher(ForgeActor):
+    @endpoint
+    async def crash_in_a_thread(self) -> None:
+        def crash_here_with_marker() -> None:  # the frame name is what the dumped stack must show
+            import threading
+
+            signal.pthread_kill(threading.get_ident(), signal.SIGSEGV)  # this thread faults, as a native bug would
+
+        await asyncio.to_thread(crash_here_with_marker)
+
+
+@pytest.mark.monarch
+def test_monarch_native_crash_prints_the_procs_python_stacks(monarch_loop, capfd):
+    """A segfault inside an actor's process (a native bug in torch, gloo or NCCL; one CI run lost its
+    TP trainer to one in gloo's thread with nothing but "process exited" to show) prints every thread's
+    Python stack to the proc's stderr, which reaches the controller's: where it crashed is on record."""
+    from forge.controller.errors import ReplicaDeadError
+
+    async def main() -> None:
+        c = await Crasher.options(restart="fail").as_actor()
+        with pytest.raises(Exception) as e:
+            await c.crash_in_a_thread.call_one()
+        assert isinstance(e.value, ReplicaDeadError) or "died" in str(e.value)
+        await c.shutdown()
+
+    monarch_loop.run_until_complete(asyncio.wait_for(main(), 120))
+    err = capfd.readouterr().err
+    assert "Fatal Python error: Segmentation fault" in err and "crash_here_with_marker" in err, err[-2000:]

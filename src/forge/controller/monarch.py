@@ -274,6 +274,9 @@ class MonarchReplica(Replica):
             "LOCAL_WORLD_SIZE": str(procs), "MASTER_ADDR": (self.hosts[0].address if self.hosts else None) or "127.0.0.1",
             "MASTER_PORT": str(self.master_port), "FORGE_REPLICA_ID": str(self.replica_id), "PYTHONPATH": _python_path(),
             "FORGE_HOST_INDEX": str(self.hosts[rank // procs].index) if self.hosts else "0",
+            # a native crash (SIGSEGV/SIGABRT in torch, gloo, NCCL) prints every thread's Python stack to
+            # the proc's stderr; otherwise the controller only sees "process(es) [pid] exited"
+            "PYTHONFAULTHANDLER": "1",
         }
         if self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = self.gpus[rank % procs]
